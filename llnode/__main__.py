@@ -1,0 +1,5 @@
+"""``python -m llnode`` is the same as the ``llnode`` console script."""
+
+from llnode.cli import main
+
+raise SystemExit(main())

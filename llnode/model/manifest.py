@@ -100,6 +100,9 @@ class Manifest:
     token_bytes: int = 8
     source: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    # sha256 of the shard set's non-module files (tokenizer, chat template file) by file name, so that a
+    # node fetching them from a peer can verify them against the manifest too (filled by the exporter).
+    file_sha256: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_modules(self) -> int:

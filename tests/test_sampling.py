@@ -127,6 +127,24 @@ def test_seed_reproducible_and_independent() -> None:
     assert [c.sample(r) for r in rows] != seq_a
 
 
+def test_resume_continues_the_same_stream() -> None:
+    rows = np.random.default_rng(9).normal(size=(20, 200)).astype(np.float32)
+    cfg = SamplingConfig(temperature=1.0, repetition_penalty=1.2, frequency_penalty=0.3, seed=77)
+    prompt = [1, 2, 3]
+    full = Sampler(cfg, prompt)
+    tokens = [full.sample(r) for r in rows]
+    # Stop after 8 tokens, "re-prefill" elsewhere with the whole history, and continue.
+    first = Sampler(cfg, prompt)
+    head = [first.sample(r) for r in rows[:8]]
+    resumed = Sampler.resume(cfg, prompt + head, generated=8)
+    assert head + [resumed.sample(r) for r in rows[8:]] == tokens
+    unseeded = Sampler(SamplingConfig(temperature=1.0))
+    again = Sampler(SamplingConfig(temperature=1.0, seed=unseeded.seed))
+    assert [unseeded.sample(r) for r in rows] == [again.sample(r) for r in rows]
+    with pytest.raises(ValueError):
+        Sampler.resume(cfg, [1, 2], generated=3)
+
+
 def test_sample_batch_uses_each_requests_sampler() -> None:
     rows = np.array([[0.0, 9.0, 1.0], [5.0, 0.0, 1.0]], dtype=np.float32)
     greedy = [Sampler(SamplingConfig(temperature=0.0)) for _ in range(2)]

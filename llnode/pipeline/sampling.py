@@ -5,12 +5,16 @@ follows Hugging Face ``generate`` so that outputs can be compared with it: repet
 processor) first, then the warpers temperature -> top-k -> top-p, then a draw. OpenAI's presence and
 frequency penalties are applied together with the repetition penalty, before the warpers.
 
-Every request owns a :class:`Sampler` with its own ``numpy.random.Generator``: with a ``seed`` the same
-request gives the same tokens whatever else the node is doing, because no global RNG state is shared.
+Every request owns a :class:`Sampler`; the random draw of step n is a pure function of (seed, n), so with a
+``seed`` the same request gives the same tokens whatever else the node is doing (no global RNG state is
+shared), and a session re-prefilled on another stage after a failure resumes the very same stream.
 """
 
 from __future__ import annotations
 
+import hashlib
+import secrets
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -127,12 +131,31 @@ class Sampler:
 
     def __init__(self, config: SamplingConfig, prompt_ids: Sequence[int] = ()) -> None:
         self.config = config
-        self.rng = np.random.default_rng(config.seed)
+        # Without a seed the request still gets one fixed key, so a resumed sampler (below) continues it.
+        self.seed = (config.seed if config.seed is not None else secrets.randbits(63)) % (1 << 64)
         self.history: list[int] = list(prompt_ids)
         self.generated: list[int] = []
         # Incremental per-vocab state (sized on the first row) so a step costs O(vocab), not O(history).
         self._seen: np.ndarray | None = None
         self._counts: np.ndarray | None = None
+
+    @classmethod
+    def resume(cls, config: SamplingConfig, ids: Sequence[int], generated: int) -> Sampler:
+        """The sampler of a request whose token history is ``ids``, the last ``generated`` of which the
+        model produced: after a re-prefill (failover, plan switch) sampling continues exactly where it
+        stopped, because the draw of step n depends only on (seed, n) and the penalties on the history."""
+        if not 0 <= generated <= len(ids):
+            raise ValueError(f"generated={generated} does not fit a history of {len(ids)} tokens")
+        sampler = cls(config, ids[: len(ids) - generated])
+        sampler.history = list(ids)
+        sampler.generated = list(ids[len(ids) - generated :])
+        return sampler
+
+    def _uniform(self) -> float:
+        """The uniform draw of the current step, keyed by (seed, step) rather than by a running stream."""
+        # A 64-bit hash is ~50x cheaper than seeding a numpy Generator per step, and portable.
+        digest = hashlib.blake2b(struct.pack("<QQ", self.seed, len(self.generated)), digest_size=8).digest()
+        return int.from_bytes(digest, "little") / 2.0**64
 
     def _state(self, vocab: int) -> tuple[np.ndarray, np.ndarray]:
         if self._seen is None or self._counts is None or self._seen.size != vocab:
@@ -180,7 +203,7 @@ class Sampler:
             probs = softmax(self._warp(row))
             # Inverse-CDF draw with one uniform: cheaper than rng.choice and exactly reproducible.
             cdf = np.cumsum(probs)
-            token = int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"))
+            token = int(np.searchsorted(cdf, self._uniform() * cdf[-1], side="right"))
             token = min(token, probs.size - 1)
             while probs[token] == 0.0:  # float edge: never return a filtered-out token
                 token -= 1

@@ -1,0 +1,297 @@
+"""Run a contiguous range of modules of a shard set in onnxruntime, keeping each session's KV cache.
+
+KV-cache format (see docs/model.md for the measurements): every layer module takes its past K/V as
+``[batch, kv_heads, capacity, head_dim]`` buffers that this runner owns, plus an attention mask covering
+``capacity + new_tokens`` slots, and returns only the K/V of the new tokens. The runner writes those into
+the next free slots. Buffers grow geometrically (x2), so a decode step never copies the past: the numpy
+buffer is handed to onnxruntime as is (zero copy), unused slots are masked out.
+
+Threading: one onnxruntime *global* thread pool per process (``use_per_session_threads=False``), so that
+many small sessions do not fight over the cores with their own spinning pools. ``step`` is meant to be
+called from a worker thread. Different sessions may be stepped concurrently from different threads;
+steps of the *same* session are serialised by a per-session lock (a pipeline never overlaps them anyway).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from llnode.model import names
+from llnode.model.manifest import Manifest, ManifestError, load_manifest
+
+MIN_CAPACITY = 32
+
+_pool_lock = threading.Lock()
+_pool_mode: str | None = None  # "global" | "per-session"
+_pool_threads = 0
+
+
+class RunnerError(ValueError):
+    """A step was called with inputs that do not fit the modules or the session."""
+
+
+def _session_options(threads: int | None) -> ort.SessionOptions:
+    """Use the process-wide thread pool, created on first use; fall back to per-session pools without
+    spinning if onnxruntime's environment already exists (someone created a session before us)."""
+    global _pool_mode, _pool_threads
+    n = threads or int(os.environ.get("LLNODE_THREADS", 0)) or (os.cpu_count() or 1)
+    with _pool_lock:
+        if _pool_mode is None:
+            try:
+                ort.set_global_thread_pool_sizes(n, 1)
+                _pool_mode, _pool_threads = "global", n
+            except Exception:  # the environment exists already: the call is refused
+                _pool_mode, _pool_threads = "per-session", n
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if _pool_mode == "global":
+        so.use_per_session_threads = False
+    else:
+        so.intra_op_num_threads = n
+        so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return so
+
+
+def pool_info() -> tuple[str | None, int]:
+    """(mode, threads) of the process thread pool: ``("global", n)`` normally."""
+    return _pool_mode, _pool_threads
+
+
+@dataclass
+class _Session:
+    batch: int
+    length: int = 0
+    capacity: int = 0
+    mask: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))
+    positions: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))
+    keys: dict[int, np.ndarray] = field(default_factory=dict)
+    values: dict[int, np.ndarray] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class ModuleRunner:
+    """Modules ``[start, end)`` of a shard set, stepped per session.
+
+    ``step(session_id, x, positions, attention_mask=None)``:
+      * ``x``: int64 token ids ``[B, T]`` if ``start == 0``, else float32 hidden state ``[B, T, hidden]``;
+      * ``positions``: int64 ``[B, T]``, the absolute positions of these tokens (the caller owns them, so
+        a session can be re-prefilled on other stages from its token history);
+      * ``attention_mask``: int64/bool ``[B, T]`` for these tokens, 0 on left pads (default all ones).
+        The runner remembers it for later steps of the session.
+    Returns the hidden state ``[B, T, hidden]``, or the logits ``[B, T, vocab]`` if ``end`` is the last
+    module. The batch size of a session is fixed by its first step.
+    """
+
+    def __init__(self, shard_dir: Path | str, manifest: Manifest | None = None, start: int = 0,
+                 end: int | None = None, threads: int | None = None) -> None:
+        self.shard_dir = Path(shard_dir)
+        self.manifest = manifest if manifest is not None else load_manifest(self.shard_dir)
+        n = self.manifest.num_modules
+        self.start, self.end = start, n if end is None else end
+        if not 0 <= self.start < self.end <= n:
+            raise RunnerError(f"module range [{start}, {end}) is not inside [0, {n})")
+        so = _session_options(threads)
+        self._modules = self.manifest.modules[self.start:self.end]
+        self._sessions: list[ort.InferenceSession] = []
+        self._input_names: list[set[str]] = []
+        for info in self._modules:
+            path = self.shard_dir / info.file
+            if not path.is_file():
+                raise ManifestError(f"module file {path} is missing (re-run 'llnode prepare' or copy the shard)")
+            sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            self._sessions.append(sess)
+            self._input_names.append({i.name for i in sess.get_inputs()})
+        self._layers = [m.layer for m in self._modules if m.kind == "layer" and m.layer is not None]
+        self._states: dict[str, _Session] = {}
+        self._states_lock = threading.Lock()
+
+    # -- session bookkeeping -------------------------------------------------------------------------
+
+    @property
+    def is_first(self) -> bool:
+        return self.start == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.end == self.manifest.num_modules
+
+    def sessions(self) -> list[str]:
+        with self._states_lock:
+            return list(self._states)
+
+    def context_length(self, session_id: str) -> int:
+        """Cache slots used by the session (prompt + generated tokens, including left pads); 0 if unknown."""
+        with self._states_lock:
+            st = self._states.get(session_id)
+        return 0 if st is None else st.length
+
+    def kv_bytes(self, session_id: str) -> int:
+        """Bytes of K/V buffers held for the session (allocated capacity, not just used slots)."""
+        with self._states_lock:
+            st = self._states.get(session_id)
+        if st is None:
+            return 0
+        return sum(a.nbytes for a in st.keys.values()) + sum(a.nbytes for a in st.values.values())
+
+    def free(self, session_id: str) -> bool:
+        """Drop a session's cache; True if it existed."""
+        with self._states_lock:
+            return self._states.pop(session_id, None) is not None
+
+    def _state(self, session_id: str, batch: int) -> _Session:
+        with self._states_lock:
+            st = self._states.get(session_id)
+            if st is None:
+                st = _Session(batch=batch)
+                self._states[session_id] = st
+        if st.batch != batch:
+            raise RunnerError(f"session {session_id!r} has batch {st.batch}, got a step with batch {batch}")
+        return st
+
+    def _grow(self, st: _Session, needed: int) -> None:
+        if needed <= st.capacity:
+            return
+        cap = max(MIN_CAPACITY, st.capacity)
+        while cap < needed:
+            cap *= 2
+        m = self.manifest
+        b, kvh, hd = st.batch, m.num_kv_heads, m.head_dim
+        mask = np.zeros((b, cap), np.int64)
+        pos = np.zeros((b, cap), np.int64)
+        if st.length:
+            mask[:, :st.length] = st.mask[:, :st.length]
+            pos[:, :st.length] = st.positions[:, :st.length]
+        st.mask, st.positions = mask, pos
+        for layer in self._layers:
+            for store in (st.keys, st.values):
+                buf = np.zeros((b, kvh, cap, hd), np.float32)
+                old = store.get(layer)
+                if old is not None:
+                    buf[:, :, :st.length] = old[:, :, :st.length]
+                store[layer] = buf
+        st.capacity = cap
+
+    # -- the step ------------------------------------------------------------------------------------
+
+    def step(self, session_id: str, x: np.ndarray, positions: np.ndarray,
+             attention_mask: np.ndarray | None = None) -> np.ndarray:
+        x = np.asarray(x)
+        if self.is_first:
+            if x.ndim != 2 or not np.issubdtype(x.dtype, np.integer):
+                raise RunnerError(f"the first module takes int token ids [batch, tokens], got {x.dtype}{x.shape}")
+            x = x.astype(np.int64, copy=False)
+        else:
+            if x.ndim != 3 or x.shape[2] != self.manifest.hidden_size:
+                raise RunnerError(
+                    f"module {self.start} takes a hidden state [batch, tokens, {self.manifest.hidden_size}], "
+                    f"got {x.shape}"
+                )
+            x = np.ascontiguousarray(x, dtype=np.float32)
+        b, t = x.shape[0], x.shape[1]
+        if t == 0 or b == 0:
+            raise RunnerError("a step needs at least one token and one sequence")
+        pos = np.ascontiguousarray(positions, dtype=np.int64)
+        if pos.shape != (b, t):
+            raise RunnerError(f"positions must have shape {(b, t)}, got {pos.shape}")
+        new_mask = (np.ones((b, t), np.int64) if attention_mask is None
+                    else np.asarray(attention_mask).astype(np.int64))
+        if new_mask.shape != (b, t):
+            raise RunnerError(f"attention_mask must have shape {(b, t)}, got {new_mask.shape}")
+        if self.manifest.max_context and int(pos.max()) >= self.manifest.max_context:
+            raise RunnerError(f"position {int(pos.max())} exceeds the model's context {self.manifest.max_context}")
+
+        st = self._state(session_id, b)
+        with st.lock:
+            if self._layers:
+                self._grow(st, st.length + t)
+                full_mask = np.concatenate([st.mask, new_mask], axis=1)
+            h = x
+            for info, sess, wanted in zip(self._modules, self._sessions, self._input_names, strict=True):
+                feeds: dict[str, np.ndarray] = {}
+                if info.kind == "embed":
+                    feeds[names.INPUT_IDS] = h
+                else:
+                    feeds[names.hidden(info.index)] = h
+                if info.kind == "layer":
+                    assert info.layer is not None
+                    feeds[names.ATTENTION_MASK] = full_mask
+                    feeds[names.past_key(info.layer)] = st.keys[info.layer]
+                    feeds[names.past_value(info.layer)] = st.values[info.layer]
+                    feeds[names.PAST_POSITIONS] = st.positions
+                feeds[names.POSITION_IDS] = pos
+                outs = sess.run(None, {k: v for k, v in feeds.items() if k in wanted})
+                h = outs[0]
+                if info.kind == "layer":
+                    assert info.layer is not None
+                    st.keys[info.layer][:, :, st.length:st.length + t] = outs[1]
+                    st.values[info.layer][:, :, st.length:st.length + t] = outs[2]
+            if self._layers:
+                st.mask[:, st.length:st.length + t] = new_mask
+                st.positions[:, st.length:st.length + t] = pos
+            st.length += t
+        return np.asarray(h)
+
+
+def positions_for(attention_mask: np.ndarray, past_tokens: np.ndarray | None = None) -> np.ndarray:
+    """Positions of a left-padded batch, as transformers computes them: real tokens count from 0, pads get 1.
+
+    ``past_tokens``: real (non-pad) tokens each row already has in its cache (for a decode step)."""
+    mask = np.asarray(attention_mask).astype(np.int64)
+    pos = np.cumsum(mask, axis=1) - 1
+    if past_tokens is not None:
+        pos = pos + np.asarray(past_tokens, np.int64).reshape(-1, 1)
+    return np.where(mask > 0, pos, 1).astype(np.int64)
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad token lists into ``(ids, attention_mask)``."""
+    width = max(len(s) for s in sequences)
+    ids = np.full((len(sequences), width), pad_id, np.int64)
+    mask = np.zeros((len(sequences), width), np.int64)
+    for i, s in enumerate(sequences):
+        if s:
+            ids[i, width - len(s):] = s
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+class ChainRunner:
+    """The whole chain in one process: the single-process reference later tests compare a pipeline to."""
+
+    def __init__(self, shard_dir: Path | str, threads: int | None = None) -> None:
+        self.runner = ModuleRunner(shard_dir, threads=threads)
+        self.manifest = self.runner.manifest
+
+    def logits(self, session_id: str, ids: np.ndarray, positions: np.ndarray,
+               attention_mask: np.ndarray | None = None) -> np.ndarray:
+        return self.runner.step(session_id, ids, positions, attention_mask)
+
+    def generate(self, prompt: Sequence[int], max_new_tokens: int, session_id: str = "generate",
+                 stop: Sequence[int] = ()) -> list[int]:
+        """Greedy decoding of one prompt; frees the session afterwards."""
+        if not prompt:
+            raise RunnerError("the prompt is empty")
+        out: list[int] = []
+        try:
+            ids = np.asarray([list(prompt)], np.int64)
+            logits = self.logits(session_id, ids, np.arange(len(prompt), dtype=np.int64)[None])
+            pos = len(prompt)
+            for _ in range(max_new_tokens):
+                tok = int(np.argmax(logits[0, -1]))
+                out.append(tok)
+                if tok in stop:
+                    break
+                logits = self.logits(session_id, np.asarray([[tok]], np.int64), np.asarray([[pos]], np.int64))
+                pos += 1
+        finally:
+            self.runner.free(session_id)
+        return out

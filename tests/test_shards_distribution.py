@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 from aiohttp import web
 
@@ -41,6 +42,7 @@ from llnode.shards import (
     expand_ranges,
 )
 from llnode.shards.http import HttpShardTransport, add_routes
+from llnode.shards.rpc import RpcShardTransport, handle_shard_request
 from llnode.shards.serve import MIN_CHUNK
 from llnode.shards.store import part_path, sidecar_path, support_files
 
@@ -545,3 +547,97 @@ async def test_concurrent_ensure_downloads_once(
     for f in [m.file for m in manifest.modules] + support_files(manifest):
         assert served(f) == store.path(MODEL, f).stat().st_size, f  # each byte served exactly once
     assert all(MANIFEST_FILE in r for r in results)
+
+
+async def test_holder_map_asks_only_peers_that_have_the_module(
+    source: tuple[ShardStore, Manifest], cluster: Cluster, tmp_path: Path
+) -> None:
+    store, manifest = source
+    partial_store = _copy_store(store, tmp_path / "peer-partial")
+    partial_store.prune(MODEL, keep={0, 1})
+    await cluster.add("partial", CountingServer(partial_store))
+    await cluster.add("full", CountingServer(store))
+    local = ShardStore(tmp_path / "node-c")
+    fetcher = ShardFetcher(local, cluster.transport)
+    holders = {"partial": partial_store.inventory()[MODEL]["modules"], "full": None}
+    await fetcher.ensure(MODEL, None, holders)
+    assert local.verified_modules(MODEL) == list(range(len(SIZES)))
+    partial = cluster.servers["partial"].served
+    assert all(partial[m.file] == 0 for m in manifest.modules[2:])
+    assert partial[manifest.modules[0].file] + partial[manifest.modules[1].file] > 0  # files were spread
+    # A peer that simply lacks a file is not blamed for it.
+    other = ShardStore(tmp_path / "node-d")
+    await ShardFetcher(other, cluster.transport).ensure(MODEL, (0, 1), ["full"])
+    f2 = ShardFetcher(other, cluster.transport)
+    await f2.ensure(MODEL, (3, 4), ["partial", "full"])
+    assert other.verified_modules(MODEL) == [0, 3] and not f2.peer_faults
+
+
+# ---------------------------------------------------------------------------- the message form (rpc.py)
+async def _read_frame(reader: asyncio.StreamReader) -> dict[str, Any]:
+    size = int.from_bytes(await reader.readexactly(4))
+    frame: dict[str, Any] = msgpack.unpackb(await reader.readexactly(size))
+    return frame
+
+
+class MsgpackStreamLinks:
+    """A real message transport: length-prefixed msgpack maps over asyncio TCP streams on loopback."""
+
+    def __init__(self) -> None:
+        self.addrs: dict[str, tuple[str, int]] = {}
+        self.servers: list[asyncio.Server] = []
+
+    async def serve(self, peer: str, server: ShardServer) -> None:
+        async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while True:
+                    request = await _read_frame(reader)
+                    reply = msgpack.packb(await handle_shard_request(server, request))
+                    writer.write(len(reply).to_bytes(4) + reply)
+                    await writer.drain()
+            except asyncio.IncompleteReadError:
+                pass
+            finally:
+                writer.close()
+
+        srv = await asyncio.start_server(on_conn, "127.0.0.1", 0)
+        self.servers.append(srv)
+        self.addrs[peer] = srv.sockets[0].getsockname()[:2]
+
+    async def call(self, peer: str, request: dict[str, Any]) -> dict[str, Any]:
+        reader, writer = await asyncio.open_connection(*self.addrs[peer])
+        try:
+            body = msgpack.packb(request)
+            writer.write(len(body).to_bytes(4) + body)
+            await writer.drain()
+            return await _read_frame(reader)
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        for s in self.servers:
+            s.close()
+            await s.wait_closed()
+
+
+async def test_fetch_over_message_links(source: tuple[ShardStore, Manifest], tmp_path: Path) -> None:
+    store, manifest = source
+    links = MsgpackStreamLinks()
+    server = CorruptingServer(store, manifest.modules[4].file, chunk=1, times=1)
+    await links.serve("a", server)
+    try:
+        transport = RpcShardTransport(links.call)
+        local = ShardStore(tmp_path / "node-b")
+        await ShardFetcher(local, transport).ensure(MODEL, None, ["a"], store.manifest_sha256(MODEL))
+        assert local.inventory() == store.inventory() and server.corrupted == 1
+        with pytest.raises(ShardServeError) as err:
+            await transport.read("a", MODEL, "../manifest.json", 0, 4)
+        assert err.value.code == "unknown_file"
+        bad = await links.call(
+            "a", {"op": "shard_read", "model": MODEL, "file": MANIFEST_FILE, "offset": "x", "length": 4}
+        )
+        assert bad["ok"] is False and bad["error"]["code"] == "bad_request"
+        odd = await links.call("a", {"op": "rm -rf", "model": MODEL, "file": "x"})
+        assert odd["error"]["code"] == "bad_request"
+    finally:
+        await links.close()

@@ -24,9 +24,10 @@ import json
 import logging
 import os
 import re
+import shutil
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,11 +35,22 @@ from typing import Any, Protocol
 from llnode.model.manifest import MANIFEST_FILE
 from llnode.shards.errors import ShardError, ShardFetchError
 from llnode.shards.serve import MAX_READ, MIN_CHUNK
-from llnode.shards.store import ShardStore, fsync_dir, part_path, sha256_file, sidecar_path
+from llnode.shards.store import (
+    ShardStore,
+    expand_ranges,
+    fsync_dir,
+    part_path,
+    sha256_file,
+    sidecar_path,
+)
 
 log = logging.getLogger(__name__)
 
 _SHA = re.compile(r"^[0-9a-f]{64}$")
+# Error codes meaning "I don't have that file": an honest answer, not a fault to blame the peer for.
+_HONEST_ABSENCE = {"unknown_model", "unknown_file", "not_verified"}
+DISK_MARGIN = 64 << 20
+PROGRESS_LOG_S = 5.0
 
 ProgressCallback = Callable[[str, str, int, int], None]
 PeerFaultCallback = Callable[[str, str], None]
@@ -66,6 +78,7 @@ class FetchProgress:
     done: int = 0
     peer: str | None = None
     started: float = field(default_factory=time.monotonic)
+    last_log: float = 0.0
 
 
 class _PeerGaveUp(Exception):
@@ -133,16 +146,24 @@ class ShardFetcher:
         self,
         model: str,
         module_range: tuple[int, int] | range | None,
-        peers: Sequence[str],
+        peers: Sequence[str] | Mapping[str, Sequence[Sequence[int]] | None],
         manifest_sha256: str | None = None,
     ) -> list[str]:
         """Make modules ``[start, end)`` of ``model`` (None: all) usable locally; returns the files fetched.
 
-        ``peers`` are peers that hold the model (best first). The manifest is fetched first if absent and
-        checked against ``manifest_sha256`` when given. Raises ShardFetchError naming every file that no
-        peer could supply; ShardError if the local manifest differs from ``manifest_sha256``.
+        ``peers``: peer ids holding the model (best first), or a mapping peer id -> the module runs it
+        holds (``inventory()[model]["modules"]`` from gossip; None = everything), so that each module is
+        asked only of peers that have it. Files are spread over the peers. The manifest is fetched first
+        if absent and checked against ``manifest_sha256`` (from gossip) when given. Raises
+        ShardFetchError naming every file no peer could supply (``.missing``); ShardError if the local
+        manifest differs from ``manifest_sha256``.
         """
-        peers = list(dict.fromkeys(peers))
+        holders: dict[str, set[int] | None] = (
+            {p: None if runs is None else set(expand_ranges(runs)) for p, runs in peers.items()}
+            if isinstance(peers, Mapping)
+            else dict.fromkeys(peers)
+        )
+        peers = list(holders)
         fetched: list[str] = []
         if not await asyncio.to_thread(self.store.has_manifest, model):
             if not peers:
@@ -172,11 +193,18 @@ class ShardFetcher:
             )
         sizes = {m.file: m.size_bytes for m in manifest.modules}
         shas = {m.file: m.sha256 for m in manifest.modules} | dict(manifest.file_sha256)
+        module_of = {m.file: m.index for m in manifest.modules}
+        await asyncio.to_thread(self._check_space, model, sum(sizes.get(f, 0) for f in missing))
         log.info("fetching %d file(s) of %s from %d peer(s): %s", len(missing), model, len(peers),
                  ", ".join(missing))
+
+        def candidates(file: str) -> list[str]:
+            idx = module_of.get(file)
+            return [p for p, held in holders.items() if held is None or idx is None or idx in held]
+
         results = await asyncio.gather(
             *(
-                self._shared(model, f, shas.get(f), sizes.get(f), peers, i % len(peers))
+                self._shared(model, f, shas.get(f), sizes.get(f), candidates(f), i)
                 for i, f in enumerate(missing)
             ),
             return_exceptions=True,
@@ -199,6 +227,16 @@ class ShardFetcher:
                 failures,
             )
         return fetched
+
+    def _check_space(self, model: str, needed: int) -> None:
+        """Fail before downloading rather than with ENOSPC half-way (phones are often nearly full)."""
+        free = shutil.disk_usage(self.store.root).free
+        if needed + DISK_MARGIN > free:
+            raise ShardFetchError(
+                f"{model}: {needed / 1e6:.1f} MB to fetch but only {free / 1e6:.1f} MB free under "
+                f"{self.store.root} (keeping {DISK_MARGIN >> 20} MiB spare)",
+                [],
+            )
 
     def snapshot(self) -> dict[str, Any]:
         """For ``/api/status``: files in flight, bytes done/total, receive rate over the last 10 s."""
@@ -262,6 +300,7 @@ class ShardFetcher:
         async with self._file_slots:
             path = self.store.path(model, file)
             label = f"{model}/{file}"
+            start = start % len(peers) if peers else 0
             rotated = peers[start:] + peers[:start]
             order = sorted(rotated, key=lambda p: self.peer_faults.get(p, 0))
             excluded: set[str] = set()
@@ -283,7 +322,10 @@ class ShardFetcher:
                         raise
                     except Exception as exc:
                         reason = f"index of {label} unusable: {_describe(exc)}"
-                        self._fault(peer, reason)
+                        if getattr(exc, "code", None) in _HONEST_ABSENCE:
+                            log.info("shard peer %s does not have %s (%s)", peer, label, exc)
+                        else:
+                            self._fault(peer, reason)
                         errors.append(f"{peer}: {reason}")
                         continue
                     expected = sha or str(index["sha256"])
@@ -323,9 +365,13 @@ class ShardFetcher:
                     self.completed.append(label)
                     self.failed.pop(label, None)
                     return
-                msg = f"no peer could supply {label}: " + ("; ".join(errors) or "no peers")
+                msg = f"no peer could supply {label}: " + ("; ".join(errors) or "no peer holds it")
                 self.failed[label] = msg
                 raise ShardFetchError(msg, [label])
+            except OSError as exc:  # disk full, read-only storage...: say which file and why
+                msg = f"writing {label} under {self.store.root} failed: {exc}"
+                self.failed[label] = msg
+                raise ShardFetchError(msg, [label]) from exc
             finally:
                 self._active.pop((model, file), None)
 
@@ -396,6 +442,12 @@ class ShardFetcher:
         self.store.record_hash(path, sha)
 
     def _report(self, progress: FetchProgress) -> None:
+        now = time.monotonic()
+        if progress.total and (now - progress.last_log > PROGRESS_LOG_S or progress.done == progress.total):
+            progress.last_log = now
+            log.info("fetch %s/%s from %s: %.1f/%.1f MB (%d%%), %.1f MB/s overall", progress.model,
+                     progress.file, progress.peer, progress.done / 1e6, progress.total / 1e6,
+                     100 * progress.done // progress.total, self._current_rate() / 1e6)
         if self.on_progress is not None:
             self.on_progress(progress.model, progress.file, progress.done, progress.total)
 

@@ -40,6 +40,7 @@ from llnode.shards import (
     ShardStore,
     compact_ranges,
     expand_ranges,
+    peers_holding,
 )
 from llnode.shards.http import HttpShardTransport, add_routes
 from llnode.shards.rpc import RpcShardTransport, handle_shard_request
@@ -559,7 +560,11 @@ async def test_holder_map_asks_only_peers_that_have_the_module(
     await cluster.add("full", CountingServer(store))
     local = ShardStore(tmp_path / "node-c")
     fetcher = ShardFetcher(local, cluster.transport)
-    holders = {"partial": partial_store.inventory()[MODEL]["modules"], "full": None}
+    gossip = {"partial": partial_store.inventory(), "full": store.inventory(), "empty": {},
+              "junk": {MODEL: {"modules": "nonsense"}}, "other": {"another-model": {"modules": [[0, 9]]}}}
+    holders = peers_holding(gossip, MODEL, store.manifest_sha256(MODEL))
+    assert holders == {"full": [[0, len(SIZES)]], "partial": [[0, 2]]}
+    assert peers_holding(gossip, MODEL, "f" * 64) == {}
     await fetcher.ensure(MODEL, None, holders)
     assert local.verified_modules(MODEL) == list(range(len(SIZES)))
     partial = cluster.servers["partial"].served

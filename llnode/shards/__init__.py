@@ -7,7 +7,7 @@ is believed until the whole file's sha256 equals the manifest's.
 """
 
 from llnode.shards.errors import ShardError, ShardFetchError, ShardServeError
-from llnode.shards.fetch import FetchProgress, ShardFetcher, ShardTransport
+from llnode.shards.fetch import FetchProgress, ShardFetcher, ShardTransport, peers_holding
 from llnode.shards.serve import ShardServer
 from llnode.shards.store import ShardStore, compact_ranges, expand_ranges
 
@@ -22,4 +22,5 @@ __all__ = [
     "ShardTransport",
     "compact_ranges",
     "expand_ranges",
+    "peers_holding",
 ]

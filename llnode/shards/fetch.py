@@ -103,6 +103,7 @@ class _PartState:
     hasher: Any = field(default_factory=hashlib.sha256)
     hashed: int = 0
     pending: dict[int, bytes] = field(default_factory=dict)
+    closed: bool = False
 
     @property
     def num_chunks(self) -> int:
@@ -123,6 +124,32 @@ class _PartState:
     @property
     def done_bytes(self) -> int:
         return sum(self.chunk_len(i) for i in self.done)
+
+
+def peers_holding(
+    inventories: Mapping[str, Mapping[str, Any]], model: str, manifest_sha256: str | None = None
+) -> dict[str, list[list[int]]]:
+    """From gossiped ``ShardStore.inventory()`` maps (peer id -> inventory), the holder map ``ensure`` takes.
+
+    Keeps peers that hold ``model`` with the same manifest (when ``manifest_sha256`` is given), and that
+    have at least one module or the complete support files; peers holding more modules come first.
+    """
+    out: list[tuple[int, str, list[list[int]]]] = []
+    for peer, inventory in inventories.items():
+        entry = inventory.get(model) if isinstance(inventory, Mapping) else None
+        if not isinstance(entry, Mapping):
+            continue
+        if manifest_sha256 is not None and entry.get("manifest_sha256") != manifest_sha256:
+            continue
+        runs = entry.get("modules") or []
+        try:
+            held = len(expand_ranges(runs))
+        except (TypeError, ValueError):
+            continue
+        if held or entry.get("complete"):
+            out.append((held, peer, [list(r) for r in runs]))
+    out.sort(key=lambda t: -t[0])
+    return {peer: runs for _, peer, runs in out}
 
 
 class ShardFetcher:
@@ -559,8 +586,10 @@ def _save_sidecar(state: _PartState) -> None:
 def _write_chunk(state: _PartState, i: int, data: bytes, expected: str) -> bool:
     if len(data) != state.chunk_len(i) or hashlib.sha256(data).hexdigest() != expected:
         return False
-    os.pwrite(state.fd, data, i * state.chunk_size)
     with state.lock:
+        if state.closed:  # the download was cancelled while this chunk was in flight: drop it
+            return True
+        os.pwrite(state.fd, data, i * state.chunk_size)
         state.done.add(i)
         if i > state.hashed and len(state.pending) < MAX_PENDING:
             state.pending[i] = data
@@ -578,8 +607,11 @@ def _finish_hash(state: _PartState) -> str:
 
 
 def _close_part(state: _PartState) -> None:
-    with contextlib.suppress(OSError):
-        os.close(state.fd)
+    """Close under the lock, so a write still running in a worker thread can never hit a reused fd."""
+    with state.lock:
+        state.closed = True
+        with contextlib.suppress(OSError):
+            os.close(state.fd)
 
 
 def _discard_part(path: Path) -> None:

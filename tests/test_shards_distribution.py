@@ -12,6 +12,8 @@ import hashlib
 import json
 import os
 import random
+import signal
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -646,3 +648,64 @@ async def test_fetch_over_message_links(source: tuple[ShardStore, Manifest], tmp
         assert odd["error"]["code"] == "bad_request"
     finally:
         await links.close()
+
+
+class ThrottledServer(CountingServer):
+    """Serves each chunk after a delay, so that a fetch is still running when the test kills it."""
+
+    def __init__(self, store: ShardStore, delay: float) -> None:
+        super().__init__(store)
+        self.delay = delay
+
+    async def read_async(self, model: str, file: str, offset: int, length: int) -> bytes:
+        await asyncio.sleep(self.delay)
+        return await super().read_async(model, file, offset, length)
+
+
+FETCH_SCRIPT = """
+import asyncio, sys
+from llnode.shards import ShardFetcher, ShardStore
+from llnode.shards.http import HttpShardTransport
+
+async def main() -> None:
+    transport = HttpShardTransport({"a": sys.argv[2]})
+    await ShardFetcher(ShardStore(sys.argv[1]), transport, window=1).ensure(sys.argv[3], (0, 1), ["a"])
+
+asyncio.run(main())
+"""
+
+
+async def test_resume_after_kill_9(
+    source: tuple[ShardStore, Manifest], cluster: Cluster, tmp_path: Path
+) -> None:
+    """A fetching process killed with SIGKILL mid-file: a new process resumes without re-downloading."""
+    store, manifest = source
+    big = manifest.modules[0]
+    server = ThrottledServer(store, delay=0.15)
+    await cluster.add("a", server)
+    local = ShardStore(tmp_path / "node-b")
+    await ShardFetcher(local, cluster.transport).ensure(MODEL, (1, 1), ["a"])
+    path = local.path(MODEL, big.file)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", FETCH_SCRIPT, str(local.root), cluster.urls["a"], MODEL
+    )
+    try:
+        for _ in range(400):
+            await asyncio.sleep(0.02)
+            side = sidecar_path(path)
+            if side.exists() and len(json.loads(side.read_text() or "{}").get("done", [])) >= 2:
+                break
+        proc.kill()
+    finally:
+        await proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done_chunks = json.loads(sidecar_path(path).read_text())["done"]
+    verified_bytes = sum(min(CHUNK, big.size_bytes - i * CHUNK) for i in done_chunks)
+    assert 0 < verified_bytes < big.size_bytes and not path.exists()
+    await asyncio.sleep(0.4)  # let the dead client's last request finish on the server before counting
+    before = server.served[big.file]
+    server.delay = 0.0
+    restarted = ShardStore(tmp_path / "node-b")
+    await ShardFetcher(restarted, cluster.transport).ensure(MODEL, (0, 1), ["a"])
+    assert server.served[big.file] - before == big.size_bytes - verified_bytes
+    assert restarted.verified_modules(MODEL) == [0]

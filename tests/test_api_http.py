@@ -26,7 +26,7 @@ REPLY = "Hello, wörld! 🌍 The river ends here. Done."
 class ByteTokenizer:
     """One token per UTF-8 byte (so multi-byte characters really do span tokens), 256 = end of text."""
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(text.encode("utf-8"))
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -590,5 +590,41 @@ async def test_openai_client_against_the_routes() -> None:
         models = await api.models.list()
         assert [m.id for m in models.data] == ["tiny-test", "tiny-alias"]
         await api.close()
+    finally:
+        await client.close()
+
+
+async def test_chat_command_streams_and_keeps_history() -> None:
+    """``llnode chat`` as a user runs it (a subprocess fed on stdin) against a live server."""
+    import sys
+
+    engine = ScriptedEngine(reply="Rivers run.")
+    client = await _client(engine)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "llnode", "chat", "--node", str(client.make_url("")), "--temperature", "0",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(b"hi\nagain\n/reset\nhello\n"), 60)
+        assert proc.returncode == 0, err.decode()
+        assert out.decode().splitlines() == [
+            "Rivers run.",
+            "Rivers run.",
+            "(conversation reset)",
+            "Rivers run.",
+        ]
+        prompts = [bytes(r.prompt).decode() for r in engine.requests]
+        assert prompts[0] == "<user>hi\n<assistant>"
+        assert prompts[1] == "<user>hi\n<assistant>Rivers run.\n<user>again\n<assistant>"
+        assert prompts[2] == "<user>hello\n<assistant>"
+        assert all(r.params.temperature == 0 for r in engine.requests)
+        # A node that is not there: a clear message and exit code 1, no traceback.
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "llnode", "chat", "--node", "http://127.0.0.1:9",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(b""), 60)
+        assert proc.returncode == 1
+        assert b"cannot use http://127.0.0.1:9" in err and b"Traceback" not in err
     finally:
         await client.close()

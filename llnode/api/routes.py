@@ -242,7 +242,7 @@ class OpenAIRoutes:
                 param="messages",
                 code="invalid_value",
             ) from None
-        prompt = await _encode(engine, text)
+        prompt = await _encode(engine, text, False)
         return await self._run(request, self._job("chat", engine, body.fields, prompt))
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
@@ -261,7 +261,7 @@ class OpenAIRoutes:
             prompt_text = engine.tokenizer.decode(prompt) if body.echo else ""
         else:
             assert body.prompt_text is not None
-            prompt = await _encode(engine, body.prompt_text)
+            prompt = await _encode(engine, body.prompt_text, True)
             prompt_text = body.prompt_text if body.echo else ""
         return await self._run(request, self._job("completion", engine, body.fields, prompt, prompt_text))
 
@@ -424,11 +424,11 @@ class _TokenSource:
             await aclose()
 
 
-async def _encode(engine: Engine, text: str) -> list[int]:
+async def _encode(engine: Engine, text: str, special: bool) -> list[int]:
     """Tokenize; long texts off the event loop so that other requests' streams keep flowing."""
     if len(text) < 20000:
-        return engine.tokenizer.encode(text)
-    return await asyncio.to_thread(engine.tokenizer.encode, text)
+        return engine.tokenizer.encode(text, special)
+    return await asyncio.to_thread(engine.tokenizer.encode, text, special)
 
 
 def _reject_constant(name: str) -> Any:

@@ -90,8 +90,9 @@ ChatMessage = Mapping[str, str]
 class Tokenizer(Protocol):
     """Text <-> token ids and the model's chat template, as the API needs them."""
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` as a prompt (with the model's BOS token if it uses one)."""
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``; ``add_special_tokens`` adds the model's BOS (if it uses one). A rendered
+        chat template already holds its special tokens, so the API encodes it with ``False``."""
         ...
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -1,0 +1,352 @@
+"""The systemd units and the host installer, checked as far as a machine without systemd as PID 1 allows.
+
+- ``systemd/install.sh --root`` stages a real install (virtualenv, units, key, env files) into a
+  temporary root, and ``systemd-analyze verify --root`` checks both units there: against the real
+  unit library (copied from this machine) and with the ExecStart binary the installer really created.
+- ``systemd-analyze security --offline`` scores the hardening.
+- The ExecStart command line, with systemd's specifiers expanded the way systemd would, really starts
+  ``llnode run`` (with write-xor-execute memory enforced by the kernel, as MemoryDenyWriteExecute=
+  does), answers /health and stops cleanly on SIGTERM.
+What cannot be checked here: the sandbox itself (DynamicUser, ProtectSystem, SystemCallFilter...) as
+applied by a running systemd; see docs/deploy.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from test_deploy_shell import REPO, ensure_tool
+
+UNITS = ("llnode.service", "llnode@.service")
+INSTANCE = "t"
+LLNODE = Path(sys.executable).parent / "llnode"
+
+# Sets write-xor-execute for itself and everything it execs (PR_SET_MDWE, Linux >= 6.3), proves that
+# a writable+executable mapping is now refused, then runs the given command.
+MDWE_LAUNCHER = r"""
+import ctypes, mmap, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
+    sys.exit(77)
+try:
+    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    sys.exit(78)
+except OSError:
+    pass
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+
+def parse_unit(path: Path) -> list[tuple[str, str, str]]:
+    """(section, key, value) for every assignment, in order (keys may repeat, e.g. SystemCallFilter=)."""
+    out: list[tuple[str, str, str]] = []
+    section = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+            continue
+        key, sep, value = line.partition("=")
+        assert sep, f"{path.name}: not an assignment: {raw!r}"
+        out.append((section, key.strip(), value.strip()))
+    return out
+
+
+def unit_value(path: Path, key: str) -> str:
+    values = [v for s, k, v in parse_unit(path) if s == "Service" and k == key]
+    assert len(values) == 1, f"{path.name}: expected one {key}=, found {values}"
+    return values[0]
+
+
+def run_help_flags() -> set[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "llnode", "run", "--help"], capture_output=True, text=True, timeout=120
+    )
+    if result.returncode != 0 or "--data-dir" not in result.stdout:
+        pytest.skip(f"'llnode run' is not available yet: {(result.stdout + result.stderr).strip()[:300]}")
+    return set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", result.stdout))
+
+
+def free_port_pair() -> int:
+    """A port P with P and P + 1000 both free on loopback (HTTP and peer port)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + 1000 > 65535:
+            continue
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1000))
+        except OSError:
+            continue
+        return int(port)
+    raise RuntimeError("no free port pair")
+
+
+def mdwe_supported() -> bool:
+    result = subprocess.run(
+        [sys.executable, "-c", MDWE_LAUNCHER, "/bin/true"], capture_output=True, timeout=60
+    )
+    return result.returncode == 0
+
+
+@pytest.fixture(scope="module")
+def staged_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real install by systemd/install.sh into a temporary root, plus this machine's unit library."""
+    ensure_tool("systemd-analyze", "systemd")
+    root = tmp_path_factory.mktemp("root")
+    result = subprocess.run(
+        ["bash", str(REPO / "systemd/install.sh"), "--root", str(root), "--no-deps",
+         "--python", sys.executable, "--instance", INSTANCE, "--port", "7711"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    library = Path("/usr/lib/systemd/system")
+    if not library.is_dir():
+        library = Path("/lib/systemd/system")
+    shutil.copytree(library, root / "usr/lib/systemd/system", symlinks=True)
+    return root
+
+
+def analyze(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["systemd-analyze", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_units_verify_in_the_staged_install(staged_root: Path) -> None:
+    unit_dir = staged_root / "etc/systemd/system"
+    for unit in UNITS:
+        assert (unit_dir / unit).read_bytes() == (REPO / "systemd" / unit).read_bytes()
+    exe = staged_root / unit_value(unit_dir / "llnode.service", "ExecStart").split()[0].lstrip("/")
+    assert os.access(exe, os.X_OK), f"the installer did not create the ExecStart binary {exe}"
+    result = analyze("verify", f"--root={staged_root}", "llnode.service", f"llnode@{INSTANCE}.service")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    # verify reports unknown keys and bad values as warnings with exit status 0: none may mention us.
+    assert "llnode" not in output, output
+
+
+def test_verify_reports_a_broken_unit(staged_root: Path) -> None:
+    """The verify harness can fail: a misspelt key and a missing binary are both reported."""
+    text = (REPO / "systemd/llnode.service").read_text()
+    text = text.replace("ProtectSystem=strict", "ProtectSytem=strict")
+    text = text.replace("/opt/llnode/venv/bin/llnode", "/opt/llnode/venv/bin/llnode-missing")
+    (staged_root / "etc/systemd/system/llnode-broken.service").write_text(text)
+    try:
+        result = analyze("verify", f"--root={staged_root}", "llnode-broken.service")
+    finally:
+        (staged_root / "etc/systemd/system/llnode-broken.service").unlink()
+    output = result.stdout + result.stderr
+    assert "Unknown key 'ProtectSytem'" in output, output
+    assert "llnode-missing is not executable" in output, output
+    assert result.returncode != 0
+
+
+def test_installer_keeps_key_and_settings_on_rerun(staged_root: Path) -> None:
+    conf = staged_root / "etc/llnode"
+    key_before = hashlib.sha256((conf / "cluster.key").read_bytes()).hexdigest()
+    env_before = (conf / f"{INSTANCE}.env").read_text()
+    result = subprocess.run(
+        ["bash", str(REPO / "systemd/install.sh"), "--root", str(staged_root), "--no-deps",
+         "--python", sys.executable, "--instance", INSTANCE, "--port", "7799"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert hashlib.sha256((conf / "cluster.key").read_bytes()).hexdigest() == key_before
+    assert (conf / f"{INSTANCE}.env").read_text() == env_before
+    assert "LLNODE_PORT=7711" in env_before and "LLNODE_PEER_PORT=8711" in env_before
+    for name in ("cluster.key", "llnode.env", f"{INSTANCE}.env"):
+        assert (conf / name).stat().st_mode & 0o777 == 0o600, name
+    assert re.fullmatch(r"[0-9a-f]{64}\n", (conf / "cluster.key").read_text())
+
+
+def test_installer_rejects_bad_input(tmp_path: Path) -> None:
+    script = str(REPO / "systemd/install.sh")
+    cases = {
+        ("--instance", "a b"): "--instance wants a short name",
+        ("--port", "70000"): "--port wants a TCP port",
+        ("--python", "/nonexistent/python"): "older than Python 3.11",
+        ("--frobnicate",): "unknown option '--frobnicate'",
+    }
+    for args, message in cases.items():
+        result = subprocess.run(
+            ["bash", script, "--root", str(tmp_path), *args], capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode != 0 and message in result.stderr, (args, result.stderr)
+    assert not any(tmp_path.iterdir()), "a rejected run must not leave files behind"
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_hardening_exposure_is_low(unit: str, tmp_path: Path) -> None:
+    ensure_tool("systemd-analyze", "systemd")
+    path = tmp_path / (unit.replace("@.", f"@{INSTANCE}.") if "@" in unit else unit)
+    shutil.copy(REPO / "systemd" / unit, path)
+    result = analyze("security", "--offline=yes", "--no-pager", str(path))
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+    assert match, result.stdout[-2000:] + result.stderr
+    exposure = float(match.group(1))
+    print(f"{unit}: systemd-analyze security exposure {exposure} (0 = locked down, 10 = fully exposed)")
+    assert exposure <= 2.0, result.stdout
+
+
+def test_units_ask_for_the_hardening_the_docs_promise() -> None:
+    required = {
+        "DynamicUser": "yes", "StateDirectory": None, "Restart": "on-failure", "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes", "PrivateDevices": "yes",
+        "LockPersonality": "yes", "MemoryDenyWriteExecute": "yes", "SystemCallArchitectures": "native",
+        "LoadCredential": "cluster.key:/etc/llnode/cluster.key",
+    }  # fmt: skip
+    for unit in UNITS:
+        assignments = {k: v for s, k, v in parse_unit(REPO / "systemd" / unit) if s == "Service"}
+        for key, value in required.items():
+            assert key in assignments, f"{unit}: {key}= missing"
+            assert value is None or assignments[key] == value, f"{unit}: {key}={assignments[key]}"
+        families = set(assignments["RestrictAddressFamilies"].split())
+        assert families == {"AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"}, families
+        filters = [v for s, k, v in parse_unit(REPO / "systemd" / unit) if k == "SystemCallFilter"]
+        assert "@system-service" in filters
+        assert "${CREDENTIALS_DIRECTORY}/cluster.key" in assignments["ExecStart"]
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_execstart_uses_only_flags_llnode_run_accepts(unit: str) -> None:
+    accepted = run_help_flags()
+    argv = shlex.split(unit_value(REPO / "systemd" / unit, "ExecStart"))
+    assert argv[0] == "/opt/llnode/venv/bin/llnode" and argv[1] == "run", argv
+    used = {a.split("=", 1)[0] for a in argv[2:] if a.startswith("--")}
+    assert used, argv
+    assert used <= accepted, used - accepted
+
+
+def expand(value: str, spec: dict[str, str]) -> str:
+    """systemd's %-specifiers and ${VAR} references, for the ones our units use."""
+    value = re.sub(r"%([A-Za-z%])", lambda m: spec[m.group(1)], value)
+    return re.sub(r"\$\{(\w+)\}", lambda m: spec[m.group(1)], value)
+
+
+@contextlib.contextmanager
+def daemon(argv: list[str], env: dict[str, str], cwd: Path) -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen(
+        argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_instance_execstart_runs_the_daemon_under_write_xor_execute(staged_root: Path, tmp_path: Path) -> None:
+    """Start llnode@t the way systemd would (specifiers expanded, Environment= then EnvironmentFile=,
+    the credential in a credentials dir), with MemoryDenyWriteExecute's effect applied by the kernel."""
+    run_help_flags()  # skips while `llnode run` does not exist
+    unit = REPO / "systemd/llnode@.service"
+    port = free_port_pair()
+    state, cache, creds = tmp_path / "state", tmp_path / "cache", tmp_path / "creds"
+    spec = {
+        "S": str(state), "C": str(cache), "i": INSTANCE, "H": socket.gethostname(), "%": "%",
+        "CREDENTIALS_DIRECTORY": str(creds),
+    }  # fmt: skip
+    for key, base in (("StateDirectory", state), ("CacheDirectory", cache)):
+        (base / expand(unit_value(unit, key), spec)).mkdir(parents=True)
+    creds.mkdir()
+    shutil.copy(staged_root / "etc/llnode/cluster.key", creds / "cluster.key")
+
+    env = {"PATH": os.environ["PATH"], "LANG": "C.UTF-8"}
+    for item in shlex.split(unit_value(unit, "Environment")):
+        key, _, value = item.partition("=")
+        env[key] = expand(value, spec)
+    env_file = staged_root / expand(unit_value(unit, "EnvironmentFile").lstrip("-"), spec).lstrip("/")
+    for line in env_file.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            env[key.strip()] = value.strip()
+    assert env["LLNODE_PORT"] == "7711" and env["LLNODE_NAME"].endswith(f"-{INSTANCE}")
+    # Keep this test on loopback: no mDNS on the machine's real interfaces, a free port.
+    env.update(LLNODE_PORT=str(port), LLNODE_PEER_PORT=str(port + 1000), LLNODE_PEER_HOST="127.0.0.1",
+               LLNODE_MDNS="false", LLNODE_SHARDS=str(tmp_path / "shards"))  # fmt: skip
+
+    argv = shlex.split(expand(unit_value(unit, "ExecStart"), spec))
+    argv[0] = str(LLNODE)  # the staged venv has no dependencies (--no-deps); same program, this venv's
+    enforced = mdwe_supported()
+    if enforced:
+        argv = [sys.executable, "-c", MDWE_LAUNCHER, *argv]
+    cwd = Path(expand(unit_value(unit, "WorkingDirectory"), spec))
+    with daemon(argv, env, cwd) as proc:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 90
+        lines: list[str] = []
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if " serving " in line:
+                break
+        assert any(" serving " in line for line in lines), "".join(lines) + f"\nexit {proc.poll()}"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as resp:
+            assert resp.status == 200
+        node_id = (cwd / "node_id").read_text().strip()
+        assert re.fullmatch(r"[A-Za-z0-9_.-]+", node_id)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        timeout_stop = float(unit_value(unit, "TimeoutStopSec").rstrip("s"))
+        code = proc.wait(timeout_stop)
+        rest = proc.stdout.read()
+    print(f"stopped {time.monotonic() - started:.2f} s after SIGTERM; write-xor-execute enforced: {enforced}")
+    assert code == 0, "".join(lines) + rest
+    assert "Traceback" not in "".join(lines) + rest
+
+
+def test_onnxruntime_and_the_solver_work_under_write_xor_execute(tmp_path: Path) -> None:
+    """MemoryDenyWriteExecute=yes is only safe if nothing on the inference path JIT-compiles: run a
+    real onnxruntime session, a CBC solve, ChaCha20-Poly1305 and msgpack with W^X enforced."""
+    if not mdwe_supported():
+        pytest.skip("this kernel has no PR_SET_MDWE (Linux >= 6.3): cannot enforce write-xor-execute here")
+    pytest.importorskip("onnx")  # builds the test graph; onnxruntime itself is a runtime dependency
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import numpy as np, onnx, onnxruntime as ort, pulp, msgpack, os\n"
+        "from onnx import helper, numpy_helper, TensorProto\n"
+        "from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305\n"
+        "w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)\n"
+        "g = helper.make_graph([helper.make_node('MatMul', ['x', 'w'], ['y']),\n"
+        "                       helper.make_node('Softmax', ['y'], ['z'])], 'g',\n"
+        "    [helper.make_tensor_value_info('x', TensorProto.FLOAT, [1, 64])],\n"
+        "    [helper.make_tensor_value_info('z', TensorProto.FLOAT, [1, 64])], [numpy_helper.from_array(w, 'w')])\n"
+        "m = helper.make_model(g, opset_imports=[helper.make_opsetid('', 17)], ir_version=8)\n"
+        "s = ort.InferenceSession(m.SerializeToString(), providers=['CPUExecutionProvider'])\n"
+        "x = np.ones((1, 64), np.float32)\n"
+        "y = x @ w; ref = np.exp(y - y.max()); ref /= ref.sum()\n"
+        "assert np.allclose(s.run(None, {'x': x})[0], ref, atol=1e-5)\n"
+        "p = pulp.LpProblem('t', pulp.LpMinimize); v = pulp.LpVariable('v', 0, 10, cat='Integer')\n"
+        "p += v; p += v >= 3.5; p.solve(pulp.PULP_CBC_CMD(msg=False)); assert pulp.value(v) == 4\n"
+        "k = ChaCha20Poly1305(os.urandom(32)); n = os.urandom(12)\n"
+        "assert k.decrypt(n, k.encrypt(n, b'hidden state', b''), b'') == b'hidden state'\n"
+        "assert msgpack.unpackb(msgpack.packb({'a': b'x' * 100})) == {'a': b'x' * 100}\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", MDWE_LAUNCHER, sys.executable, str(probe)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr

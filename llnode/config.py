@@ -298,8 +298,9 @@ def primary_ipv4() -> str:
             s.connect(("192.0.2.1", 9))
             addr: str = s.getsockname()[0]
             return addr
-    except OSError:
-        return "127.0.0.1"
+    except OSError:  # no route out (an isolated LAN, a namespace): take the first real interface
+        others = ipv4_interfaces()
+        return others[0] if others else "127.0.0.1"
 
 
 def ipv4_interfaces(include_loopback: bool = False) -> list[str]:

@@ -47,13 +47,26 @@ def _example(adapter: Adapter) -> dict[str, torch.Tensor]:
     }
 
 
-def _export(module: nn.Module, args: tuple[Any, ...], path: Path, inputs: list[str], outputs: list[str],
-            axes: dict[str, dict[int, str]]) -> None:
+def _export(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    path: Path,
+    inputs: list[str],
+    outputs: list[str],
+    axes: dict[str, dict[int, str]],
+) -> None:
     module.eval()
     with _quiet(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
         torch.onnx.export(
-            module, args, str(path), input_names=inputs, output_names=outputs, dynamic_axes=axes,
-            opset_version=OPSET, dynamo=False, do_constant_folding=True,
+            module,
+            args,
+            str(path),
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=axes,
+            opset_version=OPSET,
+            dynamo=False,
+            do_constant_folding=True,
         )
 
 
@@ -69,8 +82,11 @@ def module_file(index: int, kind: str, layer: int | None) -> str:
 def export_embed(adapter: Adapter, path: Path, module: nn.Module | None = None) -> None:
     ex = _example(adapter)
     _export(
-        module or adapter.embed(), (ex[names.INPUT_IDS], ex[names.POSITION_IDS]), path,
-        [names.INPUT_IDS, names.POSITION_IDS], [names.hidden(1)],
+        module or adapter.embed(),
+        (ex[names.INPUT_IDS], ex[names.POSITION_IDS]),
+        path,
+        [names.INPUT_IDS, names.POSITION_IDS],
+        [names.hidden(1)],
         {names.INPUT_IDS: _BT, names.POSITION_IDS: _BT, names.hidden(1): _BT},
     )
 
@@ -78,28 +94,53 @@ def export_embed(adapter: Adapter, path: Path, module: nn.Module | None = None) 
 def export_layer(adapter: Adapter, layer: int, path: Path) -> None:
     ex = _example(adapter)
     m = layer + 1
-    ins = [names.hidden(m), names.POSITION_IDS, names.ATTENTION_MASK, names.past_key(layer),
-           names.past_value(layer), names.PAST_POSITIONS]
+    ins = [
+        names.hidden(m),
+        names.POSITION_IDS,
+        names.ATTENTION_MASK,
+        names.past_key(layer),
+        names.past_value(layer),
+        names.PAST_POSITIONS,
+    ]
     outs = [names.hidden(m + 1), names.key(layer), names.value(layer)]
     axes = {
-        names.hidden(m): _BT, names.POSITION_IDS: _BT, names.ATTENTION_MASK: {0: "batch", 1: "past_and_new"},
-        names.past_key(layer): _KV_PAST, names.past_value(layer): _KV_PAST,
+        names.hidden(m): _BT,
+        names.POSITION_IDS: _BT,
+        names.ATTENTION_MASK: {0: "batch", 1: "past_and_new"},
+        names.past_key(layer): _KV_PAST,
+        names.past_value(layer): _KV_PAST,
         names.PAST_POSITIONS: {0: "batch", 1: "past"},
-        names.hidden(m + 1): _BT, names.key(layer): _KV_NEW, names.value(layer): _KV_NEW,
+        names.hidden(m + 1): _BT,
+        names.key(layer): _KV_NEW,
+        names.value(layer): _KV_NEW,
     }
-    args = (ex["hidden"], ex[names.POSITION_IDS], ex[names.ATTENTION_MASK], ex["past"], ex["past"].clone(),
-            ex[names.PAST_POSITIONS])
+    args = (
+        ex["hidden"],
+        ex[names.POSITION_IDS],
+        ex[names.ATTENTION_MASK],
+        ex["past"],
+        ex["past"].clone(),
+        ex[names.PAST_POSITIONS],
+    )
     _export(adapter.layer(layer), args, path, ins, outs, axes)
 
 
 def export_head(adapter: Adapter, path: Path) -> None:
     ex = _example(adapter)
     m = adapter.info.num_layers + 1
-    _export(adapter.head(), (ex["hidden"],), path, [names.hidden(m)], [names.LOGITS],
-            {names.hidden(m): _BT, names.LOGITS: _BT})
+    _export(
+        adapter.head(),
+        (ex["hidden"],),
+        path,
+        [names.hidden(m)],
+        [names.LOGITS],
+        {names.hidden(m): _BT, names.LOGITS: _BT},
+    )
 
 
-def export_modules(model: nn.Module, out_dir: Path, progress: bool = True) -> list[tuple[str, int | None, Path]]:
+def export_modules(
+    model: nn.Module, out_dir: Path, progress: bool = True
+) -> list[tuple[str, int | None, Path]]:
     """Write every module of ``model`` into ``out_dir``; returns ``(kind, layer, path)`` in pipeline order."""
     adapter = adapter_for(model)
     model.eval()
@@ -129,8 +170,14 @@ class WholeModel(nn.Module):
         self.layers = nn.ModuleList([adapter.layer(i) for i in range(adapter.info.num_layers)])
         self.head = adapter.head()
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-                past_positions: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        past_positions: torch.Tensor,
+        *past: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
         h = self.embed(input_ids, position_ids)
         new: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
@@ -147,16 +194,30 @@ def export_whole(model: nn.Module, path: Path) -> None:
     ins = [names.INPUT_IDS, names.POSITION_IDS, names.ATTENTION_MASK, names.PAST_POSITIONS]
     outs = [names.LOGITS]
     axes: dict[str, dict[int, str]] = {
-        names.INPUT_IDS: _BT, names.POSITION_IDS: _BT, names.ATTENTION_MASK: {0: "batch", 1: "past_and_new"},
-        names.PAST_POSITIONS: {0: "batch", 1: "past"}, names.LOGITS: _BT,
+        names.INPUT_IDS: _BT,
+        names.POSITION_IDS: _BT,
+        names.ATTENTION_MASK: {0: "batch", 1: "past_and_new"},
+        names.PAST_POSITIONS: {0: "batch", 1: "past"},
+        names.LOGITS: _BT,
     }
     past: list[torch.Tensor] = []
     for i in range(n):
         ins += [names.past_key(i), names.past_value(i)]
         outs += [names.key(i), names.value(i)]
-        axes.update({names.past_key(i): _KV_PAST, names.past_value(i): _KV_PAST,
-                     names.key(i): _KV_NEW, names.value(i): _KV_NEW})
+        axes.update(
+            {
+                names.past_key(i): _KV_PAST,
+                names.past_value(i): _KV_PAST,
+                names.key(i): _KV_NEW,
+                names.value(i): _KV_NEW,
+            }
+        )
         past += [ex["past"].clone(), ex["past"].clone()]
-    args = (ex[names.INPUT_IDS], ex[names.POSITION_IDS], ex[names.ATTENTION_MASK], ex[names.PAST_POSITIONS],
-            *past)
+    args = (
+        ex[names.INPUT_IDS],
+        ex[names.POSITION_IDS],
+        ex[names.ATTENTION_MASK],
+        ex[names.PAST_POSITIONS],
+        *past,
+    )
     _export(WholeModel(adapter), args, path, ins, outs, axes)

@@ -91,8 +91,14 @@ class ModuleRunner:
     module. The batch size of a session is fixed by its first step.
     """
 
-    def __init__(self, shard_dir: Path | str, manifest: Manifest | None = None, start: int = 0,
-                 end: int | None = None, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        shard_dir: Path | str,
+        manifest: Manifest | None = None,
+        start: int = 0,
+        end: int | None = None,
+        threads: int | None = None,
+    ) -> None:
         self.shard_dir = Path(shard_dir)
         self.manifest = manifest if manifest is not None else load_manifest(self.shard_dir)
         n = self.manifest.num_modules
@@ -100,13 +106,15 @@ class ModuleRunner:
         if not 0 <= self.start < self.end <= n:
             raise RunnerError(f"module range [{start}, {end}) is not inside [0, {n})")
         so = _session_options(threads)
-        self._modules = self.manifest.modules[self.start:self.end]
+        self._modules = self.manifest.modules[self.start : self.end]
         self._sessions: list[ort.InferenceSession] = []
         self._input_names: list[set[str]] = []
         for info in self._modules:
             path = self.shard_dir / info.file
             if not path.is_file():
-                raise ManifestError(f"module file {path} is missing (re-run 'llnode prepare' or copy the shard)")
+                raise ManifestError(
+                    f"module file {path} is missing (re-run 'llnode prepare' or copy the shard)"
+                )
             sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
             self._sessions.append(sess)
             self._input_names.append({i.name for i in sess.get_inputs()})
@@ -168,26 +176,29 @@ class ModuleRunner:
         mask = np.zeros((b, cap), np.int64)
         pos = np.zeros((b, cap), np.int64)
         if st.length:
-            mask[:, :st.length] = st.mask[:, :st.length]
-            pos[:, :st.length] = st.positions[:, :st.length]
+            mask[:, : st.length] = st.mask[:, : st.length]
+            pos[:, : st.length] = st.positions[:, : st.length]
         st.mask, st.positions = mask, pos
         for layer in self._layers:
             for store in (st.keys, st.values):
                 buf = np.zeros((b, kvh, cap, hd), np.float32)
                 old = store.get(layer)
                 if old is not None:
-                    buf[:, :, :st.length] = old[:, :, :st.length]
+                    buf[:, :, : st.length] = old[:, :, : st.length]
                 store[layer] = buf
         st.capacity = cap
 
     # -- the step ------------------------------------------------------------------------------------
 
-    def step(self, session_id: str, x: np.ndarray, positions: np.ndarray,
-             attention_mask: np.ndarray | None = None) -> np.ndarray:
+    def step(
+        self, session_id: str, x: np.ndarray, positions: np.ndarray, attention_mask: np.ndarray | None = None
+    ) -> np.ndarray:
         x = np.asarray(x)
         if self.is_first:
             if x.ndim != 2 or not np.issubdtype(x.dtype, np.integer):
-                raise RunnerError(f"the first module takes int token ids [batch, tokens], got {x.dtype}{x.shape}")
+                raise RunnerError(
+                    f"the first module takes int token ids [batch, tokens], got {x.dtype}{x.shape}"
+                )
             x = x.astype(np.int64, copy=False)
         else:
             if x.ndim != 3 or x.shape[2] != self.manifest.hidden_size:
@@ -202,12 +213,17 @@ class ModuleRunner:
         pos = np.ascontiguousarray(positions, dtype=np.int64)
         if pos.shape != (b, t):
             raise RunnerError(f"positions must have shape {(b, t)}, got {pos.shape}")
-        new_mask = (np.ones((b, t), np.int64) if attention_mask is None
-                    else np.asarray(attention_mask).astype(np.int64))
+        new_mask = (
+            np.ones((b, t), np.int64)
+            if attention_mask is None
+            else np.asarray(attention_mask).astype(np.int64)
+        )
         if new_mask.shape != (b, t):
             raise RunnerError(f"attention_mask must have shape {(b, t)}, got {new_mask.shape}")
         if self.manifest.max_context and int(pos.max()) >= self.manifest.max_context:
-            raise RunnerError(f"position {int(pos.max())} exceeds the model's context {self.manifest.max_context}")
+            raise RunnerError(
+                f"position {int(pos.max())} exceeds the model's context {self.manifest.max_context}"
+            )
 
         st = self._state(session_id, b)
         with st.lock:
@@ -232,11 +248,11 @@ class ModuleRunner:
                 h = outs[0]
                 if info.kind == "layer":
                     assert info.layer is not None
-                    st.keys[info.layer][:, :, st.length:st.length + t] = outs[1]
-                    st.values[info.layer][:, :, st.length:st.length + t] = outs[2]
+                    st.keys[info.layer][:, :, st.length : st.length + t] = outs[1]
+                    st.values[info.layer][:, :, st.length : st.length + t] = outs[2]
             if self._layers:
-                st.mask[:, st.length:st.length + t] = new_mask
-                st.positions[:, st.length:st.length + t] = pos
+                st.mask[:, st.length : st.length + t] = new_mask
+                st.positions[:, st.length : st.length + t] = pos
             st.length += t
         return np.asarray(h)
 
@@ -259,8 +275,8 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarra
     mask = np.zeros((len(sequences), width), np.int64)
     for i, s in enumerate(sequences):
         if s:
-            ids[i, width - len(s):] = s
-            mask[i, width - len(s):] = 1
+            ids[i, width - len(s) :] = s
+            mask[i, width - len(s) :] = 1
     return ids, mask
 
 
@@ -271,12 +287,22 @@ class ChainRunner:
         self.runner = ModuleRunner(shard_dir, threads=threads)
         self.manifest = self.runner.manifest
 
-    def logits(self, session_id: str, ids: np.ndarray, positions: np.ndarray,
-               attention_mask: np.ndarray | None = None) -> np.ndarray:
+    def logits(
+        self,
+        session_id: str,
+        ids: np.ndarray,
+        positions: np.ndarray,
+        attention_mask: np.ndarray | None = None,
+    ) -> np.ndarray:
         return self.runner.step(session_id, ids, positions, attention_mask)
 
-    def generate(self, prompt: Sequence[int], max_new_tokens: int, session_id: str = "generate",
-                 stop: Sequence[int] = ()) -> list[int]:
+    def generate(
+        self,
+        prompt: Sequence[int],
+        max_new_tokens: int,
+        session_id: str = "generate",
+        stop: Sequence[int] = (),
+    ) -> list[int]:
         """Greedy decoding of one prompt; frees the session afterwards."""
         if not prompt:
             raise RunnerError("the prompt is empty")

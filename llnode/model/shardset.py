@@ -18,9 +18,13 @@ from tqdm import tqdm
 from llnode.model.arch import ArchInfo
 from llnode.model.manifest import DTYPE_BYTES, Boundary, FlopsModel, Manifest, ModuleInfo, TensorSpec
 
-_ONNX_DTYPES = {
-    onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.INT64: "int64",
-    onnx.TensorProto.INT32: "int32", onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8",
+_ONNX_DTYPES: dict[int, str] = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.INT8: "int8",
+    onnx.TensorProto.UINT8: "uint8",
     onnx.TensorProto.BOOL: "bool",
 }
 PER_TOKEN_DIMS = {"batch", "new_tokens"}
@@ -29,8 +33,16 @@ PER_TOKEN_DIMS = {"batch", "new_tokens"}
 def sha256_file(path: Path, progress: bool = False) -> str:
     h = hashlib.sha256()
     size = path.stat().st_size
-    with path.open("rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=f"sha256 {path.name}",
-                                    disable=not progress or size < 50_000_000) as bar:
+    with (
+        path.open("rb") as f,
+        tqdm(
+            total=size,
+            unit="B",
+            unit_scale=True,
+            desc=f"sha256 {path.name}",
+            disable=not progress or size < 50_000_000,
+        ) as bar,
+    ):
         while chunk := f.read(1 << 22):
             h.update(chunk)
             bar.update(len(chunk))
@@ -40,7 +52,8 @@ def sha256_file(path: Path, progress: bool = False) -> str:
 def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
     tt = value.type.tensor_type
     shape: list[int | str] = [d.dim_param if d.dim_param else int(d.dim_value) for d in tt.shape.dim]
-    return TensorSpec(name=value.name, dtype=_ONNX_DTYPES.get(tt.elem_type, str(tt.elem_type)), shape=shape)
+    dtype = _ONNX_DTYPES.get(int(tt.elem_type), str(tt.elem_type))
+    return TensorSpec(name=value.name, dtype=dtype, shape=shape)
 
 
 def graph_io(model: onnx.ModelProto) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -66,7 +79,9 @@ def derive_boundaries(io: list[tuple[list[TensorSpec], list[TensorSpec]]]) -> li
         crossing = [t for t in io[i][1] if t.name in next_inputs]
         if not crossing:
             raise ValueError(f"no tensor flows from module {i} to module {i + 1}: the graphs do not chain")
-        out.append(Boundary(after=i, tensors=crossing, bytes_per_token=sum(bytes_per_token(t) for t in crossing)))
+        out.append(
+            Boundary(after=i, tensors=crossing, bytes_per_token=sum(bytes_per_token(t) for t in crossing))
+        )
     return out
 
 
@@ -94,25 +109,45 @@ def _matmul_flops(model: onnx.ModelProto) -> float:
     return flops
 
 
-def module_info(index: int, kind: str, layer: int | None, path: Path, arch: ArchInfo,
-                progress: bool = False) -> tuple[ModuleInfo, tuple[list[TensorSpec], list[TensorSpec]]]:
+def module_info(
+    index: int, kind: str, layer: int | None, path: Path, arch: ArchInfo, progress: bool = False
+) -> tuple[ModuleInfo, tuple[list[TensorSpec], list[TensorSpec]]]:
     model = onnx.load(str(path))
     inputs, outputs = graph_io(model)
     per_context = 4.0 * arch.num_heads * arch.head_dim if kind == "layer" else 0.0
     base = _matmul_flops(model) + (0.0 if kind == "embed" else 10.0 * arch.hidden_size)  # + norms, adds
     kv = 2 * arch.num_kv_heads * arch.head_dim * 4 if kind == "layer" else 0
     info = ModuleInfo(
-        index=index, name=path.stem, kind=kind, file=path.name, sha256=sha256_file(path, progress),
-        size_bytes=path.stat().st_size, param_bytes=_initializer_bytes(model),
-        flops=FlopsModel(base=base, per_context=per_context), kv_bytes_per_token=kv,
-        inputs=inputs, outputs=outputs, layer=layer,
+        index=index,
+        name=path.stem,
+        kind=kind,
+        file=path.name,
+        sha256=sha256_file(path, progress),
+        size_bytes=path.stat().st_size,
+        param_bytes=_initializer_bytes(model),
+        flops=FlopsModel(base=base, per_context=per_context),
+        kv_bytes_per_token=kv,
+        inputs=inputs,
+        outputs=outputs,
+        layer=layer,
     )
     return info, (inputs, outputs)
 
 
-def build_manifest(*, name: str, arch: ArchInfo, precision: str, plan: list[tuple[str, int | None, Path]],
-                   bos: int | None, eos: list[int], pad: int | None, chat_template: str | None,
-                   special_tokens: dict[str, int], source: dict[str, Any], progress: bool = True) -> Manifest:
+def build_manifest(
+    *,
+    name: str,
+    arch: ArchInfo,
+    precision: str,
+    plan: list[tuple[str, int | None, Path]],
+    bos: int | None,
+    eos: list[int],
+    pad: int | None,
+    chat_template: str | None,
+    special_tokens: dict[str, int],
+    source: dict[str, Any],
+    progress: bool = True,
+) -> Manifest:
     modules: list[ModuleInfo] = []
     io: list[tuple[list[TensorSpec], list[TensorSpec]]] = []
     for i, (kind, layer, path) in enumerate(tqdm(plan, desc="describe modules", disable=not progress)):
@@ -120,11 +155,23 @@ def build_manifest(*, name: str, arch: ArchInfo, precision: str, plan: list[tupl
         modules.append(info)
         io.append(gio)
     manifest = Manifest(
-        name=name, architecture=arch.family, precision=precision, hidden_size=arch.hidden_size,
-        num_layers=arch.num_layers, num_heads=arch.num_heads, num_kv_heads=arch.num_kv_heads,
-        head_dim=arch.head_dim, vocab_size=arch.vocab_size, max_context=arch.max_context,
-        bos_token_id=bos, eos_token_ids=eos, pad_token_id=pad, modules=modules,
-        boundaries=derive_boundaries(io), chat_template=chat_template, special_tokens=special_tokens,
+        name=name,
+        architecture=arch.family,
+        precision=precision,
+        hidden_size=arch.hidden_size,
+        num_layers=arch.num_layers,
+        num_heads=arch.num_heads,
+        num_kv_heads=arch.num_kv_heads,
+        head_dim=arch.head_dim,
+        vocab_size=arch.vocab_size,
+        max_context=arch.max_context,
+        bos_token_id=bos,
+        eos_token_ids=eos,
+        pad_token_id=pad,
+        modules=modules,
+        boundaries=derive_boundaries(io),
+        chat_template=chat_template,
+        special_tokens=special_tokens,
         source=source,
     )
     manifest.check()
@@ -143,5 +190,3 @@ def verify_files(manifest: Manifest, shard_dir: Path, progress: bool = False) ->
         elif sha256_file(path, progress) != m.sha256:
             problems.append(f"{m.file}: sha256 does not match the manifest (corrupted or replaced)")
     return problems
-
-

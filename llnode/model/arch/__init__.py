@@ -38,7 +38,9 @@ def adapter_for(model: Any) -> Adapter:
 
         cfg = model.config
         if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
-            raise UnsupportedArchitecture("sliding-window attention is not supported; disable it in the config")
+            raise UnsupportedArchitecture(
+                "sliding-window attention is not supported; disable it in the config"
+            )
         return LlamaAdapter(model)
     if family == "gpt2":
         from llnode.model.arch.gpt2 import Gpt2Adapter

@@ -8,6 +8,7 @@ kept by the runner next to the K/V; they never cross a device boundary.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,18 +29,21 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 
 
 class BloomEmbed(nn.Module):
-    def __init__(self, word_embeddings: nn.Module, layernorm: nn.Module) -> None:
+    def __init__(self, word_embeddings: Any, layernorm: Any) -> None:
         super().__init__()
-        self.word_embeddings, self.layernorm = word_embeddings, layernorm
+        self.word_embeddings: Any = word_embeddings
+        self.layernorm: Any = layernorm
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         return self.layernorm(self.word_embeddings(input_ids))
 
 
 class BloomLayer(nn.Module):
-    def __init__(self, block: nn.Module, info: ArchInfo) -> None:
+    slopes: torch.Tensor
+
+    def __init__(self, block: Any, info: ArchInfo) -> None:
         super().__init__()
-        self.block = block
+        self.block: Any = block
         self.heads, self.head_dim = info.num_heads, info.head_dim
         self.register_buffer("slopes", alibi_slopes(info.num_heads).reshape(1, info.num_heads, 1, 1, 1))
         self.post_ln_residual = bool(getattr(block, "apply_residual_connection_post_layernorm", False))
@@ -64,8 +68,15 @@ class BloomLayer(nn.Module):
         key_pos = torch.cat([past_positions, position_ids], dim=1).float()  # [B, P+T]
         bias = self.slopes * key_pos.reshape(b, 1, 1, 1, -1)  # [B, H, 1, 1, P+T] (KV heads == heads)
         out = split_attention(
-            q, k, v, past_key, past_value, attention_mask, position_ids,
-            float(blk.self_attention.inv_norm_factor), bias=bias.reshape(b, self.heads, 1, 1, -1),
+            q,
+            k,
+            v,
+            past_key,
+            past_value,
+            attention_mask,
+            position_ids,
+            float(blk.self_attention.inv_norm_factor),
+            bias=bias.reshape(b, self.heads, 1, 1, -1),
         )
         attn_out = blk.self_attention.dense(out) + residual
         x = blk.post_attention_layernorm(attn_out)
@@ -75,18 +86,19 @@ class BloomLayer(nn.Module):
 
 
 class BloomHead(nn.Module):
-    def __init__(self, ln_f: nn.Module, lm_head: nn.Module) -> None:
+    def __init__(self, ln_f: Any, lm_head: Any) -> None:
         super().__init__()
-        self.ln_f, self.lm_head = ln_f, lm_head
+        self.ln_f: Any = ln_f
+        self.lm_head: Any = lm_head
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.ln_f(hidden))
 
 
 class BloomAdapter(Adapter):
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: Any) -> None:
         cfg = model.config
-        self.model = model
+        self.model: Any = model
         self.info = ArchInfo(
             family="bloom",
             hidden_size=cfg.hidden_size,

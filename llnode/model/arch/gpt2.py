@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -10,18 +12,19 @@ from llnode.model.arch.common import split_attention
 
 
 class Gpt2Embed(nn.Module):
-    def __init__(self, wte: nn.Module, wpe: nn.Module) -> None:
+    def __init__(self, wte: Any, wpe: Any) -> None:
         super().__init__()
-        self.wte, self.wpe = wte, wpe
+        self.wte: Any = wte
+        self.wpe: Any = wpe
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         return self.wte(input_ids) + self.wpe(position_ids)
 
 
 class Gpt2Layer(nn.Module):
-    def __init__(self, block: nn.Module, info: ArchInfo, layer_index: int) -> None:
+    def __init__(self, block: Any, info: ArchInfo, layer_index: int) -> None:
         super().__init__()
-        self.block = block
+        self.block: Any = block
         self.heads, self.head_dim, self.hidden = info.num_heads, info.head_dim, info.hidden_size
         attn = block.attn
         scale = 1.0
@@ -54,18 +57,19 @@ class Gpt2Layer(nn.Module):
 
 
 class Gpt2Head(nn.Module):
-    def __init__(self, ln_f: nn.Module, lm_head: nn.Module) -> None:
+    def __init__(self, ln_f: Any, lm_head: Any) -> None:
         super().__init__()
-        self.ln_f, self.lm_head = ln_f, lm_head
+        self.ln_f: Any = ln_f
+        self.lm_head: Any = lm_head
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.ln_f(hidden))
 
 
 class Gpt2Adapter(Adapter):
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: Any) -> None:
         cfg = model.config
-        self.model = model
+        self.model: Any = model
         self.info = ArchInfo(
             family="gpt2",
             hidden_size=cfg.n_embd,

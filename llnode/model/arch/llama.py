@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -15,9 +17,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class LlamaEmbed(nn.Module):
-    def __init__(self, embed_tokens: nn.Module) -> None:
+    def __init__(self, embed_tokens: Any) -> None:
         super().__init__()
-        self.embed_tokens = embed_tokens
+        self.embed_tokens: Any = embed_tokens
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
@@ -26,9 +28,11 @@ class LlamaEmbed(nn.Module):
 class LlamaLayer(nn.Module):
     """One decoder layer; rotary cos/sin are recomputed from the positions it is given."""
 
-    def __init__(self, layer: nn.Module, inv_freq: torch.Tensor, rope_scaling: float, info: ArchInfo) -> None:
+    inv_freq: torch.Tensor
+
+    def __init__(self, layer: Any, inv_freq: torch.Tensor, rope_scaling: float, info: ArchInfo) -> None:
         super().__init__()
-        self.layer = layer
+        self.layer: Any = layer
         self.register_buffer("inv_freq", inv_freq.detach().clone().float(), persistent=False)
         self.rope_scaling = float(rope_scaling)
         self.heads, self.kv_heads, self.head_dim = info.num_heads, info.num_kv_heads, info.head_dim
@@ -54,27 +58,30 @@ class LlamaLayer(nn.Module):
         sin = (emb.sin() * self.rope_scaling).unsqueeze(1)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        out = split_attention(q, k, v, past_key, past_value, attention_mask, position_ids, float(attn.scaling))
+        out = split_attention(
+            q, k, v, past_key, past_value, attention_mask, position_ids, float(attn.scaling)
+        )
         hidden = hidden + attn.o_proj(out)
         hidden = hidden + self.layer.mlp(self.layer.post_attention_layernorm(hidden))
         return hidden, k, v
 
 
 class LlamaHead(nn.Module):
-    def __init__(self, norm: nn.Module, lm_head: nn.Module) -> None:
+    def __init__(self, norm: Any, lm_head: Any) -> None:
         super().__init__()
-        self.norm, self.lm_head = norm, lm_head
+        self.norm: Any = norm
+        self.lm_head: Any = lm_head
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden))
 
 
 class LlamaAdapter(Adapter):
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: Any) -> None:
         cfg = model.config
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        self.model = model
+        self.model: Any = model
         self.info = ArchInfo(
             family="llama",
             hidden_size=cfg.hidden_size,
@@ -83,7 +90,8 @@ class LlamaAdapter(Adapter):
             num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
             head_dim=head_dim,
             vocab_size=cfg.vocab_size,
-            max_context=cfg.max_position_embeddings,
+            # Mistral-style sliding windows are not implemented: cap the context to the window instead.
+            max_context=min(cfg.max_position_embeddings, getattr(cfg, "sliding_window", None) or 1 << 62),
             intermediate_size=cfg.intermediate_size,
         )
         rotary = model.model.rotary_emb

@@ -1,0 +1,158 @@
+"""Every supported architecture: tiny random model -> prepare -> ModuleRunner vs transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_ARCHS, prepare_with_cache
+
+from llnode.model.manifest import load_manifest
+from llnode.model.reference import HfReference
+from llnode.model.runner import ChainRunner, ModuleRunner, left_pad, positions_for
+from llnode.model.source import load_hf
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def prepared(
+    tiny_model_dirs: dict[str, Path], tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("arch-shards")
+    return {a: prepare_with_cache(str(tiny_model_dirs[a]), base / a, tiny_cache) for a in TINY_ARCHS}
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_chain_matches_transformers(
+    arch: str, prepared: dict[str, Path], tiny_model_dirs: dict[str, Path]
+) -> None:
+    shard = prepared[arch]
+    manifest = load_manifest(shard)
+    assert manifest.num_modules == 4 and manifest.precision == "fp32"
+    runner = ModuleRunner(shard, threads=1)
+    ref = HfReference(load_hf(tiny_model_dirs[arch]))
+    prompt = [5, 17, 42, 99, 7, 3]
+    ids, pos = np.asarray([prompt]), np.arange(len(prompt))[None]
+    a, b = runner.step("s", ids, pos), ref.step(ids, pos)
+    assert a.shape == (1, len(prompt), manifest.vocab_size)
+    assert np.abs(a - b).max() <= TOL
+    ours, theirs = [], []
+    for i in range(10):
+        ta, tb = int(a[0, -1].argmax()), int(b[0, -1].argmax())
+        ours.append(ta)
+        theirs.append(tb)
+        step = np.asarray([[ta]])
+        p = np.asarray([[len(prompt) + i]])
+        a, b = runner.step("s", step, p), ref.step(step, p)
+        assert np.abs(a - b).max() <= TOL
+    assert ours == theirs
+    assert runner.context_length("s") == len(prompt) + 10
+    # The cache crossed a growth (capacity starts at 32) in a longer run without changing results.
+    assert runner.free("s") and runner.context_length("s") == 0 and not runner.free("s")
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_left_padded_batch(arch: str, prepared: dict[str, Path], tiny_model_dirs: dict[str, Path]) -> None:
+    runner = ModuleRunner(prepared[arch], threads=1)
+    ref = HfReference(load_hf(tiny_model_dirs[arch]))
+    ids, mask = left_pad([[11, 12, 13, 14, 15, 16, 17], [21, 22, 23]], pad_id=0)
+    pos = positions_for(mask)
+    a, b = runner.step("b", ids, pos, mask), ref.step(ids, pos, mask)
+    real = mask.astype(bool)
+    assert np.abs(a - b)[real].max() <= TOL
+    lengths = mask.sum(axis=1)
+    for i in range(6):
+        ta, tb = a[:, -1].argmax(-1), b[:, -1].argmax(-1)
+        assert (ta == tb).all()
+        p = (lengths + i)[:, None]
+        a, b = runner.step("b", ta[:, None], p), ref.step(ta[:, None], p)
+        assert np.abs(a - b).max() <= TOL
+    # Each row of the batch equals the same prompt run alone (padding leaks nothing).
+    solo = ModuleRunner(prepared[arch], threads=1).step("x", np.asarray([[21, 22, 23]]), np.arange(3)[None])
+    fresh = ModuleRunner(prepared[arch], threads=1).step("y", ids, pos, mask)
+    assert np.abs(fresh[1, -1] - solo[0, -1]).max() <= TOL
+
+
+def test_split_ranges_equal_whole_chain(prepared: dict[str, Path]) -> None:
+    """Two stages [0, 2) + [2, 4) passing the hidden state give the same logits as one runner."""
+    shard = prepared["llama"]
+    whole = ModuleRunner(shard, threads=1)
+    s1, s2 = ModuleRunner(shard, start=0, end=2, threads=1), ModuleRunner(shard, start=2, threads=1)
+    assert s1.is_first and not s1.is_last and s2.is_last
+    ids, pos = np.asarray([[4, 8, 15, 16, 23, 42]]), np.arange(6)[None]
+    h = s1.step("s", ids, pos)
+    assert h.shape == (1, 6, whole.manifest.hidden_size) and h.dtype == np.float32
+    assert np.abs(s2.step("s", h, pos) - whole.step("s", ids, pos)).max() <= 1e-5
+    for p in range(6, 10):  # decode
+        tok, where = np.asarray([[p]]), np.asarray([[p]])
+        got = s2.step("s", s1.step("s", tok, where), where)
+        assert np.abs(got - whole.step("s", tok, where)).max() <= 1e-5
+    assert s1.context_length("s") == s2.context_length("s") == 10
+
+
+def test_reprefill_from_token_history(prepared: dict[str, Path]) -> None:
+    """A session rebuilt on a new runner from its token history continues identically."""
+    shard = prepared["gpt2"]
+    chain = ChainRunner(shard, threads=1)
+    tokens = chain.generate([1, 2, 3, 4], 12)
+    fresh = ModuleRunner(shard, threads=1)
+    history = [1, 2, 3, 4, *tokens[:6]]
+    logits = fresh.step("r", np.asarray([history]), np.arange(len(history))[None])
+    assert int(logits[0, -1].argmax()) == tokens[6]
+
+
+def test_long_context_crosses_buffer_growth(
+    prepared: dict[str, Path], tiny_model_dirs: dict[str, Path]
+) -> None:
+    runner = ModuleRunner(prepared["llama"], threads=1)
+    ref = HfReference(load_hf(tiny_model_dirs["llama"]))
+    prompt = np.asarray([[(i * 7) % 300 + 3 for i in range(40)]])
+    a, b = runner.step("g", prompt, np.arange(40)[None]), ref.step(prompt, np.arange(40)[None])
+    for p in range(40, 70):  # capacity 32 -> 64 -> 128
+        t = np.asarray([[int(a[0, -1].argmax())]])
+        a, b = runner.step("g", t, np.asarray([[p]])), ref.step(t, np.asarray([[p]]))
+        assert np.abs(a - b).max() <= TOL
+    assert runner.kv_bytes("g") == 2 * 2 * 1 * 2 * 128 * 16 * 4  # layers*(k,v)*batch*kv_heads*cap*hd*4
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantized_shards(
+    precision: str, tiny_model_dirs: dict[str, Path], tiny_cache: Path, tmp_path: Path
+) -> None:
+    import onnx
+
+    shard = prepare_with_cache(str(tiny_model_dirs["llama"]), tmp_path / precision, tiny_cache, precision)
+    m = load_manifest(shard)
+    assert m.precision == precision
+    ops = {n.op_type for mod in m.modules for n in onnx.load(str(shard / mod.file)).graph.node}
+    assert ("MatMulNBits" if precision == "int4" else "MatMulInteger") in ops
+    embed_inits = onnx.load(str(shard / m.modules[0].file)).graph.initializer
+    assert any(i.data_type == onnx.TensorProto.INT8 for i in embed_inits)  # int8 embedding rows
+    assert m.modules[1].param_bytes < 0.5 * m.modules[1].flops.base * 2  # weights < fp32 bytes
+    logits = ModuleRunner(shard, threads=1).step("q", np.asarray([[3, 4, 5]]), np.arange(3)[None])
+    assert np.isfinite(logits).all()
+
+
+def test_torch_not_needed_to_run(prepared: dict[str, Path]) -> None:
+    """The runner and tokenizer import neither torch nor transformers (phones have neither)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "from llnode.model.runner import ModuleRunner\n"
+        "from llnode.model.tokenizer import load_tokenizer\n"
+        f"r = ModuleRunner({str(prepared['bloom'])!r}, threads=1)\n"
+        f"t = load_tokenizer({str(prepared['bloom'])!r})\n"
+        "ids = t.encode('hello world')\n"
+        "r.step('s', np.asarray([ids]), np.arange(len(ids))[None])\n"
+        "bad = [m for m in ('torch', 'transformers', 'tokenizers') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+_ = torch  # torch must be importable for these tests (the [export] extra)

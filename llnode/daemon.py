@@ -334,7 +334,6 @@ class Node:
         return web.json_response(
             {
                 "id": self.node_id,
-                "name": self.name,
                 "peer_port": self.links.port,
                 "host": self.advertise_host,
                 "cluster_id": self.cluster_id,

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from cluster_util import REPO, wait_until
 
 pytestmark = pytest.mark.netns
@@ -107,8 +106,11 @@ def test_discovery_and_links_across_namespaces(netns_lan: list[str], tmp_path: P
                 procs.append(
                     subprocess.Popen(
                         ["ip", "netns", "exec", ns, sys.executable, "-m", "llnode", "run", *args],
-                        stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                    )  # fmt: skip
+                        stdout=fh,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                        cwd=REPO,
+                    )
                 )
 
         def converged() -> dict[str, Any] | None:

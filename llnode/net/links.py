@@ -316,7 +316,7 @@ class Links:
         except (auth.AuthError, FrameError, TimeoutError, OSError, ValueError) as exc:
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             self.rejected += 1
-            self.last_errors[where] = reason
+            self._note_error(where, reason)
             log.warning("rejected peer link %s %s: %s", "to" if outbound else "from", where, reason)
             writer.close()
             return None
@@ -426,7 +426,7 @@ class Links:
         if self._conns.get(conn.peer_id) is not conn:
             return
         del self._conns[conn.peer_id]
-        self.last_errors[conn.peer_id] = reason
+        self._note_error(conn.peer_id, reason)
         log.info("link down: %s (%s)", conn.peer_id, reason)
         for rid, (pid, fut) in list(self._pending.items()):
             if pid == conn.peer_id and not fut.done():
@@ -494,6 +494,13 @@ class Links:
             conn.write(pack_body(msg_type, kind, rid, payload))
         except FrameError as exc:
             conn.write(pack_body(msg_type, ERROR, rid, f"reply not encodable: {exc}"))
+
+    def _note_error(self, where: str, reason: str) -> None:
+        """Remember recent failures for status pages, bounded: a flood of bad connections must not grow it."""
+        self.last_errors.pop(where, None)
+        self.last_errors[where] = reason
+        while len(self.last_errors) > 256:
+            del self.last_errors[next(iter(self.last_errors))]
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)

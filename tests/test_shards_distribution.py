@@ -304,6 +304,7 @@ def test_server_rejects_traversal_and_bad_ranges(source: tuple[ShardStore, Manif
     with pytest.raises(ShardServeError):
         server.read_chunk(MODEL, file, -1, 10)
     assert server.read_chunk(MODEL, file, 10, 20) == store.path(MODEL, file).read_bytes()[10:30]
+    assert server.warm(MODEL) == len(SIZES) + 3  # every module, manifest, tokenizer and template
     index = server.file_index(MODEL, file)
     assert index["sha256"] == manifest.modules[0].sha256 and index["size"] == SIZES[0]
     assert len(index["chunk_sha256"]) == -(-SIZES[0] // CHUNK)

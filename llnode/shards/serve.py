@@ -122,6 +122,21 @@ class ShardServer:
             self.bytes_served += len(data)
         return data
 
+    def warm(self, model: str) -> int:
+        """Compute the chunk index of every file this node can serve for ``model``; returns how many.
+
+        The first index request for a big file hashes all of it; doing that once at start-up (in the
+        background) keeps a peer's first fetch from waiting on it.
+        """
+        count = 0
+        for file in self.store.known_files(model):
+            try:
+                self.file_index(model, file)
+                count += 1
+            except ShardServeError:
+                continue
+        return count
+
     async def index_async(self, model: str, file: str, chunk_size: int | None = None) -> dict[str, Any]:
         return await asyncio.to_thread(self.file_index, model, file, chunk_size)
 

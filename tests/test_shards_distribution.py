@@ -710,3 +710,34 @@ async def test_resume_after_kill_9(
     await ShardFetcher(restarted, cluster.transport).ensure(MODEL, (0, 1), ["a"])
     assert server.served[big.file] - before == big.size_bytes - verified_bytes
     assert restarted.verified_modules(MODEL) == [0]
+
+
+async def test_resume_from_a_peer_with_another_chunk_size(
+    source: tuple[ShardStore, Manifest], cluster: Cluster, tmp_path: Path
+) -> None:
+    """Chunks verified under one peer's chunking are reused under another's (re-checked locally)."""
+    store, manifest = source
+    big = manifest.modules[0]  # 300_001 bytes: 5 chunks of 64 KiB, 3 of 128 KiB
+    await cluster.add("small", CountingServer(store))
+    coarse = CountingServer(_copy_store(store, tmp_path / "peer-coarse"))
+    coarse.chunk_size = 2 * CHUNK
+    await cluster.add("coarse", coarse)
+    local = ShardStore(tmp_path / "node-b")
+    await ShardFetcher(local, cluster.transport).ensure(MODEL, (1, 1), ["small"])
+    task: asyncio.Task[list[str]] | None = None
+
+    def stop(model: str, file: str, done: int, total: int) -> None:
+        if file == big.file and done >= 3 * CHUNK and task is not None:
+            task.cancel()
+
+    task = asyncio.create_task(ShardFetcher(local, cluster.transport, window=1, on_progress=stop)
+                               .ensure(MODEL, (0, 1), ["small"]))
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    path = local.path(MODEL, big.file)
+    done_small = set(json.loads(sidecar_path(path).read_text())["done"])
+    assert done_small == {0, 1, 2}
+    await ShardFetcher(local, cluster.transport).ensure(MODEL, (0, 1), ["coarse"])
+    # 128 KiB chunk 0 = small chunks {0, 1}: kept; chunk 1 = {2, 3}: only half verified, refetched.
+    assert coarse.served[big.file] == big.size_bytes - 2 * CHUNK
+    assert local.verified_modules(MODEL) == [0]

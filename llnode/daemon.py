@@ -105,7 +105,7 @@ class Node:
         self.status_providers: dict[str, StatusProvider] = {}
         self.public_paths: set[str] = {"/health", "/api/peer-info"}
         self.app = web.Application(middlewares=[self._auth_middleware], client_max_size=4 << 20)
-        self.app["node"] = self
+        self.app[NODE_KEY] = self
         self.app.router.add_get("/health", self._health)
         self.app.router.add_get("/api/status", self._status)
         self.app.router.add_get("/api/peer-info", self._peer_info)
@@ -366,6 +366,10 @@ class Node:
 
     async def _status(self, request: web.Request) -> web.Response:
         return web.json_response(await self.status(), dumps=_dumps)
+
+
+# ``request.app[NODE_KEY]`` gives handlers their Node.
+NODE_KEY = web.AppKey("llnode.node", Node)
 
 
 def _dumps(obj: Any) -> str:

@@ -65,7 +65,7 @@ tensor_like = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(tensor_like)
 def test_tensor_decoder_checks_everything(obj: dict) -> None:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

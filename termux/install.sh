@@ -6,8 +6,9 @@
 # What it does (safe to run again: every step checks what is already there):
 #  1. Termux packages for everything pip cannot build on Android: numpy, onnxruntime (no Android wheel
 #     on PyPI) and cryptography (Rust) come from `pkg`.
-#  2. The pure-Python dependencies from PyPI, with their optional C extensions switched off so no
-#     compiler is needed (zeroconf: SKIP_CYTHON=1; msgpack, aiohttp and aiohttp's helpers likewise).
+#  2. The other dependencies from PyPI, with their optional C extensions switched off so they build as
+#     pure Python (zeroconf: SKIP_CYTHON=1; msgpack, aiohttp and aiohttp's helpers likewise); only
+#     `regex` is compiled (with Termux's clang).
 #     uvloop is not installed: it does not build on Termux and the daemon runs without it.
 #  3. llnode itself with `pip install --no-deps`, so pip never tries to build numpy or onnxruntime.
 #  4. An import check; if Termux's onnxruntime does not import, it points to `--proot` (a Debian
@@ -27,12 +28,14 @@
 set -euo pipefail
 
 # ---- what gets installed (tests/test_deploy_termux.py checks these against what the daemon imports) ----
-# Termux packages. python-pip is separate from python in Termux.
-PKG_PACKAGES=(python python-pip python-numpy python-onnxruntime python-cryptography termux-services)
+# Termux packages. python-pip is separate from python in Termux. clang compiles `regex` (the
+# tokenizer's Unicode character classes; it has no pure-Python form), the one C extension built here.
+PKG_PACKAGES=(python python-pip python-numpy python-onnxruntime python-cryptography clang termux-services)
 # PyPI packages, installed with their own (pure-Python) dependencies. Versions as in pyproject.toml;
 # pulp stays below 4 because pulp 4 no longer bundles the CBC solver (and Termux's Python is >= 3.12,
 # where pip would otherwise pick pulp 4).
-PIP_PACKAGES=("zeroconf>=0.130" "msgpack>=1.0" "pulp>=2.8,<4" "aiohttp>=3.9" "jinja2>=3.1" "tqdm>=4.60")
+PIP_PACKAGES=("zeroconf>=0.130" "msgpack>=1.0" "pulp>=2.8,<4" "aiohttp>=3.9" "jinja2>=3.1" "tqdm>=4.60"
+    "regex>=2023.0")
 # Build these from source as pure Python: no compiler on a stock Termux.
 PURE_PYTHON_ENV=(SKIP_CYTHON=1 MSGPACK_PUREPYTHON=1 AIOHTTP_NO_EXTENSIONS=1 MULTIDICT_NO_EXTENSIONS=1
     YARL_NO_EXTENSIONS=1 FROZENLIST_NO_EXTENSIONS=1 PROPCACHE_NO_EXTENSIONS=1)
@@ -99,7 +102,7 @@ install_native() {
     say "Termux packages: ${PKG_PACKAGES[*]}"
     pkg install -y "${PKG_PACKAGES[@]}"
 
-    say "Python packages from PyPI (pure Python): ${PIP_PACKAGES[*]}"
+    say "Python packages from PyPI: ${PIP_PACKAGES[*]}"
     # Never `pip install --upgrade pip` on Termux: pip belongs to the python-pip package.
     env "${PURE_PYTHON_ENV[@]}" python -m pip install "${PIP_PACKAGES[@]}"
 
@@ -115,7 +118,7 @@ Use the Debian fallback instead (about 500 MB):  bash $SRC_DIR/termux/install.sh
 EOF
         exit 1
     fi
-    python -c 'import numpy, onnxruntime, cryptography, zeroconf, msgpack, pulp, aiohttp, jinja2, tqdm, llnode.daemon'
+    python -c 'import numpy, onnxruntime, cryptography, zeroconf, msgpack, pulp, aiohttp, jinja2, tqdm, regex, llnode.daemon'
     llnode --version
 }
 

@@ -35,7 +35,7 @@ def ensure_tool(tool: str, apt_package: str) -> str:
         result = subprocess.run(install, capture_output=True, text=True, env=env, timeout=600)
     found = shutil.which(tool)
     if found is None:
-        pytest.fail(f"apt-get install {apt_package} did not provide {tool}:\n{result.stdout}\n{result.stderr}")
+        pytest.fail(f"apt-get install {apt_package} gave no {tool}:\n{result.stdout}\n{result.stderr}")
     return found
 
 
@@ -93,7 +93,7 @@ def test_shellcheck_catches_a_real_mistake(tmp_path: Path) -> None:
     """A script with an unquoted variable must fail: the check above can fail."""
     shellcheck = ensure_tool("shellcheck", "shellcheck")
     bad = tmp_path / "bad.sh"
-    bad.write_text('#!/bin/sh\nrm -rf $HOME/$1\n')
+    bad.write_text("#!/bin/sh\nrm -rf $HOME/$1\n")
     result = subprocess.run([shellcheck, str(bad)], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "SC2086" in result.stdout

@@ -29,7 +29,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from test_deploy_shell import REPO, ensure_tool
 
 UNITS = ("llnode.service", "llnode@.service")
@@ -255,7 +254,9 @@ def daemon(argv: list[str], env: dict[str, str], cwd: Path) -> Iterator[subproce
             proc.wait(10)
 
 
-def test_instance_execstart_runs_the_daemon_under_write_xor_execute(staged_root: Path, tmp_path: Path) -> None:
+def test_instance_execstart_runs_the_daemon_under_write_xor_execute(
+    staged_root: Path, tmp_path: Path
+) -> None:
     """Start llnode@t the way systemd would (specifiers expanded, Environment= then EnvironmentFile=,
     the credential in a credentials dir), with MemoryDenyWriteExecute's effect applied by the kernel."""
     run_help_flags()  # skips while `llnode run` does not exist
@@ -332,7 +333,8 @@ def test_onnxruntime_and_the_solver_work_under_write_xor_execute(tmp_path: Path)
         "g = helper.make_graph([helper.make_node('MatMul', ['x', 'w'], ['y']),\n"
         "                       helper.make_node('Softmax', ['y'], ['z'])], 'g',\n"
         "    [helper.make_tensor_value_info('x', TensorProto.FLOAT, [1, 64])],\n"
-        "    [helper.make_tensor_value_info('z', TensorProto.FLOAT, [1, 64])], [numpy_helper.from_array(w, 'w')])\n"
+        "    [helper.make_tensor_value_info('z', TensorProto.FLOAT, [1, 64])],\n"
+        "    [numpy_helper.from_array(w, 'w')])\n"
         "m = helper.make_model(g, opset_imports=[helper.make_opsetid('', 17)], ir_version=8)\n"
         "s = ort.InferenceSession(m.SerializeToString(), providers=['CPUExecutionProvider'])\n"
         "x = np.ones((1, 64), np.float32)\n"

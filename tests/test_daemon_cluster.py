@@ -136,5 +136,7 @@ def test_api_token_required_off_loopback(tmp_path: Path) -> None:
         assert err.value.code == 401
         with urllib.request.urlopen(d.url + "/health", timeout=3) as resp:  # health stays public
             assert json.loads(resp.read())["ok"] is True
+        assert d.terminate() == 0  # SIGTERM: clean shutdown, exit code 0
+        assert "stopped" in d.log()
     finally:
         cluster.stop_all()

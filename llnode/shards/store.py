@@ -130,6 +130,7 @@ class ShardStore:
         self._lock = threading.RLock()
         self._hash_cache: dict[str, list[Any]] | None = None
         self._manifests: dict[str, tuple[int, Manifest]] = {}
+        self._warned: set[tuple[str, int, int]] = set()
 
     # ------------------------------------------------------------------ paths and manifests
     def model_dir(self, model: str) -> Path:
@@ -245,7 +246,11 @@ class ShardStore:
         except OSError:
             return False
         if not ok:
-            log.warning("%s/%s does not match its manifest sha256; treating it as missing", model, file)
+            st = path.stat()
+            key = (str(path), st.st_size, st.st_mtime_ns)
+            if key not in self._warned:  # inventories are rebuilt often: say it once per file version
+                self._warned.add(key)
+                log.warning("%s/%s does not match its manifest sha256; treating it as missing", model, file)
         return ok
 
     # ------------------------------------------------------------------ inventory

@@ -12,6 +12,7 @@ is a ``FrameError`` with a reason, which the link logs before closing the connec
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,15 +48,21 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
+# little-endian dtype -> wire name; a dict lookup, because ``dtype.name`` is slow on the hot path
+_WIRE_NAMES = {np.dtype(n).newbyteorder("<"): n for n in ALLOWED_DTYPES}
+
+
 def encode_tensor(array: np.ndarray) -> dict[str, Any]:
     """``{dtype, shape, data}`` with little-endian bytes; contiguous arrays are not copied."""
     arr = np.asarray(array)
-    name = arr.dtype.name
-    if name not in ALLOWED_DTYPES:
-        raise FrameError(f"dtype {name} is not allowed on the wire (allowed: {sorted(ALLOWED_DTYPES)})")
-    if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and np.little_endian is False):
-        arr = arr.astype(arr.dtype.newbyteorder("<"))
-    arr = np.ascontiguousarray(arr)
+    name = _WIRE_NAMES.get(arr.dtype)
+    if name is None:
+        name = arr.dtype.name
+        if name not in ALLOWED_DTYPES:
+            raise FrameError(f"dtype {name} is not allowed on the wire (allowed: {sorted(ALLOWED_DTYPES)})")
+        arr = arr.astype(arr.dtype.newbyteorder("<"))  # big-endian (or non-native) data
+    if not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
     return {
         "dtype": name,
         "shape": list(arr.shape),
@@ -114,10 +121,16 @@ def _default(obj: Any) -> Any:
     raise TypeError(f"cannot send {type(obj).__name__} over a peer link")
 
 
+_local = threading.local()
+
+
 def pack_body(msg_type: str, kind: int, request_id: int, payload: Any) -> bytes:
     """msgpack the frame body; numpy arrays in the payload become wire tensors automatically."""
+    packer = getattr(_local, "packer", None)
+    if packer is None:  # one reusable Packer per thread (creating one per frame is measurable)
+        packer = _local.packer = msgpack.Packer(default=_default, use_bin_type=True, autoreset=True)
     try:
-        return msgpack.packb([msg_type, kind, request_id, payload], default=_default, use_bin_type=True)
+        return packer.pack([msg_type, kind, request_id, payload])
     except (TypeError, ValueError, OverflowError) as exc:
         raise FrameError(f"cannot encode {msg_type!r} payload: {exc}") from exc
 

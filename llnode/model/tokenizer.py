@@ -102,7 +102,12 @@ PreTok = Callable[[list[str]], list[str]]
 
 def _pattern(spec: dict[str, Any]) -> regex.Pattern[str]:
     if "Regex" in spec:
-        return regex.compile(spec["Regex"])
+        try:
+            return regex.compile(spec["Regex"])
+        except regex.error:
+            # Oniguruma (used by ``tokenizers``) allows nested character classes, e.g. BLOOM's
+            # ``[^(\s|[.,!?])]``; the regex package parses them in its VERSION1 mode.
+            return regex.compile(spec["Regex"], flags=regex.V1)
     return regex.compile(regex.escape(spec["String"]))
 
 

@@ -23,6 +23,8 @@ from typing import Any
 import msgpack
 import pytest
 from aiohttp import web
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from llnode.model.manifest import (
     MANIFEST_FILE,
@@ -741,3 +743,43 @@ async def test_resume_from_a_peer_with_another_chunk_size(
     # 128 KiB chunk 0 = small chunks {0, 1}: kept; chunk 1 = {2, 3}: only half verified, refetched.
     assert coarse.served[big.file] == big.size_bytes - 2 * CHUNK
     assert local.verified_modules(MODEL) == [0]
+
+
+_names = st.one_of(
+    st.sampled_from([MANIFEST_FILE, "tokenizer.json", "modules/00_embed.onnx", "../manifest.json",
+                     "modules/../tokenizer.json", "/etc/passwd", ".hashcache.json", "", "."]),
+    st.text(max_size=300),
+)
+_requests = st.fixed_dictionaries(
+    {
+        "op": st.one_of(st.sampled_from(["shard_index", "shard_read"]), st.text(max_size=10)),
+        "model": st.one_of(
+            st.sampled_from([MODEL, "..", "../x", "nope"]), st.text(max_size=200), st.integers()
+        ),
+        "file": st.one_of(_names, st.none()),
+        "offset": st.one_of(st.integers(min_value=-(2**70), max_value=2**70), st.text(max_size=5), st.none()),
+        "length": st.one_of(st.integers(min_value=-(2**70), max_value=2**70), st.floats(), st.none()),
+    }
+)
+
+
+def test_shard_requests_never_crash_the_server(source: tuple[ShardStore, Manifest]) -> None:
+    """Any request map gets a reply map (an error with a code, or data that really is the file's)."""
+    store, _ = source
+    server = ShardServer(store, chunk_size=CHUNK)
+    allowed = {f: store.path(MODEL, f).read_bytes() for f in store.known_files(MODEL)}
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(request=_requests)
+    def check(request: dict[str, Any]) -> None:
+        reply = asyncio.run(handle_shard_request(server, request))
+        if reply["ok"]:
+            assert request["model"] == MODEL and request["file"] in allowed
+            if "data" in reply:
+                off = request["offset"]
+                assert reply["data"] == allowed[request["file"]][off : off + request["length"]]
+        else:
+            assert reply["error"]["code"] in {"unknown_model", "unknown_file", "not_verified",
+                                              "out_of_range", "bad_request"}
+
+    check()

@@ -215,6 +215,8 @@ class Node:
             self.discovery = None
 
     async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.gossip.leave()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

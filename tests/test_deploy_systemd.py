@@ -35,20 +35,114 @@ UNITS = ("llnode.service", "llnode@.service")
 INSTANCE = "t"
 LLNODE = Path(sys.executable).parent / "llnode"
 
-# Sets write-xor-execute for itself and everything it execs (PR_SET_MDWE, Linux >= 6.3), proves that
-# a writable+executable mapping is now refused, then runs the given command.
-MDWE_LAUNCHER = r"""
-import ctypes, mmap, os, sys
+# The unit's memory and system-call rules, applied the way systemd 252 applies them (seccomp filters
+# installed before exec), then exec of the command. argv[1] is a JSON spec:
+#   {"mdwe": true, "allow": [syscall numbers] or null, "arch": AUDIT_ARCH, "nr": {mmap, mprotect, ...}}
+# MemoryDenyWriteExecute=yes: refuse mmap(PROT_WRITE|PROT_EXEC), mprotect/pkey_mprotect(PROT_EXEC),
+# shmat(SHM_EXEC). SystemCallFilter= with SystemCallErrorNumber=EPERM: anything outside the allow list
+# fails with EPERM; SystemCallArchitectures=native: so does every call of a foreign architecture.
+SANDBOX_LAUNCHER = r"""
+import ctypes, json, mmap, os, struct, sys
+spec = json.loads(sys.argv[1])
+LD, JEQ, AND, RET = 0x20, 0x15, 0x54, 0x06
+ALLOW, EPERM = 0x7FFF0000, 0x00050000 | 1
 libc = ctypes.CDLL(None, use_errno=True)
-if libc.prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
-    sys.exit(77)
-try:
-    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
-    sys.exit(78)
-except OSError:
-    pass
-os.execv(sys.argv[1], sys.argv[1:])
+
+class Prog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+def install(prog):
+    raw = b"".join(struct.pack("HBBI", *ins) for ins in prog)
+    buf = ctypes.create_string_buffer(raw)
+    if libc.prctl(22, 2, ctypes.byref(Prog(len(prog), ctypes.addressof(buf))), 0, 0) != 0:
+        sys.exit("seccomp filter refused: errno %d" % ctypes.get_errno())
+
+if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS, as NoNewPrivileges=yes
+    sys.exit("no_new_privs refused")
+nr = spec["nr"]
+head = [(LD, 0, 0, 4), (JEQ, 1, 0, spec["arch"]), (RET, 0, 0, EPERM), (LD, 0, 0, 0)]
+if spec["mdwe"]:
+    def check(mask, want):  # args[2] (low word at offset 32) & mask == want -> EPERM
+        return [(LD, 0, 0, 32), (AND, 0, 0, mask), (JEQ, 0, 1, want), (RET, 0, 0, EPERM), (RET, 0, 0, ALLOW)]
+    prog = head + [
+        (JEQ, 4, 0, nr["mmap"]), (JEQ, 8, 0, nr["mprotect"]), (JEQ, 7, 0, nr["pkey_mprotect"]),
+        (JEQ, 11, 0, nr["shmat"]), (RET, 0, 0, ALLOW),
+    ] + check(6, 6) + check(4, 4) + check(0o100000, 0o100000)
+    install(prog)
+    try:
+        mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+        sys.exit("write+execute mapping still allowed")
+    except OSError:
+        pass
+if spec["allow"] is not None:
+    prog = list(head)
+    for n in spec["allow"]:
+        prog += [(JEQ, 0, 1, n), (RET, 0, 0, ALLOW)]
+    install(prog + [(RET, 0, 0, EPERM)])
+os.execv(sys.argv[2], sys.argv[2:])
 """
+
+# x86-64 and arm64 numbers of the calls MemoryDenyWriteExecute= watches.
+ARCHES = {
+    "x86_64": (0xC000003E, {"mmap": 9, "mprotect": 10, "pkey_mprotect": 329, "shmat": 30}),
+    "aarch64": (0xC00000B7, {"mmap": 222, "mprotect": 226, "pkey_mprotect": 288, "shmat": 196}),
+}
+SYSCALL_HEADERS = {
+    "x86_64": "/usr/include/x86_64-linux-gnu/asm/unistd_64.h",
+    "aarch64": "/usr/include/asm-generic/unistd.h",
+}
+
+
+def syscall_group(name: str, cache: dict[str, set[str]]) -> set[str]:
+    """The system calls in a systemd group such as @system-service, nested groups expanded."""
+    if name not in cache:
+        text = subprocess.run(
+            ["systemd-analyze", "syscall-filter", name], capture_output=True, text=True, timeout=60
+        ).stdout
+        out: set[str] = set()
+        for line in text.splitlines()[1:]:
+            token = line.strip()
+            if not token or token.startswith("#"):
+                continue
+            out |= syscall_group(token, cache) if token.startswith("@") else {token}
+        cache[name] = out
+    return cache[name]
+
+
+def unit_syscall_allow_list(unit: Path) -> list[int] | None:
+    """The unit's SystemCallFilter= lines as syscall numbers of this machine (None: cannot tell)."""
+    import platform
+
+    header = Path(SYSCALL_HEADERS.get(platform.machine(), "/nonexistent"))
+    if shutil.which("systemd-analyze") is None or not header.is_file():
+        return None
+    numbers = {
+        m.group(1): int(m.group(2))
+        for m in re.finditer(r"#define __NR(?:3264)?_(\w+)\s+(\d+)", header.read_text())
+    }
+    cache: dict[str, set[str]] = {}
+    allowed: set[str] = set()
+    for _, _key, value in (a for a in parse_unit(unit) if a[1] == "SystemCallFilter"):
+        deny = value.startswith("~")
+        names: set[str] = set()
+        for token in value.lstrip("~").split():
+            names |= syscall_group(token, cache) if token.startswith("@") else {token}
+        allowed = allowed - names if deny else allowed | names
+    return sorted(numbers[n] for n in allowed if n in numbers)
+
+
+def sandbox_prefix(unit: Path) -> tuple[list[str], str]:
+    """argv prefix that runs a command under the unit's MemoryDenyWriteExecute= and SystemCallFilter=."""
+    import json
+    import platform
+
+    if platform.machine() not in ARCHES:
+        return [], "nothing (unknown architecture)"
+    arch, nr = ARCHES[platform.machine()]
+    allow = unit_syscall_allow_list(unit)
+    spec = json.dumps({"mdwe": True, "allow": allow, "arch": arch, "nr": nr})
+    what = "MemoryDenyWriteExecute" + (f" + SystemCallFilter ({len(allow)} calls)" if allow else "")
+    return [sys.executable, "-c", SANDBOX_LAUNCHER, spec], what
 
 
 def parse_unit(path: Path) -> list[tuple[str, str, str]]:
@@ -99,13 +193,6 @@ def free_port_pair() -> int:
             continue
         return int(port)
     raise RuntimeError("no free port pair")
-
-
-def mdwe_supported() -> bool:
-    result = subprocess.run(
-        [sys.executable, "-c", MDWE_LAUNCHER, "/bin/true"], capture_output=True, timeout=60
-    )
-    return result.returncode == 0
 
 
 @pytest.fixture(scope="module")
@@ -288,9 +375,8 @@ def test_instance_execstart_runs_the_daemon_under_write_xor_execute(
 
     argv = shlex.split(expand(unit_value(unit, "ExecStart"), spec))
     argv[0] = str(LLNODE)  # the staged venv has no dependencies (--no-deps); same program, this venv's
-    enforced = mdwe_supported()
-    if enforced:
-        argv = [sys.executable, "-c", MDWE_LAUNCHER, *argv]
+    prefix, enforced = sandbox_prefix(unit)
+    argv = [*prefix, *argv]
     cwd = Path(expand(unit_value(unit, "WorkingDirectory"), spec))
     with daemon(argv, env, cwd) as proc:
         assert proc.stdout is not None
@@ -313,19 +399,23 @@ def test_instance_execstart_runs_the_daemon_under_write_xor_execute(
         timeout_stop = float(unit_value(unit, "TimeoutStopSec").rstrip("s"))
         code = proc.wait(timeout_stop)
         rest = proc.stdout.read()
-    print(f"stopped {time.monotonic() - started:.2f} s after SIGTERM; write-xor-execute enforced: {enforced}")
+    print(f"stopped {time.monotonic() - started:.2f} s after SIGTERM; enforced: {enforced}")
     assert code == 0, "".join(lines) + rest
     assert "Traceback" not in "".join(lines) + rest
 
 
-def test_onnxruntime_and_the_solver_work_under_write_xor_execute(tmp_path: Path) -> None:
-    """MemoryDenyWriteExecute=yes is only safe if nothing on the inference path JIT-compiles: run a
-    real onnxruntime session, a CBC solve, ChaCha20-Poly1305 and msgpack with W^X enforced."""
-    if not mdwe_supported():
-        pytest.skip("this kernel has no PR_SET_MDWE (Linux >= 6.3): cannot enforce write-xor-execute here")
+def test_onnxruntime_and_the_solver_work_in_the_units_sandbox(tmp_path: Path) -> None:
+    """MemoryDenyWriteExecute=yes is only safe if nothing on the inference path JIT-compiles, and the
+    system-call filter must leave onnxruntime's thread pool and PuLP's CBC subprocess what they need:
+    run a real onnxruntime session, a CBC solve, ChaCha20-Poly1305 and msgpack under both."""
+    prefix, enforced = sandbox_prefix(REPO / "systemd/llnode.service")
+    if not prefix:
+        pytest.skip(f"cannot emulate the sandbox here: {enforced}")
     pytest.importorskip("onnx")  # builds the test graph; onnxruntime itself is a runtime dependency
     probe = tmp_path / "probe.py"
+    filtered = "SystemCallFilter" in enforced
     probe.write_text(
+        f"FILTERED = {filtered}\n"
         "import numpy as np, onnx, onnxruntime as ort, pulp, msgpack, os\n"
         "from onnx import helper, numpy_helper, TensorProto\n"
         "from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305\n"
@@ -345,10 +435,16 @@ def test_onnxruntime_and_the_solver_work_under_write_xor_execute(tmp_path: Path)
         "k = ChaCha20Poly1305(os.urandom(32)); n = os.urandom(12)\n"
         "assert k.decrypt(n, k.encrypt(n, b'hidden state', b''), b'') == b'hidden state'\n"
         "assert msgpack.unpackb(msgpack.packb({'a': b'x' * 100})) == {'a': b'x' * 100}\n"
+        "if os.geteuid() == 0 and FILTERED:  # control: setgroups is in @privileged, refused even to root\n"
+        "    try:\n"
+        "        os.setgroups(os.getgroups()); raise SystemExit('setgroups was allowed')\n"
+        "    except PermissionError:\n"
+        "        pass\n"
         "print('ok')\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", MDWE_LAUNCHER, sys.executable, str(probe)],
+        [*prefix, sys.executable, str(probe)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
+    print(f"enforced: {enforced}")
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr

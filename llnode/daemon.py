@@ -414,16 +414,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(cfg: NodeConfig) -> int:
+    from llnode.pipeline.service import PipelineService  # the pipeline needs onnxruntime: import late
+
     node = Node(cfg)
+    pipeline = PipelineService(node)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     await node.start()
+    await pipeline.start()
     print(f"llnode {node.node_id} ({node.name}) serving {node.http_url()}", flush=True)
     try:
         await stop.wait()
     finally:
+        await pipeline.stop()
         await node.stop()
     return 0

@@ -1,0 +1,229 @@
+"""The entry node's side of a generation: drive a session through the pipeline, survive failures.
+
+The node a client called owns the session: it keeps the whole token history and sends one
+``pipe.step`` per token to the first stage, then waits for the last stage's ``pipe.token``. If anything
+goes wrong on the way (a stage dies, a plan switch makes the stages drop the session, a step times
+out), the entry waits for a serving plan and re-prefills the history on it: with greedy or seeded
+sampling the continuation is exactly the one an uninterrupted run would have produced. A client sees a
+pause, never a lost request; only when no plan can serve within ``recover_within_s`` does the request
+fail, with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from llnode.pipeline import protocol
+from llnode.pipeline.engine import EngineUnavailable, GenerationRequest, Tokenizer
+from llnode.pipeline.protocol import Step
+
+log = logging.getLogger(__name__)
+
+SendFn = Callable[[str, str, dict[str, Any]], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Route:
+    """A serving plan as the entry node needs it: epoch and the stage nodes in order."""
+
+    epoch: int
+    nodes: tuple[str, ...]
+    step_timeout_s: float = 30.0
+
+
+class StepFailed(Exception):
+    """This step will not complete on this route: re-prefill on the next one."""
+
+
+@dataclass
+class _Live:
+    """The entry-side state of one session in flight."""
+
+    route: Route
+    seq: int = 0
+    waiter: asyncio.Future[int] | None = None
+    stages_used: set[str] = field(default_factory=set)
+
+
+class DistributedEngine:
+    """An :class:`~llnode.pipeline.engine.Engine` whose stages run on peers (or on this node too)."""
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        model_ids: Sequence[str],
+        max_context: int,
+        vocab_size: int,
+        eos_ids: Sequence[int],
+        tokenizer: Tokenizer,
+        route: Callable[[], Route | None],
+        route_changed: asyncio.Condition,
+        not_ready_reason: Callable[[], str],
+        send: SendFn,
+        recover_within_s: float = 60.0,
+        max_recoveries: int = 8,
+    ) -> None:
+        self.node_id = node_id
+        self._model_ids = list(model_ids)
+        self._max_context = max_context
+        self._vocab_size = vocab_size
+        self.eos_ids = set(eos_ids)
+        self._tokenizer = tokenizer
+        self._route = route
+        self._route_changed = route_changed
+        self._not_ready_reason = not_ready_reason
+        self._send = send
+        self.recover_within_s = recover_within_s
+        self.max_recoveries = max_recoveries
+        self._live: dict[str, _Live] = {}
+        self.recoveries = 0
+        self.completed = 0
+        self.longest_pause_s = 0.0
+
+    # ---- Engine protocol --------------------------------------------------------------------------
+    @property
+    def model_ids(self) -> Sequence[str]:
+        return self._model_ids
+
+    @property
+    def max_context(self) -> int:
+        return self._max_context
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._tokenizer
+
+    def ready(self) -> str | None:
+        return None if self._route() is not None else self._not_ready_reason()
+
+    @property
+    def active_sessions(self) -> int:
+        return len(self._live)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[int]:
+        route = self._route()
+        if route is None:
+            raise EngineUnavailable(self._not_ready_reason())
+        session = uuid.uuid4().hex[:16]
+        live = _Live(route=route)
+        self._live[session] = live
+        history = list(request.prompt)
+        generated = 0
+        sampling = request.params.sampling()
+        limit = min(request.params.max_tokens, self._max_context - len(history))
+        reset = True
+        try:
+            while generated < limit:
+                began = time.monotonic()
+                try:
+                    token = await self._step(session, live, history, generated, sampling, reset)
+                except StepFailed as exc:
+                    log.warning("session %s: %s; re-prefilling on the next plan", session, exc)
+                    live.route = await self._recover(live.route, session)
+                    self.longest_pause_s = max(self.longest_pause_s, time.monotonic() - began)
+                    reset = True
+                    continue
+                reset = False
+                if token in self.eos_ids:
+                    break
+                history.append(token)
+                generated += 1
+                yield token
+            self.completed += 1
+        finally:
+            self._live.pop(session, None)
+            await self._free(session, live)
+
+    # ---- one step ---------------------------------------------------------------------------------
+    async def _step(
+        self, session: str, live: _Live, history: list[int], generated: int, sampling: Any, reset: bool
+    ) -> int:
+        route = live.route
+        live.seq += 1
+        step = Step(
+            session=session,
+            epoch=route.epoch,
+            seq=live.seq,
+            entry=self.node_id,
+            pos0=0 if reset else len(history) - 1,
+            ids=list(history) if reset else [history[-1]],
+            reset=reset,
+            sampling=sampling if reset else None,
+            generated=generated if reset else 0,
+        )
+        loop = asyncio.get_running_loop()
+        live.waiter = loop.create_future()
+        live.stages_used.update(route.nodes)
+        try:
+            await self._send(route.nodes[0], protocol.STEP, step.to_wire(None))
+        except Exception as exc:
+            raise StepFailed(f"first stage {route.nodes[0]} unreachable: {exc}") from exc
+        try:
+            return await asyncio.wait_for(asyncio.shield(live.waiter), route.step_timeout_s)
+        except TimeoutError as exc:
+            raise StepFailed(f"no token within {route.step_timeout_s:.0f} s") from exc
+        finally:
+            live.waiter = None
+
+    def on_token(self, payload: Any) -> None:
+        """A ``pipe.token`` from a last stage (or a stage's error report) for one of our sessions."""
+        if not isinstance(payload, dict):
+            return
+        live = self._live.get(payload.get("session"))  # type: ignore[arg-type]
+        if live is None or live.waiter is None or live.waiter.done():
+            return  # a late answer for a session already finished or re-routed
+        seq = payload.get("seq")
+        if "error" in payload:
+            if seq in (-1, live.seq):
+                live.waiter.set_exception(StepFailed(f"stage {payload.get('stage')}: {payload['error']}"))
+            return
+        token = payload.get("token")
+        if seq != live.seq or not isinstance(token, int) or not 0 <= token < self._vocab_size:
+            return
+        live.waiter.set_result(token)
+
+    def on_route_lost(self, dead: set[str]) -> None:
+        """Nodes died or the plan changed: fail the waiting step of every session that used them."""
+        for live in self._live.values():
+            if live.waiter is not None and not live.waiter.done() and dead & set(live.route.nodes):
+                lost = sorted(dead & set(live.route.nodes))
+                live.waiter.set_exception(StepFailed(f"stage node(s) {lost} lost"))
+
+    async def _recover(self, old: Route, session: str) -> Route:
+        """Wait for a serving route (a newer plan, or the same one still healthy) to re-prefill on."""
+        self.recoveries += 1
+        deadline = time.monotonic() + self.recover_within_s
+        async with self._route_changed:
+            while True:
+                route = self._route()
+                if route is not None and (route.epoch != old.epoch or self._live_route_ok(route)):
+                    return route
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise EngineUnavailable(
+                        "the pipeline lost a stage and no plan could serve within "
+                        f"{self.recover_within_s:.0f} s: {self._not_ready_reason()}"
+                    )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._route_changed.wait(), min(remaining, 1.0))
+
+    def _live_route_ok(self, route: Route) -> bool:
+        # The same epoch may be retried once the failure was transient (a stage rejected one step).
+        return self._route() == route
+
+    async def _free(self, session: str, live: _Live) -> None:
+        for node in live.stages_used:
+            with contextlib.suppress(Exception):
+                await self._send(node, protocol.FREE, {"session": session})

@@ -9,6 +9,7 @@ parts of the node may add their paths with :func:`add_paths`.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 from llnode import __version__
@@ -137,10 +138,23 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             **_SAMPLING,
             "prompt": {
+                "description": "a string or token ids, alone or as the single item of a list",
                 "oneOf": [
                     {"type": "string", "minLength": 1},
                     {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
-                ]
+                    {
+                        "type": "array",
+                        "items": {"type": "string", "minLength": 1},
+                        "minItems": 1,
+                        "maxItems": 1,
+                    },
+                    {
+                        "type": "array",
+                        "items": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+                        "minItems": 1,
+                        "maxItems": 1,
+                    },
+                ],
             },
             "echo": _nullable({"type": "boolean"}),
         },
@@ -235,7 +249,13 @@ def _generation(request_schema: str, response_schema: str, summary: str) -> dict
                     "with 'data: [DONE]'",
                     "content": {
                         "application/json": {"schema": _ref(response_schema)},
-                        "text/event-stream": {"schema": {"type": "string"}},
+                        "text/event-stream": {
+                            "schema": {
+                                "type": "object",
+                                "description": "one SSE event: data is a JSON chunk, or [DONE] at the end",
+                                "properties": {"data": {"type": "string"}},
+                            }
+                        },
                     },
                 },
                 "400": _error("invalid request (bad field, unsupported feature, prompt too long)"),
@@ -250,7 +270,34 @@ def _generation(request_schema: str, response_schema: str, summary: str) -> dict
     }
 
 
-def openapi_document() -> dict[str, Any]:
+def _fit_to_engine(
+    schemas: dict[str, Any], model_ids: Sequence[str], max_context: int | None, vocab_size: int | None
+) -> None:
+    """Narrow the generic limits to the model being served. Only limits the server enforces exactly go
+    here (a fuzzer checks that anything outside the schema is refused); the context budget of a whole
+    chat (prompt tokens + max_tokens) cannot be expressed in a schema and is checked by the server."""
+    for name in ("ChatCompletionRequest", "CompletionRequest"):
+        props = schemas[name]["properties"]
+        if model_ids:
+            props["model"] = {"type": "string", "enum": list(model_ids)}
+        if max_context:
+            for key in ("max_tokens", "max_completion_tokens"):
+                if key in props:
+                    props[key]["maximum"] = max(1, max_context - 1)
+    prompt = schemas["CompletionRequest"]["properties"]["prompt"]["oneOf"]
+    for ids in (prompt[1], prompt[3]["items"]):
+        if vocab_size:
+            ids["items"]["maximum"] = vocab_size - 1
+        if max_context:
+            ids["maxItems"] = max(1, max_context - 1)
+
+
+def openapi_document(
+    model_ids: Sequence[str] = (), max_context: int | None = None, vocab_size: int | None = None
+) -> dict[str, Any]:
+    """The document; given the served model's names and limits, the request schemas are narrowed to them."""
+    schemas = copy.deepcopy(_SCHEMAS)
+    _fit_to_engine(schemas, model_ids, max_context, vocab_size)
     doc: dict[str, Any] = {
         "openapi": "3.0.3",
         "info": {
@@ -292,7 +339,7 @@ def openapi_document() -> dict[str, Any]:
             },
         },
         "components": {
-            "schemas": _SCHEMAS,
+            "schemas": schemas,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }

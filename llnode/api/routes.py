@@ -143,7 +143,10 @@ class OpenAIRoutes:
         )
 
     async def _openapi(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response(openapi_document())
+        engine = self.engine_provider()
+        if engine is None:
+            return web.json_response(openapi_document())
+        return web.json_response(openapi_document(engine.model_ids, engine.max_context, engine.vocab_size))
 
     # ---- body ---------------------------------------------------------------------------------------
     async def _read_json(self, request: web.Request) -> Any:
@@ -168,9 +171,13 @@ class OpenAIRoutes:
             raise bad_request("the request body is empty; expected a JSON object", code="invalid_json")
         try:
             text = raw.decode("utf-8")
-            return json.loads(text, parse_constant=_reject_constant)
+            body = json.loads(text, parse_constant=_reject_constant)
         except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise bad_request(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+        if "\\ud" in text.lower() and _has_lone_surrogate(body):
+            # JSON may escape half a UTF-16 pair ("\ud800"); no tokenizer can encode that text.
+            raise bad_request("the request holds an unpaired UTF-16 surrogate escape", code="invalid_json")
+        return body
 
     # ---- generation routes --------------------------------------------------------------------------
     def _engine(self, model: str) -> Engine:
@@ -429,6 +436,14 @@ async def _encode(engine: Engine, text: str, special: bool) -> list[int]:
     if len(text) < 20000:
         return engine.tokenizer.encode(text, special)
     return await asyncio.to_thread(engine.tokenizer.encode, text, special)
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _reject_constant(name: str) -> Any:

@@ -155,18 +155,13 @@ def _common(body: Mapping[str, Any]) -> SamplingFields:
     include_usage = False
     options = body.get("stream_options")
     if options is not None:
-        if not stream:
-            raise bad_request(
-                "'stream_options' is only allowed when 'stream' is true",
-                param="stream_options",
-                code="invalid_value",
-            )
+        # OpenAI refuses stream_options without stream; we accept and ignore them (they only shape a stream).
         if not isinstance(options, dict):
             raise bad_request(
                 "'stream_options' must be an object", param="stream_options", code="invalid_type"
             )
         _check_unknown(options, {"include_usage", "continuous_usage_stats"})
-        include_usage = _boolean(options, "include_usage")
+        include_usage = _boolean(options, "include_usage") and stream
     return SamplingFields(
         model=model,
         max_tokens=None,  # endpoint-specific, set by the caller

@@ -37,10 +37,12 @@ LLNODE = Path(sys.executable).parent / "llnode"
 
 # The unit's memory and system-call rules, applied the way systemd 252 applies them (seccomp filters
 # installed before exec), then exec of the command. argv[1] is a JSON spec:
-#   {"mdwe": true, "allow": [syscall numbers] or null, "arch": AUDIT_ARCH, "nr": {mmap, mprotect, ...}}
+#   {"mdwe": true, "allow": [syscall numbers] or null, "families": [AF_*] or null, "arch": AUDIT_ARCH,
+#    "nr": {mmap, mprotect, ...}}
 # MemoryDenyWriteExecute=yes: refuse mmap(PROT_WRITE|PROT_EXEC), mprotect/pkey_mprotect(PROT_EXEC),
 # shmat(SHM_EXEC). SystemCallFilter= with SystemCallErrorNumber=EPERM: anything outside the allow list
-# fails with EPERM; SystemCallArchitectures=native: so does every call of a foreign architecture.
+# fails with EPERM; SystemCallArchitectures=native: so does every call of a foreign architecture;
+# RestrictAddressFamilies=: socket() of any other family fails with EAFNOSUPPORT.
 SANDBOX_LAUNCHER = r"""
 import ctypes, json, mmap, os, struct, sys
 spec = json.loads(sys.argv[1])
@@ -74,6 +76,11 @@ if spec["mdwe"]:
         sys.exit("write+execute mapping still allowed")
     except OSError:
         pass
+if spec["families"] is not None:  # RestrictAddressFamilies=: socket(family) outside -> EAFNOSUPPORT
+    prog = head + [(JEQ, 1, 0, nr["socket"]), (RET, 0, 0, ALLOW), (LD, 0, 0, 16)]
+    for family in spec["families"]:
+        prog += [(JEQ, 0, 1, family), (RET, 0, 0, ALLOW)]
+    install(prog + [(RET, 0, 0, 0x00050000 | 97)])
 if spec["allow"] is not None:
     prog = list(head)
     for n in spec["allow"]:
@@ -82,10 +89,13 @@ if spec["allow"] is not None:
 os.execv(sys.argv[2], sys.argv[2:])
 """
 
-# x86-64 and arm64 numbers of the calls MemoryDenyWriteExecute= watches.
+# x86-64 and arm64 numbers of the calls MemoryDenyWriteExecute= and RestrictAddressFamilies= watch.
 ARCHES = {
-    "x86_64": (0xC000003E, {"mmap": 9, "mprotect": 10, "pkey_mprotect": 329, "shmat": 30}),
-    "aarch64": (0xC00000B7, {"mmap": 222, "mprotect": 226, "pkey_mprotect": 288, "shmat": 196}),
+    "x86_64": (0xC000003E, {"mmap": 9, "mprotect": 10, "pkey_mprotect": 329, "shmat": 30, "socket": 41}),
+    "aarch64": (
+        0xC00000B7,
+        {"mmap": 222, "mprotect": 226, "pkey_mprotect": 288, "shmat": 196, "socket": 198},
+    ),
 }
 SYSCALL_HEADERS = {
     "x86_64": "/usr/include/x86_64-linux-gnu/asm/unistd_64.h",
@@ -140,8 +150,11 @@ def sandbox_prefix(unit: Path) -> tuple[list[str], str]:
         return [], "nothing (unknown architecture)"
     arch, nr = ARCHES[platform.machine()]
     allow = unit_syscall_allow_list(unit)
-    spec = json.dumps({"mdwe": True, "allow": allow, "arch": arch, "nr": nr})
-    what = "MemoryDenyWriteExecute" + (f" + SystemCallFilter ({len(allow)} calls)" if allow else "")
+    family_numbers = {"AF_UNIX": 1, "AF_INET": 2, "AF_INET6": 10, "AF_NETLINK": 16}
+    families = [family_numbers[f] for f in unit_value(unit, "RestrictAddressFamilies").split()]
+    spec = json.dumps({"mdwe": True, "allow": allow, "families": families, "arch": arch, "nr": nr})
+    what = "MemoryDenyWriteExecute + RestrictAddressFamilies"
+    what += f" + SystemCallFilter ({len(allow)} calls)" if allow else ""
     return [sys.executable, "-c", SANDBOX_LAUNCHER, spec], what
 
 
@@ -369,9 +382,9 @@ def test_instance_execstart_runs_the_daemon_under_write_xor_execute(
             key, _, value = line.partition("=")
             env[key.strip()] = value.strip()
     assert env["LLNODE_PORT"] == "7711" and env["LLNODE_NAME"].endswith(f"-{INSTANCE}")
-    # Keep this test on loopback: no mDNS on the machine's real interfaces, a free port.
+    # Keep this test on loopback (a loopback peer host keeps mDNS on lo too) and on free ports.
     env.update(LLNODE_PORT=str(port), LLNODE_PEER_PORT=str(port + 1000), LLNODE_PEER_HOST="127.0.0.1",
-               LLNODE_MDNS="false", LLNODE_SHARDS=str(tmp_path / "shards"))  # fmt: skip
+               LLNODE_MDNS="true", LLNODE_SHARDS=str(tmp_path / "shards"))  # fmt: skip
 
     argv = shlex.split(expand(unit_value(unit, "ExecStart"), spec))
     argv[0] = str(LLNODE)  # the staged venv has no dependencies (--no-deps); same program, this venv's
@@ -402,6 +415,8 @@ def test_instance_execstart_runs_the_daemon_under_write_xor_execute(
     print(f"stopped {time.monotonic() - started:.2f} s after SIGTERM; enforced: {enforced}")
     assert code == 0, "".join(lines) + rest
     assert "Traceback" not in "".join(lines) + rest
+    # zeroconf (multicast sockets, interface enumeration over netlink) came up inside the sandbox too.
+    assert "mDNS unavailable" not in "".join(lines) + rest, "".join(lines) + rest
 
 
 def test_onnxruntime_and_the_solver_work_in_the_units_sandbox(tmp_path: Path) -> None:

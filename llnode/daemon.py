@@ -47,12 +47,14 @@ from llnode.net.discovery import Discovery, Found
 from llnode.net.election import Election
 from llnode.net.gossip import Gossip
 from llnode.net.keys import KeyError_, cluster_id, load_cluster_key
-from llnode.net.links import Links
+from llnode.net.links import Links, PeerUnavailable, RemoteError
 from llnode.net.resources import snapshot
 
 log = logging.getLogger("llnode")
 
 NODE_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+PING = "link.ping"
+PROBE_BYTES = 256 * 1024
 StatusProvider = Callable[[], Any]
 Listener = Callable[[str], Any]
 
@@ -116,6 +118,8 @@ class Node:
         self._seed_ids: dict[str, str] = {}
         self.seed_errors: dict[str, str] = {}
         self._stopped = asyncio.Event()
+        self.link_metrics: dict[str, dict[str, float]] = {}
+        self.links.on(PING, self._on_ping)
         self.gossip.subscribe(self._on_gossip)
         self.election.subscribe(lambda leader, term: self._notify("leader"))
 
@@ -173,6 +177,7 @@ class Node:
             await self._start_discovery()
         self._tasks.append(asyncio.ensure_future(self._tick()))
         self._tasks.append(asyncio.ensure_future(self._refresh_resources()))
+        self._tasks.append(asyncio.ensure_future(self._probe_links()))
         if cfg.peers:
             self._tasks.append(asyncio.ensure_future(self._seed_loop()))
         log.info(
@@ -265,6 +270,45 @@ class Node:
         while True:
             await asyncio.sleep(self.config.gossip_interval / 2)
             self.election.update()
+
+    async def measure_link(self, peer_id: str, nbytes: int = 0, timeout: float = 5.0) -> float:  # noqa: ASYNC109
+        """Seconds for one round trip carrying ``nbytes`` of padding out (the answer is tiny)."""
+        t0 = time.perf_counter()
+        await self.links.request(peer_id, PING, {"pad": bytes(nbytes)}, timeout=timeout)
+        return time.perf_counter() - t0
+
+    async def _on_ping(self, peer_id: str, payload: Any) -> None:
+        return None
+
+    async def _probe_links(self) -> None:
+        """Measure every link for the planner: RTT every 5 s (EWMA), bandwidth every 30 s (256 KiB probe),
+        published in gossip under "links" as {peer: {"rtt_s", "bandwidth_bytes_per_s"}}."""
+        rounds = 0
+        while True:
+            await asyncio.sleep(5.0 if rounds else 1.0)
+            for peer in self.links.connected_peers():
+                try:
+                    rtt = await self.measure_link(peer, timeout=2.0)
+                    old = self.link_metrics.setdefault(peer, {"rtt_s": rtt, "bandwidth_bytes_per_s": 0.0})
+                    old["rtt_s"] = 0.7 * old["rtt_s"] + 0.3 * rtt
+                    if rounds % 6 == 0:
+                        big = await self.measure_link(peer, nbytes=PROBE_BYTES, timeout=5.0)
+                        old["bandwidth_bytes_per_s"] = PROBE_BYTES / max(big - rtt, 1e-5)
+                except (PeerUnavailable, TimeoutError, RemoteError):
+                    continue
+            for peer in [p for p in self.link_metrics if not self.gossip.is_alive(p)]:
+                del self.link_metrics[peer]
+            self.gossip.set_local(
+                "links",
+                {
+                    p: {
+                        "rtt_s": round(m["rtt_s"], 6),
+                        "bandwidth_bytes_per_s": round(m["bandwidth_bytes_per_s"]),
+                    }
+                    for p, m in self.link_metrics.items()
+                },
+            )
+            rounds += 1
 
     async def _refresh_resources(self) -> None:
         while True:

@@ -80,6 +80,12 @@ async def test_node_extension_points(tmp_path: Path) -> None:
         assert doc["api"] == {"sessions": 0} and doc["leader"] == a.leader_id
         assert sorted(m["name"] for m in doc["members"]) == ["a", "b"]
         assert (await a.status())["pipeline"] == {"stages": 2}
+
+        # link measurements for the planner, published in gossip
+        await _until(lambda: b.node_id in (a.gossip.get(a.node_id, "links") or {}), limit=5)
+        measured = a.gossip.get(a.node_id, "links")[b.node_id]
+        assert 0 < measured["rtt_s"] < 1 and measured["bandwidth_bytes_per_s"] > 1e6
+        await _until(lambda: a.node_id in (a.gossip.get(b.node_id, "links") or {}), limit=5)
     finally:
         await b.stop()
     await _until(lambda: b.node_id not in a.live_members(), limit=1.0)  # b said goodbye: no timeout

@@ -156,3 +156,17 @@ def test_torch_not_needed_to_run(prepared: dict[str, Path]) -> None:
 
 
 _ = torch  # torch must be importable for these tests (the [export] extra)
+
+
+def test_verify_against_whole_model_onnx(
+    tiny_model_dirs: dict[str, Path], tiny_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where transformers is absent, verify compares against reference.onnx written by prepare --reference."""
+    from llnode.cli import main
+
+    monkeypatch.setenv("LLNODE_CACHE", str(tiny_cache))
+    out = tmp_path / "bloom"
+    assert main(["prepare", str(tiny_model_dirs["bloom"]), "--out", str(out), "--reference"]) == 0
+    assert (out / "reference.onnx").is_file()
+    assert main(["verify", str(out), "--reference", "onnx"]) == 0
+    assert main(["verify", str(out), "--reference", "transformers"]) == 0

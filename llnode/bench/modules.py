@@ -77,8 +77,12 @@ def run(args: argparse.Namespace) -> int:
         for prec in ("int8", "int4"):
             c = ChainStepper(ModuleRunner(_shards(args.model, prec), threads=args.threads))
             contenders[f"chained_{prec}"] = (c, c.reset)
+    from llnode.model.tokenizer import load_tokenizer
+    from llnode.model.verify import PPL_TEXT
+
     rng = np.random.default_rng(0)
-    prompt = [int(x) for x in rng.integers(100, manifest.vocab_size - 100, args.prompt)]
+    text_ids = load_tokenizer(fp32).encode(PPL_TEXT)
+    prompt = (text_ids * (1 + args.prompt // max(1, len(text_ids))))[: args.prompt]
     times: dict[str, list[float]] = {k: [] for k in contenders}
     tokens: dict[str, list[int]] = {}
     logits: dict[str, list[np.ndarray]] = {}

@@ -29,6 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--name", default=None, help="shard-set name (default from the spec, plus -int8/-int4)"
     )
+    parser.add_argument(
+        "--reference",
+        action="store_true",
+        help="also write reference.onnx (the whole fp32 model in one graph) so that 'llnode verify' works "
+        "where transformers is not installed",
+    )
 
 
 def _fingerprint(hf_dir: Path) -> str:
@@ -170,6 +176,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         out = prepare(args.spec, args.out, args.quant, args.name)
+        if args.reference:
+            from llnode.model.source import resolve
+
+            shutil.copyfile(cached_whole(resolve(args.spec).hf_dir), out / "reference.onnx")
     except (SourceError, UnsupportedArchitecture, FileNotFoundError) as exc:
         print(f"llnode prepare: {exc}", file=sys.stderr)
         return 1

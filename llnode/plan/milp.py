@@ -1,0 +1,299 @@
+"""The module-assignment MILP (PuLP; CBC bundled with pulp 3.x, or HiGHS through highspy).
+
+Stage-arc formulation, linear throughout (the original LinguaLinked objective was quadratic and needed
+Gurobi). With D devices and M modules:
+
+- ``w[d,j,k]`` binary: device d holds exactly the modules ``[j, k)``. Only ranges that fit in d's memory
+  get a variable, so memory (weights + KV + largest activation + overhead) is exact and needs no rows, and
+  each variable carries its exact compute time, energy and movement cost as constants;
+- flow: exactly one range starts at module 0, every device holds at most one range, and at every boundary
+  k the range ending there is matched to the range starting there through
+- ``y[d,e,k] >= 0``: d ends at boundary k and hands over to e (k = M: the last stage's token goes back to
+  the first device, which starts at 0 -- the ring). With integral w each boundary is a 1-1 matching, so y
+  needs no integrality; its coefficient is the exact hop time ``rtt/2 + bytes_after(k-1) / bandwidth``.
+  A one-stage plan uses the self-arc ``y[d,d,M]`` at no cost.
+
+The device order is therefore decided by the matching at each boundary, contiguity by the flow, and the
+LP relaxation stays tight because every cost sits on a single variable (no big-M anywhere).
+Objective ``throughput``: minimise ``B >= stage_d`` for every device (at most one stage per device, so
+the per-device sum is that stage's time); ``latency``: minimise the sum over devices. Plus the optional
+energy and movement terms. The solver's assignment is re-priced with ``costs.evaluate``.
+
+Size: D*M*(M+1)/2 binaries and up to D^2*M continuous variables; 16 devices x 32 modules is ~8k binaries.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pulp
+
+from llnode.plan.costs import Evaluation, Instance, evaluate
+
+DISAGGREGATE = True
+DEBUG = False
+
+
+class SolverUnavailable(RuntimeError):
+    """No MILP solver can run here (e.g. a phone without the CBC binary)."""
+
+
+def available_solvers() -> list[str]:
+    """Our names ("cbc", "highs") of the MILP solvers that can actually run on this machine."""
+    try:
+        names = set(pulp.listSolvers(onlyAvailable=True))
+    except Exception:  # a broken solver install must not take the planner down
+        return []
+    found = []
+    if "PULP_CBC_CMD" in names:
+        found.append("cbc")
+    if "HiGHS" in names or "HiGHS_CMD" in names:
+        found.append("highs")
+    return found
+
+
+@dataclass
+class MilpResult:
+    evaluation: Evaluation | None  # None: proven infeasible or nothing found
+    optimal: bool
+    status: str
+    solve_s: float
+    solver: str
+    variables: int
+    constraints: int
+
+
+def _solver(name: str, time_limit_s: float, warm: bool) -> pulp.LpSolver:
+    if name == "cbc":
+        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, warmStart=warm)
+    if name == "highs":
+        if "HiGHS" in pulp.listSolvers(onlyAvailable=True):
+            return pulp.HiGHS(msg=False, timeLimit=time_limit_s)
+        return pulp.HiGHS_CMD(msg=False, timeLimit=time_limit_s)
+    raise SolverUnavailable(f"unknown MILP solver {name!r}")
+
+
+def solve_milp(
+    inst: Instance,
+    devices: Sequence[int] | None = None,
+    solver: str = "cbc",
+    time_limit_s: float = 60.0,
+    warm_start: Evaluation | None = None,
+    stage_cap_s: float | None = None,
+) -> MilpResult:
+    """Solve the assignment over ``devices`` (indices into the instance; default all) with ``solver``.
+
+    ``stage_cap_s`` drops every range and hop that would make a stage slower than the cap (exact for any
+    plan whose objective is below the cap, since each stage costs at most the objective); without it,
+    the warm start's objective is the cap.
+    """
+    if solver not in available_solvers():
+        raise SolverUnavailable(f"MILP solver {solver!r} is not available here (found {available_solvers()})")
+    devs = list(devices if devices is not None else range(inst.num_devices))
+    model = inst.model
+    opts = inst.options
+    n_m = inst.num_modules
+    prob = pulp.LpProblem("llnode_assignment", pulp.LpMinimize)
+
+    # w[d, j, k]: device d holds exactly [j, k); only ranges that fit in d's memory exist
+    w: dict[tuple[int, int, int], pulp.LpVariable] = {}
+    cost: dict[tuple[int, int, int], float] = {}
+    extra: dict[tuple[int, int, int], float] = {}  # energy + movement terms of that stage
+    move_scale = (
+        opts.movement_weight * inst.movement_ref_s / inst.model_bytes if opts.movement_weight > 0 and inst.current else 0.0
+    )
+    # With an upper bound (a known plan's objective), every stage of a better plan costs at most that much
+    # (the optional terms are >= 0), so longer ranges and slower hops are dropped: exact, and it removes
+    # the fractional "every device runs everything" LP solutions that make the relaxation weak.
+    ub = float("inf") if warm_start is None else warm_start.objective_value * (1 + 1e-9) + 1e-12
+    if stage_cap_s is not None:
+        ub = min(ub, stage_cap_s)
+    min_hop = {
+        (d, k): min((inst.hop_s(d, e, k - 1) for e in devs if e != d), default=0.0)
+        for d in devs
+        for k in range(1, n_m + 1)
+    }
+    for d in devs:
+        for j in range(n_m):
+            for k in range(j + 1, n_m + 1):
+                if not inst.fits(d, j, k):
+                    break
+                c = inst.compute_s(d, j, k)
+                if c + (0.0 if (j, k) == (0, n_m) else min_hop[d, k]) > ub:
+                    continue
+                w[d, j, k] = pulp.LpVariable(f"w_{d}_{j}_{k}", cat="Binary")
+                cost[d, j, k] = c
+                extra[d, j, k] = opts.energy_weight * inst.energy[d] * c + move_scale * inst.moved_bytes(d, j, k)
+    if not w or not any(j == 0 for _, j, _ in w):
+        return MilpResult(None, True, "Infeasible", 0.0, solver, 0, 0)
+    starts: dict[tuple[int, int], list[pulp.LpVariable]] = {}
+    ends: dict[tuple[int, int], list[pulp.LpVariable]] = {}
+    per_dev: dict[int, list[tuple[int, int, int]]] = {d: [] for d in devs}
+    for key, var in w.items():
+        d, j, k = key
+        starts.setdefault((d, j), []).append(var)
+        ends.setdefault((d, k), []).append(var)
+        per_dev[d].append(key)
+    # y[d, e, k]: d ends at boundary k and e starts there (k = n_m: the ring's return hop to the first
+    # device, which starts at 0). Continuous: integral w makes each boundary a 1-1 matching.
+    y: dict[tuple[int, int, int], pulp.LpVariable] = {}
+    for k in range(1, n_m + 1):
+        k_in = 0 if k == n_m else k
+        enders = [d for d in devs if (d, k) in ends]
+        starters = [e for e in devs if (e, k_in) in starts]
+        for d in enders:
+            shortest = min(cost[key] for key in per_dev[d] if key[2] == k)
+            for e in starters:
+                if d == e and k < n_m:
+                    continue
+                if d != e and shortest + inst.hop_s(d, e, k - 1) > ub:
+                    continue
+                y[d, e, k] = pulp.LpVariable(f"y_{d}_{e}_{k}", lowBound=0)
+    # flow: the ranges tile [0, n_m) exactly once; each device used at most once
+    prob += pulp.lpSum(starts.get((d, 0), []) for d in devs) == 1
+    for d in devs:
+        prob += pulp.lpSum(w[key] for key in per_dev[d]) <= 1
+    for k in range(1, n_m + 1):
+        k_in = 0 if k == n_m else k
+        for d in devs:
+            out = [y[d, e, k] for e in devs if (d, e, k) in y]
+            prob += pulp.lpSum(ends.get((d, k), [])) == pulp.lpSum(out)
+        for e in devs:
+            inc = [y[d, e, k] for d in devs if (d, e, k) in y]
+            prob += pulp.lpSum(starts.get((e, k_in), [])) == pulp.lpSum(inc)
+    stage: dict[int, pulp.LpAffineExpression] = {}
+    for d in devs:
+        hops = [
+            (0.0 if d == e else inst.hop_s(d, e, k - 1)) * var for (dd, e, k), var in y.items() if dd == d
+        ]
+        stage[d] = pulp.lpSum(cost[key] * w[key] for key in per_dev[d]) + pulp.lpSum(hops)
+    penalty = pulp.lpSum(extra[key] * var for key, var in w.items() if extra[key])
+    if opts.objective == "latency":
+        prob += pulp.lpSum(stage.values()) + penalty
+    else:
+        bott = pulp.LpVariable("bottleneck", lowBound=0, upBound=None if stage_cap_s is None else stage_cap_s)
+        for d in devs:
+            prob += bott >= stage[d]
+        if DISAGGREGATE:
+            # the same bound per range variable: much tighter LP relaxation than the per-device sum
+            out_hops = {
+                (d, k): pulp.lpSum(
+                    (0.0 if d == e else inst.hop_s(d, e, k - 1)) * y[d, e, k] for e in devs if (d, e, k) in y
+                )
+                for d in devs
+                for k in range(1, n_m + 1)
+            }
+            for (d, j, k), var in w.items():
+                prob += bott >= cost[d, j, k] * var + out_hops[d, k]
+        prob += bott + penalty
+
+    warm = (
+        warm_start is not None
+        and solver == "cbc"
+        and all(d in devs for d in warm_start.order)
+        and warm_start.objective_value <= ub
+    )
+    if warm and warm_start is not None:
+        _set_initial(warm_start, w, y, n_m)
+    t0 = time.perf_counter()
+    try:
+        prob.solve(_solver(solver, time_limit_s, warm))
+    except pulp.PulpSolverError as exc:
+        raise SolverUnavailable(f"{solver} failed: {exc}") from exc
+    solve_s = time.perf_counter() - t0
+    status = pulp.LpStatus.get(prob.status, str(prob.status))
+    sol_status = getattr(prob, "sol_status", None)
+    nvars, ncons = len(prob.variables()), len(prob.constraints)
+    if prob.status != pulp.LpStatusOptimal and sol_status != pulp.LpSolutionIntegerFeasible:
+        return MilpResult(None, prob.status == pulp.LpStatusInfeasible, status, solve_s, solver, nvars, ncons)
+    chosen = sorted((j, k, d) for (d, j, k), var in w.items() if (var.varValue or 0) > 0.5)
+    if not chosen or chosen[0][0] != 0:
+        return MilpResult(None, False, "NoSolution", solve_s, solver, nvars, ncons)
+    ev = evaluate(inst, [d for _, _, d in chosen], [j for j, _, _ in chosen] + [n_m])
+    optimal = prob.status == pulp.LpStatusOptimal and sol_status in (None, pulp.LpSolutionOptimal)
+    return MilpResult(ev, optimal, status, solve_s, solver, nvars, ncons)
+
+
+def _set_initial(
+    ev: Evaluation,
+    w: dict[tuple[int, int, int], pulp.LpVariable],
+    y: dict[tuple[int, int, int], pulp.LpVariable],
+    n_m: int,
+) -> None:
+    """Hand CBC a known feasible assignment (the DP's) so it starts with a good incumbent."""
+    chosen = {(d, ev.cuts[i], ev.cuts[i + 1]) for i, d in enumerate(ev.order)}
+    for key, var in w.items():
+        var.setInitialValue(1 if key in chosen else 0)
+    k_used = len(ev.order)
+    arcs = {(d, ev.order[(i + 1) % k_used], ev.cuts[i + 1]) for i, d in enumerate(ev.order)}
+    for key, var in y.items():
+        var.setInitialValue(1 if key in arcs else 0)
+
+
+def lower_bound(inst: Instance, devs: Sequence[int]) -> float:
+    """A cheap valid lower bound on the main objective over ``devs`` (links ignored)."""
+    n_m = inst.num_modules
+    per_module = [min(inst.t[d][m] for d in devs) for m in range(n_m)]
+    if inst.options.objective == "latency":
+        return sum(per_module)
+    parallel = 1.0 / sum(1.0 / sum(inst.t[d]) for d in devs)  # every device busy, perfectly balanced
+    return max(max(per_module), parallel)
+
+
+def solve_exact(
+    inst: Instance,
+    devices: Sequence[int] | None = None,
+    solver: str = "cbc",
+    time_limit_s: float = 60.0,
+    warm_start: Evaluation | None = None,
+) -> MilpResult:
+    """The MILP with a stage cap found by bisection between a lower bound and the warm start's value.
+
+    A cap at or above the optimum keeps the optimum and, by dropping every slower range, makes the LP
+    relaxation tight, so the capped MILP solves fast; a cap below it is proven infeasible (usually fast
+    too) and raises the lower bound. A capped optimum at or below its cap is the global optimum.
+    """
+    devs = list(devices if devices is not None else range(inst.num_devices))
+    deadline = time.perf_counter() + time_limit_s
+    t0 = time.perf_counter()
+    best = warm_start
+    ub = warm_start.objective_value if warm_start is not None else float("inf")
+    lb = lower_bound(inst, devs)
+    last: MilpResult | None = None
+    while True:
+        left = deadline - time.perf_counter()
+        if left <= 0.05:
+            break
+        if ub == float("inf"):
+            cap = None
+        elif ub - lb <= 1e-9 * max(ub, 1e-12):
+            return MilpResult(best, True, "Optimal", time.perf_counter() - t0, solver, *_size(last))
+        else:
+            cap = lb + 0.5 * (ub - lb)
+        res = solve_milp(inst, devs, solver, left, best if cap is None or (best and best.objective_value <= cap) else None,
+                         stage_cap_s=cap)
+        last = res
+        if DEBUG:
+            print(f"cap={cap} lb={lb} ub={ub} -> {res.status} {res.optimal} "
+                  f"{None if res.evaluation is None else res.evaluation.objective_value} {res.solve_s:.2f}s")
+        if res.evaluation is not None:
+            if best is None or res.evaluation.objective_value < best.objective_value:
+                best = res.evaluation
+            ub = min(ub, res.evaluation.objective_value)
+            if res.optimal and (cap is None or res.evaluation.objective_value <= cap * (1 + 1e-12)):
+                return MilpResult(best, True, "Optimal", time.perf_counter() - t0, solver, res.variables, res.constraints)
+            if not res.optimal:
+                break
+        elif res.optimal:  # proven infeasible under the cap
+            if cap is None:
+                return MilpResult(None, True, "Infeasible", time.perf_counter() - t0, solver, *_size(last))
+            lb = cap
+        else:
+            break
+    return MilpResult(best, False, "TimeLimit", time.perf_counter() - t0, solver, *_size(last))
+
+
+def _size(res: MilpResult | None) -> tuple[int, int]:
+    return (res.variables, res.constraints) if res is not None else (0, 0)

@@ -42,6 +42,7 @@ from llnode.config import (
     load_config,
     parse_host_port,
 )
+from llnode.dashboard.routes import setup_dashboard
 from llnode.net.auth import PROTOCOL_VERSION
 from llnode.net.discovery import Discovery, Found
 from llnode.net.election import Election
@@ -111,6 +112,7 @@ class Node:
         self.app.router.add_get("/health", self._health)
         self.app.router.add_get("/api/status", self._status)
         self.app.router.add_get("/api/peer-info", self._peer_info)
+        setup_dashboard(self.app, self)
         self._listeners: list[Listener] = []
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[Any]] = []

@@ -355,6 +355,7 @@ BAD_REQUESTS: list[tuple[str, Any, int, str | None]] = [
     ("/v1/chat/completions", _chat(max_tokens=2.5), 400, "max_tokens"),
     ("/v1/chat/completions", _chat(max_tokens=True), 400, "max_tokens"),
     ("/v1/chat/completions", _chat(max_tokens=500), 400, "max_tokens"),  # prompt + 500 > 512 context
+    ("/v1/chat/completions", _chat(max_tokens=500, max_completion_tokens=5), 400, "max_tokens"),
     ("/v1/chat/completions", _chat(temperature=-1), 400, "temperature"),
     ("/v1/chat/completions", _chat(temperature=1e308), 400, "temperature"),
     ("/v1/chat/completions", _chat(temperature="hot"), 400, "temperature"),

@@ -62,7 +62,7 @@ _SAMPLING: dict[str, Any] = {
     "stream_options": _nullable(
         {
             "type": "object",
-            "properties": {"include_usage": {"type": "boolean"}},
+            "properties": {"include_usage": {"type": "boolean", "nullable": True}},
             "additionalProperties": False,
             "description": "only with stream: true",
         }

@@ -282,6 +282,12 @@ def parse_chat(body: Any) -> ChatBody:
     fields = _common(body)
     legacy = _integer(body, "max_tokens", 1, MAX_TOKENS_LIMIT)
     newer = _integer(body, "max_completion_tokens", 1, MAX_TOKENS_LIMIT)
+    if newer is not None and legacy is not None and newer != legacy:
+        raise bad_request(
+            "'max_tokens' and 'max_completion_tokens' disagree; give one of them",
+            param="max_tokens",
+            code="invalid_value",
+        )
     fields.max_tokens = newer if newer is not None else legacy
     if body.get("logprobs") not in (None, False) or body.get("top_logprobs") is not None:
         raise _unsupported("logprobs", "")

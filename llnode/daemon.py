@@ -271,7 +271,10 @@ class Node:
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(self.config.gossip_interval / 2)
-            self.election.update()
+            try:
+                self.election.update()
+            except Exception:
+                log.exception("election update failed")
 
     async def measure_link(self, peer_id: str, nbytes: int = 0, timeout: float = 5.0) -> float:  # noqa: ASYNC109
         """Seconds for one round trip carrying ``nbytes`` of padding out (the answer is tiny)."""

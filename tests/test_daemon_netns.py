@@ -96,8 +96,10 @@ def test_discovery_and_links_across_namespaces(netns_lan: list[str], tmp_path: P
     try:
         for i, ns in enumerate(netns_lan):
             # defaults: HTTP on all interfaces (with a token), peer links on 0.0.0.0, mDNS on eth0 only
+            # an empty shard root: this test is about the network, not about loading a model
             args = ["--port", str(port), "--data-dir", str(tmp_path / ns), "--name", f"ns{i}",
-                    "--host", "0.0.0.0", "--gossip-interval", "0.25"]  # fmt: skip
+                    "--host", "0.0.0.0", "--gossip-interval", "0.25",
+                    "--shards", str(tmp_path / "no-shards")]  # fmt: skip
             if i == 2:  # the third node hears no multicast: it only has a seed in another namespace
                 args += ["--no-mdns", "--peer", f"{SUBNET}.1:{port}"]
             log = tmp_path / f"{ns}.log"
@@ -109,7 +111,7 @@ def test_discovery_and_links_across_namespaces(netns_lan: list[str], tmp_path: P
                         stdout=fh,
                         stderr=subprocess.STDOUT,
                         env=env,
-                        cwd=REPO,
+                        cwd=tmp_path,
                     )
                 )
 
@@ -143,7 +145,7 @@ def test_discovery_and_links_across_namespaces(netns_lan: list[str], tmp_path: P
         print(f"ns1 declared dead after {time.monotonic() - t0:.1f}s (upper bound, includes polling)")
     except BaseException:
         for log in logs:
-            sys.stderr.write(f"===== {log.name}\n{log.read_text(errors='replace')[-4000:]}\n")
+            sys.stderr.write(f"===== {log.name}\n{log.read_text(errors='replace')[-12000:]}\n")
         raise
     finally:
         for p in procs:

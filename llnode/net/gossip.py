@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from llnode.net.codec import FrameError, pack_body
 from llnode.net.failure import ALIVE, DEAD, FailureDetector
 from llnode.net.links import Links, PeerUnavailable
 
@@ -93,9 +94,11 @@ class Gossip:
 
     # ---- local state ------------------------------------------------------------------------------
     def set_local(self, key: str, value: Any) -> None:
-        """Publish ``key`` in this node's state (gossiped to all); no-op if unchanged."""
+        """Publish ``key`` in this node's state (gossiped to all); no-op if unchanged.
+        Raises ``FrameError`` at once if the value cannot travel (msgpack types and numpy arrays only)."""
         if self.local.data.get(key) == value:
             return
+        pack_body(PUSH, 0, 0, value)
         self.local.data[key] = value
         self.local.ver += 1
         self._emit("view")
@@ -103,6 +106,7 @@ class Gossip:
     def update_local(self, values: dict[str, Any]) -> None:
         changed = {k: v for k, v in values.items() if self.local.data.get(k) != v}
         if changed:
+            pack_body(PUSH, 0, 0, changed)
             self.local.data.update(changed)
             self.local.ver += 1
             self._emit("view")
@@ -161,12 +165,18 @@ class Gossip:
         next_round = time.monotonic()
         while True:
             now = time.monotonic()
-            if now >= next_round:
-                self.local.hb += 1
-                self.rounds += 1
-                await self._round()
+            try:
+                if now >= next_round:
+                    self.local.hb += 1
+                    self.rounds += 1
+                    await self._round()
+                    next_round = now + self.interval
+                self.check()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the heartbeat must never stop while the process lives
+                log.exception("gossip round failed")
                 next_round = now + self.interval
-            self.check()
             await asyncio.sleep(min(self.interval / 2, max(0.01, next_round - time.monotonic())))
 
     async def _round(self) -> None:
@@ -177,7 +187,7 @@ class Gossip:
             return
         payload = {"entries": self._wire_entries(), "reply": False}
         for peer in targets:
-            with contextlib.suppress(PeerUnavailable, TimeoutError, ConnectionError):
+            with contextlib.suppress(PeerUnavailable, TimeoutError, ConnectionError, FrameError):
                 await self.links.send(peer, PUSH, payload)
 
     def _wire_entries(self, only: list[Entry] | None = None) -> list[list[Any]]:

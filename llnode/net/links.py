@@ -292,6 +292,10 @@ class Links:
                 continue
             except PeerUnavailable as exc:
                 log.debug("dial %s at %s:%d failed: %s", peer_id, dialer.host, dialer.port, exc)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let one odd failure end the redialing of a peer
+                log.exception("dial %s at %s:%d failed", peer_id, dialer.host, dialer.port)
             dialer.wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(dialer.wake.wait(), backoff * random.uniform(0.8, 1.2))
@@ -418,6 +422,9 @@ class Links:
             log.warning("closing link to %s: %s", conn.peer_id, reason)
         except asyncio.CancelledError:
             reason = "stopping"
+        except Exception as exc:  # a bug must cost this connection only, never the daemon
+            reason = f"internal error: {type(exc).__name__}: {exc}"
+            log.exception("closing link to %s", conn.peer_id)
         finally:
             self._drop(conn, reason)
 

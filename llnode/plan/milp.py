@@ -34,6 +34,8 @@ from llnode.plan.costs import Evaluation, Instance, evaluate
 
 DISAGGREGATE = True
 DEBUG = False
+# Costs enter the solver in microseconds: CBC's absolute tolerances (~1e-7) would blur second-scale values.
+SCALE = 1e6
 
 
 class SolverUnavailable(RuntimeError):
@@ -67,10 +69,10 @@ class MilpResult:
 
 def _solver(name: str, time_limit_s: float, warm: bool) -> pulp.LpSolver:
     if name == "cbc":
-        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, warmStart=warm)
+        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, warmStart=warm, gapRel=1e-9, gapAbs=1e-6)
     if name == "highs":
         if "HiGHS" in pulp.listSolvers(onlyAvailable=True):
-            return pulp.HiGHS(msg=False, timeLimit=time_limit_s)
+            return pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=1e-9)
         return pulp.HiGHS_CMD(msg=False, timeLimit=time_limit_s)
     raise SolverUnavailable(f"unknown MILP solver {name!r}")
 
@@ -124,8 +126,10 @@ def solve_milp(
                 if c + (0.0 if (j, k) == (0, n_m) else min_hop[d, k]) > ub:
                     continue
                 w[d, j, k] = pulp.LpVariable(f"w_{d}_{j}_{k}", cat="Binary")
-                cost[d, j, k] = c
-                extra[d, j, k] = opts.energy_weight * inst.energy[d] * c + move_scale * inst.moved_bytes(d, j, k)
+                cost[d, j, k] = c * SCALE
+                extra[d, j, k] = SCALE * (
+                    opts.energy_weight * inst.energy[d] * c + move_scale * inst.moved_bytes(d, j, k)
+                )
     if not w or not any(j == 0 for _, j, _ in w):
         return MilpResult(None, True, "Infeasible", 0.0, solver, 0, 0)
     starts: dict[tuple[int, int], list[pulp.LpVariable]] = {}
@@ -144,7 +148,7 @@ def solve_milp(
         enders = [d for d in devs if (d, k) in ends]
         starters = [e for e in devs if (e, k_in) in starts]
         for d in enders:
-            shortest = min(cost[key] for key in per_dev[d] if key[2] == k)
+            shortest = min(cost[key] for key in per_dev[d] if key[2] == k) / SCALE
             for e in starters:
                 if d == e and k < n_m:
                     continue
@@ -166,21 +170,21 @@ def solve_milp(
     stage: dict[int, pulp.LpAffineExpression] = {}
     for d in devs:
         hops = [
-            (0.0 if d == e else inst.hop_s(d, e, k - 1)) * var for (dd, e, k), var in y.items() if dd == d
+            (0.0 if d == e else inst.hop_s(d, e, k - 1)) * SCALE * var for (dd, e, k), var in y.items() if dd == d
         ]
         stage[d] = pulp.lpSum(cost[key] * w[key] for key in per_dev[d]) + pulp.lpSum(hops)
     penalty = pulp.lpSum(extra[key] * var for key, var in w.items() if extra[key])
     if opts.objective == "latency":
         prob += pulp.lpSum(stage.values()) + penalty
     else:
-        bott = pulp.LpVariable("bottleneck", lowBound=0, upBound=None if stage_cap_s is None else stage_cap_s)
+        bott = pulp.LpVariable("bottleneck", lowBound=0, upBound=None if stage_cap_s is None else stage_cap_s * SCALE)
         for d in devs:
             prob += bott >= stage[d]
         if DISAGGREGATE:
             # the same bound per range variable: much tighter LP relaxation than the per-device sum
             out_hops = {
                 (d, k): pulp.lpSum(
-                    (0.0 if d == e else inst.hop_s(d, e, k - 1)) * y[d, e, k] for e in devs if (d, e, k) in y
+                    (0.0 if d == e else inst.hop_s(d, e, k - 1)) * SCALE * y[d, e, k] for e in devs if (d, e, k) in y
                 )
                 for d in devs
                 for k in range(1, n_m + 1)

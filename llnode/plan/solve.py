@@ -155,28 +155,39 @@ def _candidates(inst: Instance) -> list[int]:
 
 
 def check_fits(inst: Instance) -> None:
-    """Raise PlanInfeasible, with a lower bound on the missing bytes, when the model cannot fit at all."""
+    """Raise PlanInfeasible, with a lower bound on the missing bytes, when the model cannot fit at all.
+
+    Two bounds: the biggest single module (with KV, activations and overhead) must fit on the largest
+    device, and all weights + KV must fit in the sum of what devices offer after their own overhead.
+    """
     m = inst.model
     best = max(inst.usable)
-    worst_single = max(range(inst.num_modules), key=lambda i: inst.memory_bytes(i, i + 1))
-    need_single = inst.memory_bytes(worst_single, worst_single + 1)
-    if need_single > best:
-        raise PlanInfeasible(
-            f"module {worst_single} alone needs {_fmt_bytes(need_single)} (weights, KV cache for "
-            f"{inst.options.max_sessions} sessions, activations, runtime overhead) but the largest device offers "
-            f"{_fmt_bytes(best)}: {_fmt_bytes(need_single - best)} missing",
-            missing_bytes=need_single - best,
-        )
+    worst = max(range(inst.num_modules), key=lambda i: inst.memory_bytes(i, i + 1))
+    need_single = inst.memory_bytes(worst, worst + 1)
     need = sum(m.weight_bytes) + sum(m.kv_bytes)
-    min_act = min(m.act_bytes)
-    offer = sum(max(0, u - inst.overhead - min_act) for u in inst.usable)
+    offer = sum(max(0, u - inst.overhead - min(m.act_bytes)) for u in inst.usable)
+    problems = []
+    missing = 0
+    if need_single > best:
+        missing = need_single - best
+        problems.append(
+            f"module {worst} alone needs {_fmt_bytes(need_single)} (weights, KV cache, activations, runtime "
+            f"overhead) but the largest device offers {_fmt_bytes(best)} ({_fmt_bytes(missing)} short)"
+        )
     if need > offer:
+        missing = max(missing, need - offer)
+        problems.append(
+            f"weights + KV cache ({inst.options.max_sessions} sessions) need {_fmt_bytes(need)} but the "
+            f"{inst.num_devices} device(s) offer {_fmt_bytes(offer)} after overhead and activations "
+            f"({_fmt_bytes(need - offer)} short)"
+        )
+    if problems:
         raise PlanInfeasible(
-            f"the model needs {_fmt_bytes(need)} for weights and KV cache ({inst.options.max_sessions} sessions x "
-            f"{inst.options.max_context or 'max'} context) but the {inst.num_devices} device(s) offer "
-            f"{_fmt_bytes(offer)} after runtime overhead and activations: at least {_fmt_bytes(need - offer)} "
-            "missing (add devices, lower --max-sessions/--max-context, or raise --memory-fraction)",
-            missing_bytes=need - offer,
+            "the model does not fit: "
+            + "; ".join(problems)
+            + f". At least {_fmt_bytes(missing)} missing: add devices, lower max_sessions/max_context, "
+            "or raise memory_fraction",
+            missing_bytes=missing,
         )
 
 

@@ -75,6 +75,15 @@ say "virtualenv $VENV"
 pip_args=(--quiet --disable-pip-version-check)
 [ "$NO_DEPS" = 1 ] && pip_args+=(--no-deps)
 say "llnode from $SOURCE"
+if [ -f "$SOURCE/pyproject.toml" ]; then
+    # Build from a clean copy: pip builds a directory in place, and a stale build/ in the checkout
+    # would otherwise leak deleted modules into the installed package.
+    build_src=$(mktemp -d)
+    trap 'rm -rf "$build_src"' EXIT
+    cp -r "$SOURCE/pyproject.toml" "$SOURCE/llnode" "$build_src/"
+    if [ -f "$SOURCE/README.md" ]; then cp "$SOURCE/README.md" "$build_src/"; fi
+    SOURCE=$build_src
+fi
 "$VENV/bin/python" -m pip install "${pip_args[@]}" --upgrade "$SOURCE"
 "$VENV/bin/llnode" --version
 

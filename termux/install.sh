@@ -86,6 +86,10 @@ if [ -n "$KEY_FILE" ]; then
         || die "--key-file $KEY_FILE does not hold a hex cluster key (as written by 'llnode keygen')"
     KEY_TEXT=$(printf '%s' "$KEY_TEXT" | tr -d '[:space:]')
 fi
+if [ -n "$KEY_TEXT" ] && [ -f "$DATA_DIR/cluster.key" ] \
+    && [ "$(tr -d '[:space:]' <"$DATA_DIR/cluster.key")" != "$KEY_TEXT" ]; then
+    die "$DATA_DIR/cluster.key exists and holds another key; move it away first if this phone should change clusters"
+fi
 if [ -z "${PREFIX:-}" ] || [ ! -x "$PREFIX/bin/pkg" ]; then
     die "this script is for Termux on Android (no \$PREFIX/bin/pkg here); on Linux use systemd/install.sh"
 fi
@@ -107,7 +111,13 @@ install_native() {
     env "${PURE_PYTHON_ENV[@]}" python -m pip install "${PIP_PACKAGES[@]}"
 
     say "llnode from $SRC_DIR (without dependencies: numpy/onnxruntime/cryptography come from pkg)"
-    python -m pip install --no-deps "$SRC_DIR"
+    # From a clean copy: pip builds a directory in place, leaving build/ (and stale files) behind.
+    local build_src
+    build_src=$(mktemp -d)
+    cp -r "$SRC_DIR/pyproject.toml" "$SRC_DIR/llnode" "$build_src/"
+    if [ -f "$SRC_DIR/README.md" ]; then cp "$SRC_DIR/README.md" "$build_src/"; fi
+    python -m pip install --no-deps "$build_src"
+    rm -rf "$build_src"
 
     say "checking that the daemon's imports work"
     if ! python -c 'import onnxruntime' 2>/dev/null; then
@@ -139,7 +149,11 @@ install_proot() {
         apt-get update
         apt-get install -y ${PROOT_APT_PACKAGES[*]}
         [ -x $PROOT_VENV/bin/python ] || python3 -m venv $PROOT_VENV
-        $PROOT_VENV/bin/pip install '$guest_src'
+        src=\$(mktemp -d)
+        cp -r '$guest_src/pyproject.toml' '$guest_src/llnode' \$src/
+        if [ -f '$guest_src/README.md' ]; then cp '$guest_src/README.md' \$src/; fi
+        $PROOT_VENV/bin/pip install \$src
+        rm -rf \$src
         $PROOT_VENV/bin/llnode --version"
 }
 
@@ -156,9 +170,6 @@ setup_data_dir() {
     chmod 700 "$DATA_DIR"
     local key="$DATA_DIR/cluster.key"
     if [ -n "$KEY_TEXT" ]; then
-        if [ -f "$key" ] && [ "$(tr -d '[:space:]' <"$key")" != "$KEY_TEXT" ]; then
-            die "$key exists and holds another key; move it away first if this phone should change clusters"
-        fi
         (umask 077 && printf '%s\n' "$KEY_TEXT" >"$key")
         say "cluster key taken from $KEY_FILE"
     elif [ -f "$key" ]; then

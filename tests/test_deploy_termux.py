@@ -7,6 +7,7 @@
   name in the deploy files is one the code reads.
 - The example config.toml loads through the real config loader, and the daemon starts and serves
   without uvloop (which does not build on Termux).
+- The install script runs end to end on a Termux-shaped tree (only `pkg` is a recorder), twice.
 """
 
 from __future__ import annotations
@@ -359,3 +360,87 @@ def test_daemon_serves_without_uvloop(tmp_path: Path) -> None:
             assert resp.status == 200
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, "".join(lines) + proc.stdout.read()
+
+
+@pytest.fixture(scope="module")
+def fake_termux(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A Termux-shaped directory tree on Linux: $PREFIX with a `pkg` that only records what it was asked
+    (the packages themselves cannot exist here), $HOME, and a virtualenv standing in for Termux's
+    Python, which sees this environment's packages (as pkg + pip would have provided them; pip and
+    setuptools too, as Termux's python-pip does)."""
+    run_help_flags()
+    base = tmp_path_factory.mktemp("termux")
+    prefix, home = base / "usr", base / "home"
+    (prefix / "bin").mkdir(parents=True)
+    home.mkdir()
+    pkg = prefix / "bin/pkg"
+    pkg.write_text('#!/bin/sh\necho "$*" >> "$PKG_LOG"\n')
+    pkg.chmod(0o755)
+    venv = base / "python"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    import sysconfig
+
+    (site / "provided.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return {"prefix": prefix, "home": home, "bin": venv / "bin", "log": base / "pkg.log"}
+
+
+def run_termux_install(fake: dict[str, Path], *args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        "PATH": f"{fake['bin']}:{fake['prefix'] / 'bin'}:/usr/bin:/bin",
+        "PREFIX": str(fake["prefix"]), "HOME": str(fake["home"]), "PKG_LOG": str(fake["log"]),
+        "TMPDIR": str(fake["home"].parent), "LANG": "C.UTF-8",
+        # Build llnode with this environment's setuptools instead of fetching one per run (a phone
+        # builds in isolation; that is pip's business, not the script's).
+        "PIP_NO_BUILD_ISOLATION": "0",
+    }  # fmt: skip
+    return subprocess.run(
+        ["bash", str(INSTALL), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_termux_install_end_to_end_on_a_fake_prefix(fake_termux: dict[str, Path]) -> None:
+    """The whole script but `pkg`: pip steps, build from a clean copy, import check, key, config with the
+    seed, runit service, boot script; then a second run that must keep key and config."""
+    build_dir_before = (REPO / "build").exists()
+    first = run_termux_install(fake_termux, "--peer", "10.0.0.5:7700", "--yes")
+    assert first.returncode == 0, first.stdout + first.stderr
+    asked = fake_termux["log"].read_text().splitlines()
+    assert asked[0] == "install -y " + " ".join(termux_packages()["pkg"])
+    assert "install -y termux-api" in asked  # --yes accepts the Termux:API offer
+    data = fake_termux["home"] / ".llnode"
+    key = data / "cluster.key"
+    assert re.fullmatch(r"[0-9a-f]{64}\n", key.read_text()) and key.stat().st_mode & 0o777 == 0o600
+    from llnode.config import load_config
+
+    cfg = load_config(Namespace(config=None), env={"LLNODE_DATA_DIR": str(data)})
+    assert cfg.peers == ["10.0.0.5:7700"]
+    prefix = fake_termux["prefix"]
+    installed = {
+        prefix / "var/service/llnode/run": REPO / "termux/sv/llnode/run",
+        prefix / "var/service/llnode/log/run": REPO / "termux/sv/llnode/log/run",
+        fake_termux["home"] / ".termux/boot/start-llnode": REPO / "termux/boot/start-llnode",
+    }
+    for target, source in installed.items():
+        assert target.read_bytes() == source.read_bytes() and os.access(target, os.X_OK), target
+    assert "sv-enable llnode" in first.stdout  # no runsvdir here: it says how to enable it later
+    assert (REPO / "build").exists() == build_dir_before, "the install built inside the checkout"
+
+    key_text, config_text = key.read_text(), (data / "config.toml").read_text()
+    other = fake_termux["home"].parent / "other.key"
+    other.write_text("ab" * 32 + "\n")
+    refused = run_termux_install(fake_termux, "--key-file", str(other))
+    assert refused.returncode != 0 and "holds another key" in refused.stderr
+    assert "==>" not in refused.stdout, "a conflicting key must be refused before installing anything"
+
+    same = fake_termux["home"].parent / "same.key"
+    same.write_text(key_text)
+    again = run_termux_install(fake_termux, "--peer", "10.9.9.9:7700", "--key-file", str(same))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert key.read_text() == key_text and (data / "config.toml").read_text() == config_text
+    assert "--peer ignored" in again.stdout

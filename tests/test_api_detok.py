@@ -36,10 +36,17 @@ def test_stop_matcher_cuts_at_the_first_stop_and_never_leaks(case: tuple[str, li
             break
     if not matcher.stopped:
         shown += matcher.flush()
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    expected = text[: min(hits)] if hits else text
+    # Reference: generation stops after the first piece that completes a stop string; the answer is cut
+    # at the earliest stop string present in the text up to that piece (later text never exists).
+    seen, expected, hit = "", text, False
+    for piece in pieces:
+        seen += piece
+        starts = [i for i in (seen.find(s) for s in stops) if i >= 0]
+        if starts:
+            expected, hit = seen[: min(starts)], True
+            break
     assert shown == expected
-    assert matcher.stopped == bool(hits)
+    assert matcher.stopped == hit
 
 
 class ByteTok:

@@ -148,18 +148,7 @@ def tiny_llama_shards(
 @pytest.fixture(scope="session")
 def smollm2_shards() -> Iterator[Path]:
     """The real SmolLM2-135M fp32 shard set, prepared once into the on-disk cache and reused across runs."""
-    from llnode.model.manifest import ManifestError, load_manifest
-    from llnode.model.prepare import prepare
-    from llnode.model.source import cache_dir
+    from llnode.model.prepare import ensure_prepared
 
-    out = cache_dir() / "test-shards" / "smollm2-135m"
-    try:
-        m = load_manifest(out)
-        ok = all(
-            (out / x.file).is_file() and (out / x.file).stat().st_size == x.size_bytes for x in m.modules
-        )
-    except ManifestError:
-        ok = False
-    if not ok:
-        prepare("smollm2-135m", out=out)
+    out = ensure_prepared("smollm2-135m", "fp32")
     yield out

@@ -128,7 +128,16 @@ def test_quantized_shards(
     m = load_manifest(shard)
     assert m.precision == precision
     ops = {n.op_type for mod in m.modules for n in onnx.load(str(shard / mod.file)).graph.node}
-    assert ("MatMulNBits" if precision == "int4" else "MatMulInteger") in ops
+    assert "MatMulNBits" in ops
+    bits = {
+        a.i
+        for mod in m.modules
+        for n in onnx.load(str(shard / mod.file)).graph.node
+        if n.op_type == "MatMulNBits"
+        for a in n.attribute
+        if a.name == "bits"
+    }
+    assert bits == {8 if precision == "int8" else 4}
     embed_inits = onnx.load(str(shard / m.modules[0].file)).graph.initializer
     assert any(i.data_type == onnx.TensorProto.INT8 for i in embed_inits)  # int8 embedding rows
     assert m.modules[1].param_bytes < 0.5 * m.modules[1].flops.base * 2  # weights < fp32 bytes

@@ -32,14 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _shards(spec: str, precision: str) -> Path:
-    from llnode.model.prepare import prepare
-    from llnode.model.source import cache_dir
+    from llnode.model.prepare import ensure_prepared
 
-    name = spec if precision == "fp32" else f"{spec}-{precision}"
-    out = cache_dir() / "test-shards" / name
-    if not (out / "manifest.json").is_file():
-        prepare(spec, out=out, precision=precision)
-    return out
+    return ensure_prepared(spec, precision)
 
 
 def decode_run(

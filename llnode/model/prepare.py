@@ -89,7 +89,9 @@ def cached_modules(hf_dir: Path, precision: str) -> Path:
         _export_fp32(hf_dir, fp32)
     if precision == "fp32":
         return fp32
-    out = base / precision
+    from llnode.model.quantize import QUANT_VERSION
+
+    out = base / f"{precision}-q{QUANT_VERSION}"
     if not (out / "plan.json").is_file():
         _quantize_all(fp32, out, precision)
     return out
@@ -207,3 +209,26 @@ def cached_whole(hf_dir: Path) -> Path:
         export_whole(load_hf(hf_dir), tmp)
         tmp.replace(path)
     return path
+
+
+def ensure_prepared(spec: str = "smollm2-135m", precision: str = "fp32") -> Path:
+    """A shard set of ``spec`` kept in ``$LLNODE_CACHE/test-shards/<name>``, prepared on first use.
+
+    Shared by the test fixtures and the benchmarks so the expensive preparation happens once per machine.
+    The check is by file sizes (fast); ``llnode verify`` does the full sha256 check.
+    """
+    from llnode.model.manifest import ManifestError, load_manifest
+    from llnode.model.source import cache_dir
+
+    name = spec if precision == "fp32" else f"{spec}-{precision}"
+    out = cache_dir() / "test-shards" / name
+    try:
+        m = load_manifest(out)
+        ok = m.precision == precision and all(
+            (out / x.file).is_file() and (out / x.file).stat().st_size == x.size_bytes for x in m.modules
+        )
+    except ManifestError:
+        ok = False
+    if not ok:
+        prepare(spec, out=out, precision=precision)
+    return out

@@ -1,8 +1,8 @@
 """Weight quantization of exported modules (PC side).
 
-* int8: onnxruntime ``quantize_dynamic`` (int8 weights, activations quantized on the fly).
-* int4: ``MatMulNBits`` (block 32, symmetric, ``accuracy_level=4`` = int8 compute): measured the fastest
-  decode on this CPU.
+* int8 / int4: ``MatMulNBits`` with 8- or 4-bit weights (block 32, symmetric, ``accuracy_level=4`` =
+  int8 compute), the fastest decode on this CPU and, for int8, far better perplexity than
+  ``quantize_dynamic`` (see ``quantize_matmuls``).
 * The embedding table (the largest tensor of a small model, and tied to the LM head) becomes int8 rows with
   one fp32 scale per row in both modes: ``Gather`` of int8 rows, then cast and scale. The head keeps its own
   quantized copy of the tied matrix because embedding and head normally live on different devices.
@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import shutil
 from pathlib import Path
@@ -21,6 +19,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 PRECISIONS = ("fp32", "int8", "int4")
+BLOCK_SIZE = 32
+ACCURACY_LEVEL = 4  # int8 compute: the fastest on CPU (field facts)
+QUANT_VERSION = 2  # bump when the quantization recipe changes (part of the cache key)
 
 
 def quantize_embedding(src: Path, dst: Path, min_rows: int = 256) -> None:
@@ -59,20 +60,26 @@ def quantize_embedding(src: Path, dst: Path, min_rows: int = 256) -> None:
 
 
 def quantize_matmuls(src: Path, dst: Path, precision: str) -> None:
-    if precision == "int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+    """Weight-only block quantization of every MatMul with a constant weight (``MatMulNBits``).
 
-        with contextlib.redirect_stdout(io.StringIO()):
-            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
-    elif precision == "int4":
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-        logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
-        q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=32, is_symmetric=True, accuracy_level=4)
-        q.process()
-        q.model.save_model_to_file(str(dst), use_external_data_format=False)
-    else:
+    int8 uses 8-bit blocks too: ``quantize_dynamic`` (per-tensor int8 weights *and* activations) measured
+    perplexity 43.9 vs 24.7 in fp32 on SmolLM2-135M (35.4 per-channel), 8-bit MatMulNBits 25.3.
+    """
+    if precision not in ("int8", "int4"):
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    q = MatMulNBitsQuantizer(
+        onnx.load(str(src)),
+        block_size=BLOCK_SIZE,
+        is_symmetric=True,
+        accuracy_level=ACCURACY_LEVEL,
+        bits=8 if precision == "int8" else 4,
+    )
+    q.process()
+    q.model.save_model_to_file(str(dst), use_external_data_format=False)
 
 
 def quantize_module(src: Path, dst: Path, kind: str, precision: str) -> None:

@@ -47,6 +47,7 @@ class ScriptedEngine:
         self.requests: list[GenerationRequest] = []
         self.not_ready: str | None = None
         self.fail_with: Exception | None = None
+        self.fail_after: int | None = None  # raise fail_with after this many tokens instead of at once
         self._tokenizer = ByteTokenizer()
 
     @property
@@ -70,7 +71,7 @@ class ScriptedEngine:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[int]:
         self.requests.append(request)
-        if self.fail_with is not None:
+        if self.fail_with is not None and self.fail_after is None:
             raise self.fail_with
         self.live.add(request.id)
         try:
@@ -80,6 +81,8 @@ class ScriptedEngine:
                 await asyncio.sleep(self.delay_s)
                 if token == EOS:
                     return
+                if self.fail_with is not None and i == self.fail_after:
+                    raise self.fail_with
                 yield token
         finally:
             self.live.discard(request.id)
@@ -633,5 +636,30 @@ async def test_chat_command_streams_and_keeps_history() -> None:
         out, err = await asyncio.wait_for(proc.communicate(b""), 60)
         assert proc.returncode == 1
         assert b"cannot use http://127.0.0.1:9" in err and b"Traceback" not in err
+    finally:
+        await client.close()
+
+
+async def test_failure_mid_stream_is_reported_in_band() -> None:
+    engine = ScriptedEngine()
+    engine.fail_with, engine.fail_after = EngineUnavailable("stage lost; no survivors hold the model"), 5
+    client = await _client(engine)
+    try:
+        resp = await client.post("/v1/chat/completions", json=_chat(stream=True))
+        assert resp.status == 200  # headers were sent with the first token
+        events = await _sse(resp)
+        assert events[-1] == "[DONE]"
+        assert events[-2]["error"]["message"] == "stage lost; no survivors hold the model"
+        text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-2])
+        assert text == "Hello"
+        engine.fail_with = RuntimeError("boom")
+        resp = await client.post("/v1/chat/completions", json=_chat(stream=True))
+        events = await _sse(resp)
+        assert events[-2]["error"]["type"] == "server_error" and "boom" in events[-2]["error"]["message"]
+        # Not streaming, nothing sent yet: a proper status code.
+        engine.fail_with = EngineUnavailable("stage lost")
+        resp = await client.post("/v1/chat/completions", json=_chat())
+        assert resp.status == 503
+        assert engine.live == set()
     finally:
         await client.close()

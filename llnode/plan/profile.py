@@ -1,93 +1,228 @@
-"""Device profiling: time real modules of the model on this device (never assumed speeds).
+"""Measuring a device and a link for the planner: real modules, real memory, the real peer link.
 
-The planner needs, per device, how fast it runs this model's modules. We time one real decoder-layer
-module for decode (one token on a short past) and for prefill (a short prompt), after warm-ups, and turn
-the times into effective FLOP/s with the manifest's FLOP counts; the planner scales them to every other
-module by FLOPs. Decode on a CPU is memory-bound, so the two speeds differ and are kept apart. The
-fixed cost of one ``session.run`` is measured too (an empty-ish step), since a stage pays it per module.
+``profile_device`` runs a few real modules of the shard set with onnxruntime (through the pipeline's own
+:class:`llnode.model.runner.ModuleRunner`, so the measurement includes exactly the work the daemon will
+do): two decoder layers for decode and prefill, and the head, which is a different kind of matmul. The
+measured time over the FLOPs of those modules gives effective FLOP/s that the cost model scales to every
+other module. It costs well under a few seconds for SmolLM2 and reports its own cost.
+
+``measure_link`` is transport-agnostic: it takes an async echo callable (the daemon passes one that sends
+bytes over the authenticated peer link and awaits the echo) and returns RTT and bandwidth.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import shutil
+import statistics
+import subprocess
 import time
+import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
 
-from llnode.model.manifest import Manifest
-from llnode.model.runner import ModuleRunner
-from llnode.net.resources import battery_sysfs, memory
-from llnode.plan.types import DeviceProfile
-
-DECODE_CONTEXT = 32
-PREFILL_TOKENS = 32
+from llnode.model.manifest import Manifest, load_manifest
+from llnode.plan.types import DeviceProfile, LinkProfile, PlanError
 
 
-def _median_time(fn: object, repeats: int) -> float:
-    assert callable(fn)
+def read_memory() -> tuple[int, int]:
+    """(available, total) bytes from /proc/meminfo; (0, 0) where it cannot be read."""
+    try:
+        info = {}
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            info[key] = int(rest.split()[0]) * 1024
+        return info.get("MemAvailable", info.get("MemFree", 0)), info.get("MemTotal", 0)
+    except (OSError, ValueError, IndexError):
+        return 0, 0
+
+
+def read_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def read_load(cores: int | None = None) -> float:
+    """One-minute load average per core, clipped to 0..1: how busy the device already is."""
+    try:
+        return min(1.0, max(0.0, os.getloadavg()[0] / (cores or read_cores())))
+    except OSError:
+        return 0.0
+
+
+def read_battery() -> tuple[float | None, bool | None]:
+    """(percent, charging) from Linux sysfs or Termux's ``termux-battery-status``; (None, None) if none."""
+    base = Path("/sys/class/power_supply")
+    try:
+        for dev in sorted(base.iterdir()) if base.is_dir() else []:
+            if (dev / "type").is_file() and (dev / "type").read_text().strip() == "Battery":
+                pct = float((dev / "capacity").read_text().strip())
+                status = (dev / "status").read_text().strip().lower() if (dev / "status").is_file() else ""
+                return pct, status in ("charging", "full")
+    except (OSError, ValueError):
+        pass
+    exe = shutil.which("termux-battery-status")
+    if exe:
+        try:
+            out = subprocess.run([exe], capture_output=True, text=True, timeout=5, check=True).stdout
+            data = json.loads(out)
+            return float(data["percentage"]), str(data.get("status", "")).upper() in ("CHARGING", "FULL")
+        except (OSError, subprocess.SubprocessError, ValueError, KeyError):
+            pass
+    return None, None
+
+
+def _time_steps(run: Callable[[], object], repeats: int) -> float:
+    """Median seconds of ``repeats`` calls after one warm-up (the first run allocates)."""
+    run()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn()
+        run()
         times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return statistics.median(times)
 
 
 def profile_device(
-    shard_dir: Path,
-    manifest: Manifest,
+    shard_dir: Path | str,
+    manifest: Manifest | None = None,
     *,
-    device_id: str,
+    device_id: str = "",
     name: str = "",
     module: int | None = None,
     repeats: int = 7,
+    threads: int | None = None,
+    context: int = 32,
+    prompt_tokens: int = 32,
+    layers: int = 2,
 ) -> DeviceProfile:
-    """Measure this device on module ``module`` (default: the first decoder layer present on disk)."""
-    began = time.perf_counter()
-    if module is None:
-        layers = [m for m in manifest.modules if m.kind == "layer" and (Path(shard_dir) / m.file).is_file()]
-        if not layers:
-            raise FileNotFoundError(f"no decoder-layer module of {manifest.name} in {shard_dir} to time")
-        module = layers[0].index
-    info = manifest.modules[module]
-    runner = ModuleRunner(shard_dir, manifest, module, module + 1)
-    rng = np.random.default_rng(0)
+    """Time real modules of ``shard_dir`` for decode and prefill and read memory, cores and battery.
+
+    Probes: ``module`` alone if given, else up to ``layers`` consecutive decoder layers and the head,
+    whichever of them are on disk (a fresh node may hold only the one module it fetched to profile
+    with). Decode is timed at a context of ``context`` tokens (prefilled first) over ``repeats`` steps;
+    FLOPs are taken at the same context so the speed carries over to other modules. Keep the defaults
+    small: the result must come in a few seconds even on a phone.
+    """
+    from llnode.model.runner import ModuleRunner
+
+    t_start = time.perf_counter()
+    manifest = manifest or load_manifest(shard_dir)
+    on_disk = [m for m in manifest.modules if (Path(shard_dir) / m.file).is_file()]
+    probes: list[tuple[int, int]] = []
+    if module is not None:
+        if not 0 <= module < manifest.num_modules:
+            raise PlanError(f"module {module} is not in 0..{manifest.num_modules - 1}")
+        probes.append((module, module + 1))
+    else:
+        run: list[int] = []
+        for m in on_disk:
+            if m.kind == "layer" and len(run) < layers and (not run or m.index == run[-1] + 1):
+                run.append(m.index)
+        if run:
+            probes.append((run[0], run[-1] + 1))
+        head = manifest.num_modules - 1
+        if any(m.index == head for m in on_disk):
+            probes.append((head, head + 1))
+    if not probes:
+        raise FileNotFoundError(f"no decoder-layer or head module of {manifest.name} in {shard_dir} to time")
     hidden = manifest.hidden_size
+    rng = np.random.default_rng(0)
+    decode_s = prefill_s = 0.0
+    decode_flops = prefill_flops = 0.0
+    measured: dict[str, float] = {}
+    for start, end in probes:
+        runner = ModuleRunner(shard_dir, manifest, start, end, threads=threads)
+        mods = manifest.modules[start:end]
+        if start == 0:
+            raise PlanError("profile a decoder layer or the head, not the embedding (a table lookup)")
+        x_prompt = rng.standard_normal((1, prompt_tokens, hidden), dtype=np.float32)
+        pos_prompt = np.arange(prompt_tokens, dtype=np.int64)[None, :]
 
-    def prefill() -> None:
-        x = rng.standard_normal((1, PREFILL_TOKENS, hidden), dtype=np.float32)
-        runner.step("profile-prefill", x, np.arange(PREFILL_TOKENS, dtype=np.int64)[None])
-        runner.free("profile-prefill")
+        def prefill(r: ModuleRunner = runner, x: np.ndarray = x_prompt, p: np.ndarray = pos_prompt) -> None:
+            sid = uuid.uuid4().hex
+            r.step(sid, x, p)
+            r.free(sid)
 
-    prefill()  # warm-up
-    prefill_s = _median_time(prefill, max(3, repeats // 2))
-    x = rng.standard_normal((1, DECODE_CONTEXT, hidden), dtype=np.float32)
-    runner.step("profile-decode", x, np.arange(DECODE_CONTEXT, dtype=np.int64)[None])
-    pos = [DECODE_CONTEXT]
+        pf = _time_steps(prefill, 2)
+        prefill_s += pf
+        prefill_flops += prompt_tokens * sum(m.flops.at(prompt_tokens // 2) for m in mods)
+        # decode: fill a context, then time single-token steps
+        sid = "profile-decode"
+        ctx = rng.standard_normal((1, context, hidden), dtype=np.float32)
+        runner.step(sid, ctx, np.arange(context, dtype=np.int64)[None, :])
+        one = rng.standard_normal((1, 1, hidden), dtype=np.float32)
+        pos = [context]
 
-    def decode() -> None:
-        step = rng.standard_normal((1, 1, hidden), dtype=np.float32)
-        runner.step("profile-decode", step, np.asarray([[pos[0]]], dtype=np.int64))
-        pos[0] += 1
+        def decode(r: ModuleRunner = runner, x: np.ndarray = one, p: list[int] = pos) -> None:
+            r.step(sid, x, np.array([[p[0]]], dtype=np.int64))
+            p[0] += 1
 
-    decode()
-    decode_s = _median_time(decode, repeats)
-    runner.free("profile-decode")
-    decode_flops = info.flops.at(DECODE_CONTEXT)
-    prefill_flops = sum(info.flops.at(i) for i in range(PREFILL_TOKENS))
-    mem = memory()
-    battery = battery_sysfs()
+        dc = _time_steps(decode, repeats)
+        runner.free(sid)
+        decode_s += dc
+        decode_flops += sum(m.flops.at(context) for m in mods)
+        measured[f"decode_ms_modules_{start}_{end}"] = dc * 1e3
+        measured[f"prefill_ms_modules_{start}_{end}_{prompt_tokens}tok"] = pf * 1e3
+    avail, total = read_memory()
+    cores = read_cores()
+    battery, charging = read_battery()
+    cost = time.perf_counter() - t_start
+    measured["profile_s"] = cost
     return DeviceProfile(
-        device_id=device_id,
+        device_id=device_id or os.uname().nodename,
         name=name,
         decode_flops_per_s=decode_flops / decode_s,
         prefill_flops_per_s=prefill_flops / prefill_s,
-        memory_available_bytes=int(mem.get("free", 0)),
-        memory_total_bytes=int(mem.get("total", 0)),
-        cores=os.cpu_count() or 1,
-        battery_pct=None if battery is None else battery.get("level"),
-        charging=None if battery is None else battery.get("charging"),
-        profile_s=time.perf_counter() - began,
-        measured={"decode_s": decode_s, "prefill_s": prefill_s, "module": float(module)},
+        module_overhead_s=0.0,
+        memory_available_bytes=avail,
+        memory_total_bytes=total,
+        cores=cores,
+        battery_pct=battery,
+        charging=charging,
+        load=read_load(cores),
+        profile_s=cost,
+        measured=measured,
     )
+
+
+async def measure_link(
+    send_echo: Callable[[bytes], Awaitable[bytes]],
+    *,
+    src: str = "",
+    dst: str = "",
+    pings: int = 5,
+    bulk_bytes: int = 256 * 1024,
+    bulk_rounds: int = 2,
+    timeout_s: float = 5.0,
+) -> LinkProfile:
+    """RTT (median of small echoes) and bandwidth (large echoes, minus the RTT) over any transport.
+
+    ``send_echo(payload)`` must return the same payload from the other end. The bulk echo carries the
+    payload both ways, so bandwidth = 2 * size / (time - rtt).
+    """
+    if pings < 1 or bulk_rounds < 1 or bulk_bytes < 1:
+        raise PlanError("pings, bulk_rounds and bulk_bytes must be >= 1")
+
+    async def echo(payload: bytes) -> float:
+        t0 = time.perf_counter()
+        try:
+            back = await asyncio.wait_for(send_echo(payload), timeout_s)
+        except TimeoutError as exc:
+            raise PlanError(f"link {src}->{dst}: no echo within {timeout_s} s") from exc
+        if len(back) != len(payload):
+            raise PlanError(f"link {src}->{dst}: echo returned {len(back)} bytes for {len(payload)}")
+        return time.perf_counter() - t0
+
+    await echo(b"w" * 16)  # warm-up (connection setup, first-frame costs)
+    rtt = statistics.median([await echo(b"p" * 16) for _ in range(pings)])
+    payload = os.urandom(bulk_bytes)
+    bulk = min([await echo(payload) for _ in range(bulk_rounds)])
+    bw = 2 * bulk_bytes / max(bulk - rtt, 1e-6)
+    return LinkProfile(src=src, dst=dst, rtt_s=rtt, bandwidth_bytes_per_s=bw, samples=pings + bulk_rounds)

@@ -5,10 +5,11 @@
   unit library (copied from this machine) and with the ExecStart binary the installer really created.
 - ``systemd-analyze security --offline`` scores the hardening.
 - The ExecStart command line, with systemd's specifiers expanded the way systemd would, really starts
-  ``llnode run`` (with write-xor-execute memory enforced by the kernel, as MemoryDenyWriteExecute=
-  does), answers /health and stops cleanly on SIGTERM.
-What cannot be checked here: the sandbox itself (DynamicUser, ProtectSystem, SystemCallFilter...) as
-applied by a running systemd; see docs/deploy.md.
+  ``llnode run`` under the seccomp rules systemd 252 derives from MemoryDenyWriteExecute=,
+  RestrictAddressFamilies= and SystemCallFilter= (installed here by a small launcher), answers
+  /health and stops cleanly on SIGTERM; onnxruntime and CBC run under the same rules.
+What cannot be checked here: the rest of the sandbox as applied by a running systemd (DynamicUser,
+ProtectSystem, PrivateUsers, the mount namespace); see docs/deploy.md.
 """
 
 from __future__ import annotations
@@ -354,9 +355,7 @@ def daemon(argv: list[str], env: dict[str, str], cwd: Path) -> Iterator[subproce
             proc.wait(10)
 
 
-def test_instance_execstart_runs_the_daemon_under_write_xor_execute(
-    staged_root: Path, tmp_path: Path
-) -> None:
+def test_instance_execstart_runs_the_daemon_in_the_units_sandbox(staged_root: Path, tmp_path: Path) -> None:
     """Start llnode@t the way systemd would (specifiers expanded, Environment= then EnvironmentFile=,
     the credential in a credentials dir), with MemoryDenyWriteExecute's effect applied by the kernel."""
     run_help_flags()  # skips while `llnode run` does not exist

@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "modules": ("llnode.bench.modules", "chained modules vs one whole-model session"),
     "links": ("llnode.bench.links", "peer-link frames/s and MB/s on loopback"),
+    "shards": ("llnode.shards.bench", "shard fetch MB/s between peers on loopback"),
     "planner": ("llnode.bench.planner", "MILP solve time and plan quality"),
     "pipeline": ("llnode.bench.pipeline", "multi-node latency and throughput"),
     "balance": ("llnode.bench.balance", "heterogeneous placement and rebalancing"),

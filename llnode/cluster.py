@@ -38,6 +38,8 @@ class LocalCluster:
     workdir: Path | None = None
     extra_args: list[str] = field(default_factory=list)
     log_level: str = "info"
+    env: dict[str, str] = field(default_factory=dict)  # extra environment for every node
+    cpus: list[list[int]] | None = None  # per node, the cores it may run on (simulates separate devices)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     _tmp: tempfile.TemporaryDirectory[str] | None = None
 
@@ -84,8 +86,16 @@ class LocalCluster:
         """Start (or restart) node ``i``; its output goes to ``<data-dir>/node.log``."""
         self.data_dir(i).mkdir(parents=True, exist_ok=True)
         log = (self.data_dir(i) / "node.log").open("ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        return subprocess.Popen(self.node_args(i), stdout=log, stderr=subprocess.STDOUT, env=env)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        cpus = self.cpus[i] if self.cpus is not None else None
+
+        def pin() -> None:
+            if cpus is not None:
+                os.sched_setaffinity(0, cpus)
+
+        return subprocess.Popen(
+            self.node_args(i), stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=pin
+        )
 
     async def status(self, i: int, session: aiohttp.ClientSession) -> dict[str, object] | None:
         try:

@@ -8,6 +8,7 @@ re-prefills on the re-planned pipeline and the text is still exactly the referen
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 import signal
@@ -122,11 +123,13 @@ def test_plan_spans_nodes_and_every_node_agrees(cluster3: LocalCluster) -> None:
     stages = plans[0]["plan"]["stages"]
     assert len(stages) >= 2, stages
     assert stages[0]["start"] == 0 and stages[-1]["end"] == 32
-    for a, b in zip(stages, stages[1:], strict=False):
+    for a, b in itertools.pairwise(stages):
         assert a["end"] == b["start"]
 
 
-def test_greedy_through_cluster_equals_single_process(cluster3: LocalCluster, reference: dict[str, str]) -> None:
+def test_greedy_through_cluster_equals_single_process(
+    cluster3: LocalCluster, reference: dict[str, str]
+) -> None:
     async def run_all() -> list[dict[str, Any]]:
         # Concurrent sessions, entering at different nodes, one of them streaming.
         return await asyncio.gather(
@@ -159,7 +162,11 @@ def test_stage_node_killed_mid_generation_loses_nothing(
         cluster3.procs[victim].send_signal(signal.SIGKILL)
         return await asyncio.wait_for(task, 120)
 
-    result = asyncio.run(scenario())
+    try:
+        result = asyncio.run(scenario())
+    except (TimeoutError, AssertionError, aiohttp.ClientError) as exc:
+        logs = "\n".join(cluster3.log_tail(i, 60) for i in range(3))
+        raise AssertionError(f"request lost after killing node{victim}: {exc!r}\n{logs}") from exc
     assert result["choices"][0]["text"] == reference[PROMPTS[2]]
     after = _status(cluster3, 0)
     assert after["pipeline"]["recoveries"] >= 1

@@ -69,7 +69,6 @@ class DistributedEngine:
         not_ready_reason: Callable[[], str],
         send: SendFn,
         recover_within_s: float = 60.0,
-        max_recoveries: int = 8,
     ) -> None:
         self.node_id = node_id
         self._model_ids = list(model_ids)
@@ -82,7 +81,6 @@ class DistributedEngine:
         self._not_ready_reason = not_ready_reason
         self._send = send
         self.recover_within_s = recover_within_s
-        self.max_recoveries = max_recoveries
         self._live: dict[str, _Live] = {}
         self.recoveries = 0
         self.completed = 0
@@ -124,6 +122,7 @@ class DistributedEngine:
         sampling = request.params.sampling()
         limit = min(request.params.max_tokens, self._max_context - len(history))
         reset = True
+        failing_since: float | None = None
         try:
             while generated < limit:
                 began = time.monotonic()
@@ -131,10 +130,13 @@ class DistributedEngine:
                     token = await self._step(session, live, history, generated, sampling, reset)
                 except StepFailed as exc:
                     log.warning("session %s: %s; re-prefilling on the next plan", session, exc)
-                    live.route = await self._recover(live.route, session)
-                    self.longest_pause_s = max(self.longest_pause_s, time.monotonic() - began)
+                    failing_since = failing_since or began
+                    live.route = await self._recover(live.route, failing_since)
                     reset = True
                     continue
+                if failing_since is not None:
+                    self.longest_pause_s = max(self.longest_pause_s, time.monotonic() - failing_since)
+                    failing_since = None
                 reset = False
                 if token in self.eos_ids:
                     break
@@ -201,27 +203,31 @@ class DistributedEngine:
                 lost = sorted(dead & set(live.route.nodes))
                 live.waiter.set_exception(StepFailed(f"stage node(s) {lost} lost"))
 
-    async def _recover(self, old: Route, session: str) -> Route:
-        """Wait for a serving route (a newer plan, or the same one still healthy) to re-prefill on."""
+    async def _recover(self, old: Route, failing_since: float) -> Route:
+        """Wait for a route to re-prefill on: a newer plan at once, or the same plan again after a
+        backoff (the failure may have been transient: one rejected step, a link that reconnected).
+
+        Never returns without having waited, so a stage that keeps failing cannot make the entry spin,
+        and gives up with :class:`EngineUnavailable` once ``recover_within_s`` has passed.
+        """
         self.recoveries += 1
-        deadline = time.monotonic() + self.recover_within_s
+        deadline = failing_since + self.recover_within_s
+        backoff = min(2.0, 0.25 * 2 ** min(self.recoveries % 8, 3))
+        retry_same_at = time.monotonic() + backoff
         async with self._route_changed:
             while True:
                 route = self._route()
-                if route is not None and (route.epoch != old.epoch or self._live_route_ok(route)):
+                now = time.monotonic()
+                if route is not None and (route.epoch != old.epoch or now >= retry_same_at):
                     return route
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if now >= deadline:
                     raise EngineUnavailable(
                         "the pipeline lost a stage and no plan could serve within "
                         f"{self.recover_within_s:.0f} s: {self._not_ready_reason()}"
                     )
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._route_changed.wait(), min(remaining, 1.0))
-
-    def _live_route_ok(self, route: Route) -> bool:
-        # The same epoch may be retried once the failure was transient (a stage rejected one step).
-        return self._route() == route
+                    wake = min(deadline, retry_same_at if route is not None else deadline) - now
+                    await asyncio.wait_for(self._route_changed.wait(), max(0.01, min(wake, 1.0)))
 
     async def _free(self, session: str, live: _Live) -> None:
         for node in live.stages_used:

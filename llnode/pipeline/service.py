@@ -347,8 +347,9 @@ class PipelineService:
         gossip.set_local(STAGE_KEY, {"epoch": plan.epoch, "ready": False, "range": [stage.start, stage.end]})
         while True:
             try:
+                holders = peers_holding(self._inventories(), self.model, self.manifest_sha)
                 fetched = await self.fetcher.ensure(
-                    self.model, (stage.start, stage.end), peers_holding(self._inventories(), self.model)
+                    self.model, (stage.start, stage.end), holders, self.manifest_sha
                 )
                 break
             except ShardError as exc:

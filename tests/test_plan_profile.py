@@ -33,8 +33,10 @@ def test_profile_rejects_embedding(tiny_llama_shards: Path) -> None:
 @pytest.mark.slow
 def test_profile_smollm2_is_cheap(smollm2_shards: Path) -> None:
     prof = profile_device(smollm2_shards, device_id="me")
-    print(f"SmolLM2 profile: {prof.profile_s:.2f} s, decode {prof.decode_flops_per_s / 1e9:.2f} GFLOP/s, "
-          f"prefill {prof.prefill_flops_per_s / 1e9:.2f} GFLOP/s, {prof.measured}")
+    print(
+        f"SmolLM2 profile: {prof.profile_s:.2f} s, decode {prof.decode_flops_per_s / 1e9:.2f} GFLOP/s, "
+        f"prefill {prof.prefill_flops_per_s / 1e9:.2f} GFLOP/s, {prof.measured}"
+    )
     assert prof.decode_flops_per_s > 0
     assert prof.profile_s < 10  # "a few seconds per device"
 
@@ -43,7 +45,7 @@ def test_resource_readers() -> None:
     avail, total = read_memory()
     assert 0 < avail <= total
     assert read_cores() >= 1
-    pct, charging = read_battery()
+    pct, _charging = read_battery()
     assert pct is None or 0 <= pct <= 100
 
 

@@ -62,7 +62,11 @@ def test_infeasible_reports_missing_bytes() -> None:
     assert "missing" in str(err.value)
     # adding the reported amount to each device's usable memory makes the problem at least pass the check
     more = [
-        DeviceProfile(d.device_id, 5e9, memory_available_bytes=int(d.memory_available_bytes + err.value.missing_bytes / 0.7) + 1)
+        DeviceProfile(
+            d.device_id,
+            5e9,
+            memory_available_bytes=int(d.memory_available_bytes + err.value.missing_bytes / 0.7) + 1,
+        )
         for d in devices
     ]
     assert solve(SMALL, more, [], PlanOptions()).stages
@@ -78,7 +82,9 @@ def test_single_module_too_big_names_the_module() -> None:
 
 @pytest.mark.parametrize("seed", range(5))
 def test_dp_equals_brute_force_for_its_order(seed: int) -> None:
-    devices, links, options = _instance(100 + seed, 2 + seed % 4, objective=("throughput", "latency")[seed % 2])
+    devices, links, options = _instance(
+        100 + seed, 2 + seed % 4, objective=("throughput", "latency")[seed % 2]
+    )
     inst = build_instance(SMALL, devices, links, options)
     order = list(range(inst.num_devices))
     dp = dp_fixed_order(inst, order)
@@ -126,8 +132,11 @@ def test_movement_term_keeps_current_plan_when_gain_is_small() -> None:
         cur[a.device_id] = (a.start, a.end + 1)
         cur[b.device_id] = (a.end + 1, b.end)
     inst = build_instance(SMALL, devices, links, PlanOptions(), current=cur)
-    cur_ev = evaluate(inst, [inst.devices.index(next(d for d in devices if d.device_id == s.device_id)) for s in free.stages],
-                      [0, *[cur[s.device_id][1] for s in free.stages]])
+    cur_ev = evaluate(
+        inst,
+        [inst.devices.index(next(d for d in devices if d.device_id == s.device_id)) for s in free.stages],
+        [0, *[cur[s.device_id][1] for s in free.stages]],
+    )
     assert cur_ev.objective_value >= free.objective_value
     # moving one layer (~5% of the weights) costs 10 x 5% = 50% of the current objective: stay
     sticky = solve(SMALL, devices, links, PlanOptions(movement_weight=10.0), current=cur)
@@ -146,7 +155,10 @@ def test_energy_term_unloads_a_discharging_phone() -> None:
     links = [LinkProfile("mains", "phone", 0.0005, 5e7)]
     plain = solve(SMALL, [mains, phone], links, PlanOptions())
     aware = solve(SMALL, [mains, phone], links, PlanOptions(energy_weight=1.0))
-    share = {p: sum(s.compute_s for s in plan.stages if s.device_id == "phone") for p, plan in (("a", plain), ("b", aware))}
+    share = {
+        p: sum(s.compute_s for s in plan.stages if s.device_id == "phone")
+        for p, plan in (("a", plain), ("b", aware))
+    }
     assert share["b"] < share["a"]
     brute = brute_force(build_instance(SMALL, [mains, phone], links, PlanOptions(energy_weight=1.0)))
     assert brute is not None and aware.objective_value == pytest.approx(brute.objective_value, rel=1e-6)
@@ -182,7 +194,9 @@ def test_profiles_round_trip_and_reject_typos() -> None:
     from llnode.plan.types import PlanError
 
     with pytest.raises(PlanError, match="unknown field"):
-        DeviceProfile.from_dict({"device_id": "a", "decode_flops_per_s": 1e9, "memory_available_bytes": 1, "ram": 2})
+        DeviceProfile.from_dict(
+            {"device_id": "a", "decode_flops_per_s": 1e9, "memory_available_bytes": 1, "ram": 2}
+        )
     with pytest.raises(PlanError, match="must be > 0"):
         DeviceProfile.from_dict({"device_id": "a", "decode_flops_per_s": 0, "memory_available_bytes": 1})
     with pytest.raises(PlanError, match="duplicate device ids"):

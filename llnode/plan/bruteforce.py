@@ -18,7 +18,10 @@ def brute_force_work(num_devices: int, num_modules: int) -> int:
     """How many assignments :func:`brute_force` would evaluate."""
     from math import comb, perm
 
-    return sum(perm(num_devices, k) * comb(num_modules - 1, k - 1) for k in range(1, min(num_devices, num_modules) + 1))
+    return sum(
+        perm(num_devices, k) * comb(num_modules - 1, k - 1)
+        for k in range(1, min(num_devices, num_modules) + 1)
+    )
 
 
 def brute_force(inst: Instance) -> Evaluation | None:

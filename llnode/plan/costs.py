@@ -136,7 +136,9 @@ class Instance:
         cur = self.current.get(d)
         if cur is None:
             return sum(self.model.weight_bytes[start:end])
-        return sum(w for m, w in enumerate(self.model.weight_bytes[start:end], start) if not cur[0] <= m < cur[1])
+        return sum(
+            w for m, w in enumerate(self.model.weight_bytes[start:end], start) if not cur[0] <= m < cur[1]
+        )
 
     @property
     def model_bytes(self) -> int:
@@ -235,7 +237,9 @@ def _movement_reference(inst: Instance, current: Mapping[str, tuple[int, int]]) 
     return ev.latency_s if inst.options.objective == "latency" else ev.bottleneck_s
 
 
-def evaluate(inst: Instance, order: Sequence[int], cuts: Sequence[int], with_terms: bool = True) -> Evaluation:
+def evaluate(
+    inst: Instance, order: Sequence[int], cuts: Sequence[int], with_terms: bool = True
+) -> Evaluation:
     """Price devices ``order`` holding ``[cuts[i], cuts[i+1])``; ``cuts`` starts at 0 and ends at M."""
     k = len(order)
     if len(cuts) != k + 1 or cuts[0] != 0 or cuts[-1] != inst.num_modules:

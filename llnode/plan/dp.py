@@ -20,7 +20,9 @@ import numpy as np
 from llnode.plan.costs import Evaluation, Instance, evaluate
 
 
-def dp_fixed_order(inst: Instance, order: Sequence[int], firsts: Sequence[int] | None = None) -> Evaluation | None:
+def dp_fixed_order(
+    inst: Instance, order: Sequence[int], firsts: Sequence[int] | None = None
+) -> Evaluation | None:
     """Best plan using devices in ``order`` (a subsequence of it); None if nothing fits.
 
     ``firsts`` restricts which order positions may hold module 0 (default: all). The ring's return hop
@@ -33,13 +35,16 @@ def dp_fixed_order(inst: Instance, order: Sequence[int], firsts: Sequence[int] |
     latency = inst.options.objective == "latency"
     opts = inst.options
     move_scale = (
-        opts.movement_weight * inst.movement_ref_s / inst.model_bytes if opts.movement_weight > 0 and inst.current else 0.0
+        opts.movement_weight * inst.movement_ref_s / inst.model_bytes
+        if opts.movement_weight > 0 and inst.current
+        else 0.0
     )
     # hop[p][q] arrays over the order positions, per byte size class
     rtt = np.array([[inst.rtt[a][b] for b in order] for a in order])
     inv_bw = np.array([[inst.inv_bw[a][b] for b in order] for a in order])
     prefix = [np.concatenate([[0.0], np.cumsum(inst.t[d])]) for d in order]
     best: Evaluation | None = None
+    incumbent = np.inf  # best complete plan so far (any first device): a bound that prunes the rest
     for f in firsts if firsts is not None else range(n):
         big = np.inf
         val_b = np.full((n, m + 1), big)  # bottleneck part
@@ -54,6 +59,8 @@ def dp_fixed_order(inst: Instance, order: Sequence[int], firsts: Sequence[int] |
                     continue
                 d = order[p]
                 vb, va = val_b[p, j], val_a[p, j]
+                if incumbent <= vb + va:
+                    continue
                 for e in range(j + 1, m + 1):
                     if not inst.fits(d, j, e):
                         break
@@ -61,12 +68,17 @@ def dp_fixed_order(inst: Instance, order: Sequence[int], firsts: Sequence[int] |
                     pen = opts.energy_weight * inst.energy[d] * c
                     if move_scale:
                         pen += move_scale * inst.moved_bytes(d, j, e)
+                    # every cost only grows with e: once this stage alone is no better than the best
+                    # complete plan, longer ranges cannot help either
+                    if (va + c + pen if latency else max(vb, c) + va + pen) >= incumbent:
+                        break
                     if e == m:
                         hop = 0.0 if p == f else rtt[p, f] + inst.model.out_bytes[m - 1] * inv_bw[p, f]
                         stage = c + hop
                         tot = (va + stage + pen) if latency else (max(vb, stage) + va + pen)
                         if final is None or tot < final[0] - 1e-15:
                             final = (tot, p, j)
+                            incumbent = min(incumbent, tot)
                         continue
                     if p + 1 >= n:
                         continue
@@ -112,17 +124,25 @@ def heuristic_orders(inst: Instance) -> list[list[int]]:
     while left:
         last = chain[-1]
         # prefer a close neighbour, but weigh speed too: cost of a hop vs one module on the candidate
-        nxt = min(left, key=lambda e: (inst.rtt[last][e] + hidden * inst.inv_bw[last][e]) + inst.t[e][len(inst.t[e]) // 2])
+        nxt = min(
+            left,
+            key=lambda e: (
+                (inst.rtt[last][e] + hidden * inst.inv_bw[last][e]) + inst.t[e][len(inst.t[e]) // 2]
+            ),
+        )
         chain.append(nxt)
         left.remove(nxt)
     return [by_speed] if chain == by_speed else [by_speed, chain]
 
 
-def dp_best(inst: Instance, max_firsts: int = 8) -> Evaluation | None:
+def dp_best(inst: Instance, max_firsts: int = 6) -> Evaluation | None:
     """The DP over each heuristic order; every position may be first for small clusters, else the top few."""
     best: Evaluation | None = None
-    for order in heuristic_orders(inst):
-        firsts = None if len(order) <= max_firsts else list(range(4))
+    orders = heuristic_orders(inst)
+    if inst.num_devices > 16:
+        orders = orders[:1]  # big clusters: one pass, fastest device first (seconds, not minutes)
+    for order in orders:
+        firsts = None if len(order) <= max_firsts else ([0] if len(order) > 16 else [0, 1])
         ev = dp_fixed_order(inst, order, firsts)
         if ev is not None and (best is None or ev.objective_value < best.objective_value - 1e-12):
             best = ev

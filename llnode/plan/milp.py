@@ -94,7 +94,6 @@ def solve_milp(
     if solver not in available_solvers():
         raise SolverUnavailable(f"MILP solver {solver!r} is not available here (found {available_solvers()})")
     devs = list(devices if devices is not None else range(inst.num_devices))
-    model = inst.model
     opts = inst.options
     n_m = inst.num_modules
     prob = pulp.LpProblem("llnode_assignment", pulp.LpMinimize)
@@ -104,7 +103,9 @@ def solve_milp(
     cost: dict[tuple[int, int, int], float] = {}
     extra: dict[tuple[int, int, int], float] = {}  # energy + movement terms of that stage
     move_scale = (
-        opts.movement_weight * inst.movement_ref_s / inst.model_bytes if opts.movement_weight > 0 and inst.current else 0.0
+        opts.movement_weight * inst.movement_ref_s / inst.model_bytes
+        if opts.movement_weight > 0 and inst.current
+        else 0.0
     )
     # With an upper bound (a known plan's objective), every stage of a better plan costs at most that much
     # (the optional terms are >= 0), so longer ranges and slower hops are dropped: exact, and it removes
@@ -170,21 +171,27 @@ def solve_milp(
     stage: dict[int, pulp.LpAffineExpression] = {}
     for d in devs:
         hops = [
-            (0.0 if d == e else inst.hop_s(d, e, k - 1)) * SCALE * var for (dd, e, k), var in y.items() if dd == d
+            (0.0 if d == e else inst.hop_s(d, e, k - 1)) * SCALE * var
+            for (dd, e, k), var in y.items()
+            if dd == d
         ]
         stage[d] = pulp.lpSum(cost[key] * w[key] for key in per_dev[d]) + pulp.lpSum(hops)
     penalty = pulp.lpSum(extra[key] * var for key, var in w.items() if extra[key])
     if opts.objective == "latency":
         prob += pulp.lpSum(stage.values()) + penalty
     else:
-        bott = pulp.LpVariable("bottleneck", lowBound=0, upBound=None if stage_cap_s is None else stage_cap_s * SCALE)
+        bott = pulp.LpVariable(
+            "bottleneck", lowBound=0, upBound=None if stage_cap_s is None else stage_cap_s * SCALE
+        )
         for d in devs:
             prob += bott >= stage[d]
         if DISAGGREGATE:
             # the same bound per range variable: much tighter LP relaxation than the per-device sum
             out_hops = {
                 (d, k): pulp.lpSum(
-                    (0.0 if d == e else inst.hop_s(d, e, k - 1)) * SCALE * y[d, e, k] for e in devs if (d, e, k) in y
+                    (0.0 if d == e else inst.hop_s(d, e, k - 1)) * SCALE * y[d, e, k]
+                    for e in devs
+                    if (d, e, k) in y
                 )
                 for d in devs
                 for k in range(1, n_m + 1)
@@ -276,18 +283,28 @@ def solve_exact(
             return MilpResult(best, True, "Optimal", time.perf_counter() - t0, solver, *_size(last))
         else:
             cap = lb + 0.5 * (ub - lb)
-        res = solve_milp(inst, devs, solver, left, best if cap is None or (best and best.objective_value <= cap) else None,
-                         stage_cap_s=cap)
+        res = solve_milp(
+            inst,
+            devs,
+            solver,
+            left,
+            best if cap is None or (best and best.objective_value <= cap) else None,
+            stage_cap_s=cap,
+        )
         last = res
         if DEBUG:
-            print(f"cap={cap} lb={lb} ub={ub} -> {res.status} {res.optimal} "
-                  f"{None if res.evaluation is None else res.evaluation.objective_value} {res.solve_s:.2f}s")
+            print(
+                f"cap={cap} lb={lb} ub={ub} -> {res.status} {res.optimal} "
+                f"{None if res.evaluation is None else res.evaluation.objective_value} {res.solve_s:.2f}s"
+            )
         if res.evaluation is not None:
             if best is None or res.evaluation.objective_value < best.objective_value:
                 best = res.evaluation
             ub = min(ub, res.evaluation.objective_value)
             if res.optimal and (cap is None or res.evaluation.objective_value <= cap * (1 + 1e-12)):
-                return MilpResult(best, True, "Optimal", time.perf_counter() - t0, solver, res.variables, res.constraints)
+                return MilpResult(
+                    best, True, "Optimal", time.perf_counter() - t0, solver, res.variables, res.constraints
+                )
             if not res.optimal:
                 break
         elif res.optimal:  # proven infeasible under the cap

@@ -160,8 +160,8 @@ def profile_device(
         one = rng.standard_normal((1, 1, hidden), dtype=np.float32)
         pos = [context]
 
-        def decode(r: ModuleRunner = runner, x: np.ndarray = one, p: list[int] = pos) -> None:
-            r.step(sid, x, np.array([[p[0]]], dtype=np.int64))
+        def decode(r: ModuleRunner = runner, x: np.ndarray = one, p: list[int] = pos, s: str = sid) -> None:
+            r.step(s, x, np.array([[p[0]]], dtype=np.int64))
             p[0] += 1
 
         dc = _time_steps(decode, repeats)

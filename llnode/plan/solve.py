@@ -87,12 +87,20 @@ def solve(
         dp_ev = dp_best(inst)
         if wanted in ("auto", "cbc", "highs"):
             have = available_solvers()
-            name = ("cbc" if "cbc" in have else "highs" if "highs" in have else "") if wanted == "auto" else wanted
+            name = (
+                ("cbc" if "cbc" in have else "highs" if "highs" in have else "")
+                if wanted == "auto"
+                else wanted
+            )
             if name and name in have:
                 cands = _candidates(inst)
                 try:
                     res = solve_exact(
-                        inst, cands, solver=name, time_limit_s=options.time_limit_s, warm_start=_warm(dp_ev, cands)
+                        inst,
+                        cands,
+                        solver=name,
+                        time_limit_s=options.time_limit_s,
+                        warm_start=_warm(dp_ev, cands),
                     )
                 except SolverUnavailable as exc:
                     notes.append(f"MILP solver failed ({exc}); used the DP over a fixed device order")
@@ -100,8 +108,9 @@ def solve(
                     restricted = len(cands) < inst.num_devices
                     if restricted:
                         notes.append(
-                            f"{inst.num_devices} devices exceed milp_max_devices={options.milp_max_devices}: the "
-                            f"MILP ran over the {len(cands)} fastest candidates, the DP over all devices in a "
+                            f"{inst.num_devices} devices exceed milp_max_devices={options.milp_max_devices}: "
+                            f"the MILP ran over the {len(cands)} fastest candidates, the DP over all devices "
+                            "in a "
                             "heuristic order; the better plan was kept"
                         )
                     if res.evaluation is not None:
@@ -109,7 +118,8 @@ def solve(
                         optimal = res.optimal and not restricted
                         if not res.optimal:
                             notes.append(
-                                f"{name} stopped at the {options.time_limit_s:g} s time limit: best plan found, "
+                                f"{name} stopped at the {options.time_limit_s:g} s time limit: best plan "
+                                "found, "
                                 "optimality not proven"
                             )
                     elif not restricted:
@@ -131,11 +141,14 @@ def solve(
         if solver_used == "dp" and (
             inst.options.objective == "throughput" and (options.energy_weight or options.movement_weight)
         ):
-            notes.append("DP with weighted energy/movement terms under the throughput objective is a heuristic")
+            notes.append(
+                "DP with weighted energy/movement terms under the throughput objective is a heuristic"
+            )
     if ev is None:
         gap = _packing_gap(inst)
         raise PlanInfeasible(
-            f"no feasible assignment found; about {_fmt_bytes(gap)} more memory on the largest device is needed",
+            f"no feasible assignment found; about {_fmt_bytes(gap)} more memory on the largest device "
+            "is needed",
             missing_bytes=gap,
         )
     return make_plan(inst, ev, solver_used, optimal, time.perf_counter() - t0, notes, left_out, epoch)
@@ -194,7 +207,10 @@ def check_fits(inst: Instance) -> None:
 def _packing_gap(inst: Instance) -> int:
     """Extra bytes on the largest device that would make some contiguous packing fit (greedy bound)."""
     order = sorted(range(inst.num_devices), key=lambda d: -inst.usable[d])
-    lo, hi = 0, sum(inst.model.weight_bytes) + sum(inst.model.kv_bytes) + inst.overhead + max(inst.model.act_bytes)
+    lo, hi = (
+        0,
+        sum(inst.model.weight_bytes) + sum(inst.model.kv_bytes) + inst.overhead + max(inst.model.act_bytes),
+    )
     while lo < hi:
         mid = (lo + hi) // 2
         if _greedy_fits(inst, order, mid):
@@ -304,7 +320,8 @@ def _explain(inst: Instance, ev: Evaluation, plan: Plan) -> None:
         hop = min((inst.rtt[d][e] + hidden * inst.inv_bw[d][e] for e in used), default=0.0)
         if one + hop >= ev.bottleneck_s and inst.options.objective == "throughput":
             why = (
-                f"even its cheapest single module ({one * 1e3:.2f} ms) plus a hop ({hop * 1e3:.2f} ms) exceeds the "
+                f"even its cheapest single module ({one * 1e3:.2f} ms) plus a hop ({hop * 1e3:.2f} ms) "
+                "exceeds the "
                 f"plan's bottleneck stage ({ev.bottleneck_s * 1e3:.2f} ms): it would slow the pipeline"
             )
         elif inst.options.objective == "latency":
@@ -314,7 +331,8 @@ def _explain(inst: Instance, ev: Evaluation, plan: Plan) -> None:
             )
         else:
             why = (
-                f"splitting further onto it adds a hop of at least {hop * 1e3:.2f} ms; no assignment using it "
+                f"splitting further onto it adds a hop of at least {hop * 1e3:.2f} ms; no assignment "
+                "using it "
                 f"beat {main * 1e3:.2f} ms"
             )
         if inst.options.energy_weight > 0 and inst.energy[d] > 0:

@@ -34,23 +34,69 @@ def synthetic_manifest(
     ids = TensorSpec("input_ids", "int64", ["batch", "new_tokens"])
     logits = TensorSpec("logits", "float32", ["batch", "new_tokens", vocab])
     modules = [
-        ModuleInfo(0, "embed", "embed", "embed.onnx", "", 0, int(vocab * hidden * bytes_per_param),
-                   FlopsModel(float(hidden)), 0, [ids], [hid]),
+        ModuleInfo(
+            0,
+            "embed",
+            "embed",
+            "embed.onnx",
+            "",
+            0,
+            int(vocab * hidden * bytes_per_param),
+            FlopsModel(float(hidden)),
+            0,
+            [ids],
+            [hid],
+        ),
     ]
     for i in range(num_layers):
         modules.append(
-            ModuleInfo(i + 1, f"layer_{i}", "layer", f"layer_{i}.onnx", "", 0, int(layer_params * bytes_per_param),
-                       FlopsModel(2.0 * layer_params, 4.0 * heads * head_dim), 2 * kv_dim * 4, [hid], [hid], layer=i)
+            ModuleInfo(
+                i + 1,
+                f"layer_{i}",
+                "layer",
+                f"layer_{i}.onnx",
+                "",
+                0,
+                int(layer_params * bytes_per_param),
+                FlopsModel(2.0 * layer_params, 4.0 * heads * head_dim),
+                2 * kv_dim * 4,
+                [hid],
+                [hid],
+                layer=i,
+            )
         )
     modules.append(
-        ModuleInfo(num_layers + 1, "head", "head", "head.onnx", "", 0, int(vocab * hidden * bytes_per_param),
-                   FlopsModel(2.0 * vocab * hidden), 0, [hid], [logits])
+        ModuleInfo(
+            num_layers + 1,
+            "head",
+            "head",
+            "head.onnx",
+            "",
+            0,
+            int(vocab * hidden * bytes_per_param),
+            FlopsModel(2.0 * vocab * hidden),
+            0,
+            [hid],
+            [logits],
+        )
     )
     boundaries = [Boundary(i, [hid], hidden * 4) for i in range(num_layers + 1)]
     return Manifest(
-        name=name, architecture="llama", precision="fp32", hidden_size=hidden, num_layers=num_layers,
-        num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, vocab_size=vocab, max_context=max_context,
-        bos_token_id=1, eos_token_ids=[2], pad_token_id=None, modules=modules, boundaries=boundaries,
+        name=name,
+        architecture="llama",
+        precision="fp32",
+        hidden_size=hidden,
+        num_layers=num_layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        vocab_size=vocab,
+        max_context=max_context,
+        bos_token_id=1,
+        eos_token_ids=[2],
+        pad_token_id=None,
+        modules=modules,
+        boundaries=boundaries,
     )
 
 
@@ -66,7 +112,11 @@ DEVICE_CLASSES = [
 
 
 def random_fleet(
-    n: int, rng: random.Random, *, link_mbit: tuple[float, float] = (10.0, 200.0), rtt_ms: tuple[float, float] = (1.0, 8.0)
+    n: int,
+    rng: random.Random,
+    *,
+    link_mbit: tuple[float, float] = (10.0, 200.0),
+    rtt_ms: tuple[float, float] = (1.0, 8.0),
 ) -> tuple[list[DeviceProfile], list[LinkProfile]]:
     """Heterogeneous devices (jittered classes) and a full mesh of symmetric Wi-Fi-like links."""
     devices = []

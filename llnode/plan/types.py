@@ -349,7 +349,8 @@ class Plan:
             rows.append(
                 f"{i:>2} {(s.name or s.device_id)[:20]:<20} {f'{s.start}-{s.end - 1}':>9} "
                 f"{s.compute_s * 1e3:>10.2f} {s.link_s * 1e3:>8.2f} {s.stage_s * 1e3:>8.2f} "
-                f"{s.prefill_s * 1e3:>10.1f} {f'{s.memory_bytes / gib:.2f}/{s.memory_limit_bytes / gib:.2f}':>15}"
+                f"{s.prefill_s * 1e3:>10.1f} "
+                f"{f'{s.memory_bytes / gib:.2f}/{s.memory_limit_bytes / gib:.2f}':>15}"
             )
         rows.append(
             f"predicted: {self.tokens_per_s:.1f} tokens/s with concurrent sessions (bottleneck "

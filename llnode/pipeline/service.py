@@ -31,7 +31,7 @@ from llnode.pipeline.local import ShardTokenizer
 from llnode.pipeline.stage import StageWorker
 from llnode.plan.profile import profile_device
 from llnode.plan.solve import solve
-from llnode.plan.types import DeviceProfile, Plan, PlanError, PlanInfeasible, PlanOptions
+from llnode.plan.types import DeviceProfile, LinkProfile, Plan, PlanError, PlanInfeasible, PlanOptions
 from llnode.shards.errors import ShardError
 from llnode.shards.fetch import ShardFetcher, peers_holding
 from llnode.shards.rpc import RpcShardTransport, handle_shard_request
@@ -209,6 +209,20 @@ class PipelineService:
                 log.warning("ignoring %s's profile: %s", n, exc)
         return out
 
+    def _links(self, nodes: list[str]) -> list[LinkProfile]:
+        """The round trips and bandwidths every node measured to its peers and gossiped (``links``)."""
+        out: list[LinkProfile] = []
+        for src in nodes:
+            measured = self.node.gossip.get(src, "links")
+            if not isinstance(measured, dict):
+                continue
+            for dst, link in measured.items():
+                if dst not in nodes or not isinstance(link, dict):
+                    continue
+                with contextlib.suppress(PlanError, TypeError):
+                    out.append(LinkProfile.from_dict({"src": src, "dst": dst, **link}))
+        return out
+
     def _published(self) -> dict[str, Any] | None:
         leader = self.node.leader_id
         entry = self.node.gossip.get(leader, PLAN_KEY) if leader else None
@@ -244,7 +258,7 @@ class PipelineService:
                 solve,
                 self.manifest,
                 list(profiles.values()),
-                (),
+                self._links(list(profiles)),
                 self.plan_options,
                 current=current,
                 epoch=epoch,

@@ -41,7 +41,8 @@ def _status(tokens: tuple[int, int] = (0, 0), epoch: int = 2) -> dict[str, Any]:
                              "range": [0, 20], "sessions": 1, "busy": 0.8}),
             _member("b", "pi", self=True, silent_s=0.0, metrics={"sessions": 0}),
             _member("c", "laptop", role="leader",
-                    metrics={"decode_ms": 12.0, "queue": 0, "tokens": tokens[1], "epoch": epoch - 1,
+                    metrics={"decode_ms": 12.0, "queue": 0, "tokens": tokens[1], "steps": tokens[1] // 4,
+                             "epoch": epoch - 1,
                              "range": [20, 32]},
                     plan={"model": "m", "epoch": epoch, "leader": "c", "plan": plan}),
         ],
@@ -89,9 +90,10 @@ def test_history_rates_survive_counter_resets() -> None:
         samples.append(history.observe(_status((a, c)), now=t + 2.0 * i))
     # 40 tokens every 2 s through the last stage (c): 20 tokens/s over the window
     assert samples[4]["tps"] == pytest.approx(80 / 6, rel=0.01)
+    assert samples[4]["gen"] == pytest.approx(20 / 6, rel=0.01)  # steps: generated tokens
     assert samples[-1]["tps"] == pytest.approx(80 / 6, rel=0.01)
     # a's counter restarted (new stage worker): its total keeps growing, never negative
-    assert history._totals["a"] == 125
+    assert history._totals["tokens:a"] == 125
     assert samples[-1]["stage_ms"] == {"a": 31.5} and samples[-1]["queue"] == {"a": 2, "c": 0}
     assert len(history.samples) == len(counts)
 

@@ -156,39 +156,49 @@ class History:
         now = time.time() if now is None else now
         self._derive_events(status, now)
         plan = plan_view(status)
-        # Stage token counters restart with every new stage worker: sum the positive steps instead.
+        # Stage counters restart with every new stage worker: sum their positive steps instead.
         for m in status.get("members", []):
             metrics = m.get("metrics")
-            tokens = metrics.get("tokens") if isinstance(metrics, dict) else None
-            if not isinstance(tokens, int):
-                continue
-            last = self._last.get(m["id"])
-            step = tokens if last is None or tokens < last else tokens - last
-            self._last[m["id"]] = tokens
-            if last is not None:
-                self._totals[m["id"]] = self._totals.get(m["id"], 0) + step
-            else:
-                self._totals.setdefault(m["id"], 0)
+            for counter in ("tokens", "steps"):
+                value = metrics.get(counter) if isinstance(metrics, dict) else None
+                if not isinstance(value, int):
+                    continue
+                key = f"{counter}:{m['id']}"
+                last = self._last.get(key)
+                self._last[key] = value
+                step = 0 if last is None else value if value < last else value - last
+                self._totals[key] = self._totals.get(key, 0) + step
         self._counters.append((now, dict(self._totals)))
         while len(self._counters) > 1 and now - self._counters[0][0] > RATE_WINDOW_S:
             self._counters.popleft()
         rates = self._rates(now)
-        last_stage = next(
-            (s for s in (plan or {}).get("stages", []) if s["end"] == (plan or {}).get("num_modules")), None
-        )
-        # Every token passes every stage: the cluster's rate is the last stage's (or the busiest node's).
-        if last_stage is not None and last_stage["device_id"] in rates:
-            tps = rates[last_stage["device_id"]]
-        else:
-            tps = max(rates.values(), default=0.0)
         stages = (plan or {}).get("stages", [])
+        last_stage = next(
+            (s["device_id"] for s in stages if s["end"] == (plan or {}).get("num_modules")), None
+        )
+
+        def cluster_rate(counter: str) -> float:
+            """Every token passes every stage: the cluster's rate is the last stage's (else the busiest)."""
+            if last_stage is not None and f"{counter}:{last_stage}" in rates:
+                return rates[f"{counter}:{last_stage}"]
+            return max((v for k, v in rates.items() if k.startswith(counter + ":")), default=0.0)
+
+        tps = cluster_rate("tokens")
+        # A decode step is one generated token; a prefill step is a whole prompt (one per request).
+        gen = cluster_rate("steps")
         stage_ms = {s["device_id"]: s["measured_ms"] for s in stages if s["measured_ms"] is not None}
         queues = {
             m["id"]: m["metrics"].get("queue")
             for m in status.get("members", [])
             if isinstance(m.get("metrics"), dict) and isinstance(m["metrics"].get("queue"), int)
         }
-        sample = {"t": round(now, 3), "tps": round(tps, 2), "stage_ms": stage_ms, "queue": queues}
+        sample = {
+            "t": round(now, 3),
+            "tps": round(tps, 2),
+            "gen": round(gen, 2),
+            "stage_ms": stage_ms,
+            "queue": queues,
+        }
         self.samples.append(sample)
         while self.samples and now - self.samples[0]["t"] > self.horizon_s:
             self.samples.popleft()

@@ -228,12 +228,19 @@ function renderPlan(doc) {
       class: "seg" + (s.alive ? "" : " dead"), style: `flex:${s.end - s.start};background:${state.colors[s.device_id] || "#888"}`,
       title: `stage ${s.index}: ${s.name}, modules ${s.start}..${s.end - 1}`,
       "data-start": s.start, "data-end": s.end, "data-node": s.device_id,
-    }, `${s.name} [${s.start},${s.end})`));
+    }, segLabel(s, total)));
     at = Math.max(at, s.end);
   }
   if (at < total) segs.push(gap(at, total));
   bar.replaceChildren(...segs);
-  const ticks = [...new Set([0, ...plan.stages.map((s) => s.start), total])].sort((a, b) => a - b);
+  const ticks = [];
+  for (const t of [...new Set([0, ...plan.stages.map((s) => s.start), total])].sort((a, b) => a - b)) {
+    if (ticks.length && (t - ticks[ticks.length - 1]) / total < 0.06) { // labels would overlap
+      if (t !== total) continue;
+      if (ticks.length > 1) ticks.pop();
+    }
+    ticks.push(t);
+  }
   $("planscale").replaceChildren(...ticks.map((t) => el("span", { style: `left:${(100 * t) / total}%` }, t)));
   body.replaceChildren(...plan.stages.map((s) => {
     const slow = s.measured_ms !== null && s.predicted_ms > 0 && s.measured_ms > 1.5 * s.predicted_ms;
@@ -244,6 +251,13 @@ function renderPlan(doc) {
       el("td", { title: `compute ${ms(s.compute_ms)} + link ${ms(s.link_ms)}` }, ms(s.predicted_ms)),
       el("td", { class: slow ? "slow" : "" }, ms(s.measured_ms)));
   }));
+}
+
+function segLabel(s, total) {
+  const frac = (s.end - s.start) / total; // narrow segments: shorter labels (the tooltip has it all)
+  if (frac < 0.05) return "";
+  if (frac < 0.16) return s.name;
+  return `${s.name} [${s.start},${s.end})`;
 }
 
 // ---- charts: a tiny line plotter on <canvas> ----------------------------------------------------------
@@ -314,8 +328,12 @@ const fmt = (v) => (v >= 100 ? v.toFixed(0) : v >= 10 ? v.toFixed(1) : v >= 1 ? 
 function renderCharts() {
   const samples = state.samples;
   const last = samples[samples.length - 1];
-  $("tps-now").textContent = last ? `${last.tps.toFixed(1)} tok/s now` : "";
-  drawChart($("chart-tps"), [{ color: "#60a5fa", points: samples.map((s) => [s.t, s.tps]) }], "tok/s");
+  $("tps-now").textContent = last
+    ? `${last.tps.toFixed(1)} tok/s now` + (last.gen !== undefined ? ` · ${last.gen.toFixed(1)} generated` : "") : "";
+  drawChart($("chart-tps"), [
+    { color: "#60a5fa", points: samples.map((s) => [s.t, s.tps]) },
+    { color: "#34d399", points: samples.map((s) => [s.t, s.gen === undefined ? null : s.gen]) },
+  ], "tok/s");
   const ids = new Set();
   for (const s of samples) for (const id of Object.keys(s.stage_ms || {})) ids.add(id);
   const names = Object.fromEntries(state.doc.nodes.map((n) => [n.id, n.name]));
@@ -426,7 +444,7 @@ async function sendChat(prompt) {
     const ttft = firstAt === null ? null : (firstAt - started) / 1000;
     out.append(el("span", { class: "stats" },
       `${pieces} chunks in ${secs.toFixed(1)} s` + (ttft !== null ? ` · first after ${ttft.toFixed(2)} s` : "") +
-      (finish ? ` · ${finish}` : "")));
+      (finish ? ` · finish: ${finish}` : "")));
   } catch (err) {
     state.chat.pop();
     if (err.name === "AbortError") {

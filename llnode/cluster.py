@@ -24,6 +24,8 @@ from pathlib import Path
 
 import aiohttp
 
+from llnode.emulate.cgroups import CgroupError, CpuGroup
+
 DEFAULT_BASE_PORT = 7700
 
 
@@ -40,6 +42,8 @@ class LocalCluster:
     log_level: str = "info"
     env: dict[str, str] = field(default_factory=dict)  # extra environment for every node
     cpus: list[list[int]] | None = None  # per node, the cores it may run on (simulates separate devices)
+    quotas: list[float | None] | None = None  # per node, share of one core (cgroup v1 CPU quota; slow phones)
+    groups: dict[int, CpuGroup] = field(default_factory=dict)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     _tmp: tempfile.TemporaryDirectory[str] | None = None
 
@@ -88,14 +92,29 @@ class LocalCluster:
         log = (self.data_dir(i) / "node.log").open("ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         cpus = self.cpus[i] if self.cpus is not None else None
+        procs_file = None
+        if self.quotas is not None:
+            group = self.groups.get(i) or CpuGroup(f"llnode-{os.getpid()}-{self.base_port}-n{i}")
+            group.set_quota(self.quotas[i])
+            self.groups[i] = group
+            procs_file = str(group.path / "cgroup.procs")
 
         def pin() -> None:
             if cpus is not None:
                 os.sched_setaffinity(0, cpus)
+            if procs_file is not None:  # join the CPU group before exec: every thread inherits it
+                with open(procs_file, "w") as f:
+                    f.write(str(os.getpid()))
 
         return subprocess.Popen(
             self.node_args(i), stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=pin
         )
+
+    def set_quota(self, i: int, quota: float | None) -> None:
+        """Change node ``i``'s CPU quota while it runs (needs ``quotas`` at start)."""
+        if i not in self.groups:
+            raise CgroupError(f"node{i} runs in no CPU group: start the cluster with quotas")
+        self.groups[i].set_quota(quota)
 
     async def status(self, i: int, session: aiohttp.ClientSession) -> dict[str, object] | None:
         try:
@@ -140,6 +159,9 @@ class LocalCluster:
                 p.kill()
                 p.wait()
         self.procs.clear()
+        for group in self.groups.values():
+            group.remove()
+        self.groups.clear()
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None

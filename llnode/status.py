@@ -64,7 +64,39 @@ def format_table(doc: dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     head = f"cluster {doc.get('cluster_id', '?')}  leader {doc.get('leader')}  term {doc.get('term')}"
-    return head + "\n" + "\n".join(lines)
+    return head + "\n" + "\n".join(lines) + format_pipeline(doc)
+
+
+def format_pipeline(doc: dict[str, Any]) -> str:
+    """The plan in force and each stage's predicted vs measured ms/token, plus recent events."""
+    pipe = doc.get("pipeline")
+    if not isinstance(pipe, dict):
+        return ""
+    problem = f" ({pipe['problem']})" if pipe.get("problem") else ""
+    out = [f"\nmodel {pipe.get('model')}: {pipe.get('state')}{problem}"]
+    entry = pipe.get("plan") or {}
+    if entry.get("error"):
+        out.append(f"no plan: {entry['error']}")
+    plan = entry.get("plan")
+    if isinstance(plan, dict):
+        out.append(
+            f"plan epoch {plan.get('epoch')} ({plan.get('objective')}, {plan.get('solver')}): "
+            f"predicted {1.0 / plan['bottleneck_s'] if plan.get('bottleneck_s') else 0:.1f} tokens/s"
+        )
+        measured = {m["id"]: (m.get("metrics") or {}).get("decode_ms") for m in doc.get("members", [])}
+        for k, st in enumerate(plan.get("stages", [])):
+            ms = measured.get(st["device_id"])
+            out.append(
+                f"  stage {k}: {st.get('name') or st['device_id']:<12} "
+                f"modules [{st['start']:>2}, {st['end']:>2})  "
+                f"predicted {1000 * st['compute_s']:.1f} ms/token"
+                + (f", measured {ms:.1f}" if isinstance(ms, int | float) else "")
+            )
+        for device, why in (plan.get("left_out") or {}).items():
+            out.append(f"  left out {device}: {why}")
+    for ev in (pipe.get("events") or [])[-5:]:
+        out.append(f"  event {ev.get('kind')}: {ev.get('message')}")
+    return "\n".join(out)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,6 +13,8 @@ import json
 import random
 import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -142,6 +144,21 @@ def test_greedy_through_cluster_equals_single_process(
     results = asyncio.run(run_all())
     for prompt, res in zip(PROMPTS, results, strict=True):
         assert res["choices"][0]["text"] == reference[prompt]
+
+
+def test_status_command_shows_the_plan(cluster3: LocalCluster) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "llnode", "status", "--node", cluster3.url(1)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert "model smollm2-135m: serving" in out
+    plan = _status(cluster3, 1)["pipeline"]["plan"]["plan"]
+    assert f"plan epoch {plan['epoch']}" in out
+    for k, st in enumerate(plan["stages"]):
+        assert f"stage {k}:" in out and f"[{st['start']:>2}, {st['end']:>2})" in out
 
 
 def test_stage_node_killed_mid_generation_loses_nothing(

@@ -109,6 +109,9 @@ class StageWorker:
         try:
             self._check(step, payload)
         except (ProtocolError, FrameError) as exc:
+            log.warning(
+                "stage %d-%d rejected a step of session %s: %s", self.start, self.end, step.session, exc
+            )
             await self._fail(step.entry, step.session, step.seq, str(exc))
             return
         self._queue.put_nowait(_Pending(step))

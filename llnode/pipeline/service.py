@@ -28,6 +28,7 @@ from llnode.model.tokenizer import load_tokenizer
 from llnode.pipeline import protocol
 from llnode.pipeline.distributed import DistributedEngine, Route
 from llnode.pipeline.local import ShardTokenizer
+from llnode.pipeline.rebalance import Rebalancer
 from llnode.pipeline.stage import StageWorker
 from llnode.plan.profile import profile_device
 from llnode.plan.solve import solve
@@ -85,6 +86,7 @@ class PipelineService:
         node.links.on(protocol.FREE, self._on_free, inline=True)
         node.links.on(SHARD_MSG, self._on_shard)
         node.status_providers["pipeline"] = self.status
+        self.rebalancer = Rebalancer(self)  # drift detection and rebalance requests (rebalance.py)
         node.subscribe(self._on_node_event)
         setup_openai_routes(node.app, lambda: self.engine)
 
@@ -239,7 +241,7 @@ class PipelineService:
     async def _maybe_plan(self) -> None:
         if not self.node.is_leader or self.manifest is None:
             return
-        profiles = self._profiles()
+        profiles = self.rebalancer.adjust(self._profiles())  # speeds measured while serving, if any
         key = (tuple(sorted(profiles)), self.manifest_sha)
         now = time.monotonic()
         if key != self._key_since[0]:
@@ -297,6 +299,7 @@ class PipelineService:
                 self._switch_task.cancel()
             self._switch_task = asyncio.create_task(self._switch(plan))
         self._set_route(self._serving_route(plan))
+        await self.rebalancer.tick()
 
     def _publish_metrics(self) -> None:
         """Gossip this node's stage measurements (at most every 2 s): drift detection and the dashboard."""

@@ -148,9 +148,14 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, default=str, separators=(",", ":"))
 
 
+# ``node.app[DASHBOARD_KEY]`` gives other parts the Dashboard (to add events, or push pages now).
+DASHBOARD_KEY = web.AppKey("llnode.dashboard", Dashboard)
+
+
 def setup_dashboard(app: web.Application, node: Node) -> Dashboard:
     """Add the dashboard routes to ``app``; the page and assets are exempt from the API token."""
     dash = Dashboard(node)
+    app[DASHBOARD_KEY] = dash
     app.router.add_get("/", dash.index)
     app.router.add_get("/dashboard", dash.index)
     app.router.add_get("/dashboard/{name}", dash.asset)

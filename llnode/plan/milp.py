@@ -84,6 +84,7 @@ def solve_milp(
     time_limit_s: float = 60.0,
     warm_start: Evaluation | None = None,
     stage_cap_s: float | None = None,
+    feasibility: bool = False,
 ) -> MilpResult:
     """Solve the assignment over ``devices`` (indices into the instance; default all) with ``solver``.
 
@@ -198,7 +199,10 @@ def solve_milp(
             }
             for (d, j, k), var in w.items():
                 prob += bott >= cost[d, j, k] * var + out_hops[d, k]
-        prob += bott + penalty
+        if feasibility:
+            prob += 0 * bott  # any plan under the cap will do: CBC stops at the first one
+        else:
+            prob += bott + penalty
 
     warm = (
         warm_start is not None
@@ -260,36 +264,51 @@ def solve_exact(
     time_limit_s: float = 60.0,
     warm_start: Evaluation | None = None,
 ) -> MilpResult:
-    """The MILP with a stage cap found by bisection between a lower bound and the warm start's value.
+    """The MILP under a stage cap, searched between a lower bound and the best known plan.
 
-    A cap at or above the optimum keeps the optimum and, by dropping every slower range, makes the LP
-    relaxation tight, so the capped MILP solves fast; a cap below it is proven infeasible (usually fast
-    too) and raises the lower bound. A capped optimum at or below its cap is the global optimum.
+    Every stage of a plan better than T costs at most T, so a cap T drops every longer range and slower
+    hop exactly, which makes the LP relaxation tight. For the plain throughput objective each probe is a
+    pure feasibility problem (solvers prove "nothing under T" fast, while closing the gap of the minimax
+    optimisation is slow): a feasible probe lowers the upper bound to that plan's value, an infeasible one
+    raises the lower bound to T; bisection, then a last probe just under the best value proves it
+    optimal. With the latency objective or weighted terms, each probe optimises under the cap instead,
+    and a capped optimum at or below its cap is the global optimum.
     """
     devs = list(devices if devices is not None else range(inst.num_devices))
+    opts = inst.options
+    pure = (
+        opts.objective == "throughput"
+        and opts.energy_weight == 0
+        and not (opts.movement_weight and inst.current)
+    )
     deadline = time.perf_counter() + time_limit_s
     t0 = time.perf_counter()
     best = warm_start
     ub = warm_start.objective_value if warm_start is not None else float("inf")
     lb = lower_bound(inst, devs)
     last: MilpResult | None = None
-    while True:
+    unknown = lb  # highest cap whose probe ran out of time: look between it and ub next
+    for _ in range(200):
         left = deadline - time.perf_counter()
         if left <= 0.05:
             break
+        if ub < float("inf") and ub - lb <= 2e-9 * max(ub, 1e-12):
+            return MilpResult(best, True, "Optimal", time.perf_counter() - t0, solver, *_size(last))
+        low = max(lb, unknown)
         if ub == float("inf"):
             cap = None
-        elif ub - lb <= 1e-9 * max(ub, 1e-12):
-            return MilpResult(best, True, "Optimal", time.perf_counter() - t0, solver, *_size(last))
+        elif pure and ub - low < 0.01 * ub:
+            cap = ub * (1 - 1e-9)  # prove the best plan optimal
         else:
-            cap = lb + 0.5 * (ub - lb)
+            cap = low + 0.5 * (ub - low)
         res = solve_milp(
             inst,
             devs,
             solver,
-            left,
-            best if cap is None or (best and best.objective_value <= cap) else None,
+            left if not pure or cap is None else max(0.5, left / 3),
+            None if pure or cap is None or best is None or best.objective_value > cap else best,
             stage_cap_s=cap,
+            feasibility=pure and cap is not None,
         )
         last = res
         if DEBUG:
@@ -301,6 +320,8 @@ def solve_exact(
             if best is None or res.evaluation.objective_value < best.objective_value:
                 best = res.evaluation
             ub = min(ub, res.evaluation.objective_value)
+            if pure and cap is not None:
+                continue
             if res.optimal and (cap is None or res.evaluation.objective_value <= cap * (1 + 1e-12)):
                 return MilpResult(
                     best, True, "Optimal", time.perf_counter() - t0, solver, res.variables, res.constraints
@@ -311,6 +332,18 @@ def solve_exact(
             if cap is None:
                 return MilpResult(None, True, "Infeasible", time.perf_counter() - t0, solver, *_size(last))
             lb = cap
+        elif pure and cap is not None and cap < ub * (1 - 1e-6) and unknown == lb:
+            unknown = cap  # this probe ran out of its time slice: one easier (higher) cap next
+        elif pure and cap is not None:
+            # feasibility keeps timing out: spend what is left optimising under the best value instead
+            left = deadline - time.perf_counter()
+            if left > 0.2 and best is not None:
+                res = solve_milp(inst, devs, solver, left, best, stage_cap_s=ub * (1 + 1e-9))
+                if res.evaluation is not None and res.evaluation.objective_value < best.objective_value:
+                    best = res.evaluation
+                if res.optimal and res.evaluation is not None:
+                    return MilpResult(best, True, "Optimal", time.perf_counter() - t0, solver, *_size(res))
+            break
         else:
             break
     return MilpResult(best, False, "TimeLimit", time.perf_counter() - t0, solver, *_size(last))

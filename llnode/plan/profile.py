@@ -101,6 +101,7 @@ def profile_device(
     context: int = 32,
     prompt_tokens: int = 32,
     layers: int = 2,
+    memory_limit: int = 0,
 ) -> DeviceProfile:
     """Time real modules of ``shard_dir`` for decode and prefill and read memory, cores and battery.
 
@@ -171,6 +172,11 @@ def profile_device(
         measured[f"decode_ms_modules_{start}_{end}"] = dc * 1e3
         measured[f"prefill_ms_modules_{start}_{end}_{prompt_tokens}tok"] = pf * 1e3
     avail, total = read_memory()
+    if memory_limit:
+        # The owner caps what this node offers (a shared device, or a small one simulated): the planner
+        # then sees exactly that much, and never places more on it.
+        avail = min(avail, memory_limit) if avail else memory_limit
+        total = min(total, memory_limit) if total else memory_limit
     cores = read_cores()
     battery, charging = read_battery()
     cost = time.perf_counter() - t_start

@@ -1,0 +1,439 @@
+"""``llnode bench balance``: heterogeneous placement and runtime rebalancing, measured on real daemons.
+
+Slow devices are emulated honestly: every node runs in its own cgroup v1 CPU group whose quota is a
+share of one core (:mod:`llnode.emulate.cgroups`); never sleeps.
+
+1. Static heterogeneity: 3 nodes at 100 % / 60 % / 30 % of a core, 4 concurrent sessions. Measured
+   tokens/s of the MILP plan the leader chose, of an even split, of a memory-proportional split, and of
+   the best few plans of a brute force over every order and cut point (ranked by the cost model with the
+   speeds the nodes measured, then each measured for real). Plans other than the leader's own are
+   imposed through ``POST /api/bench/impose-plan`` (enabled only by ``LLNODE_BENCH_IMPOSE=1``), with
+   rebalancing off so that nothing moves while a plan is measured.
+2. Drift: 3 equal nodes, then the busiest stage node's quota is cut to 30 % mid-run. Tokens/s over time
+   with and without rebalancing (fresh clusters), recovery time, failed requests; a timeline PNG.
+
+The last line (``--json``) holds ``milp_over_even``, ``milp_over_best``, ``rebalance_gain`` and
+``failed_requests``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import random
+import socket
+import struct
+import tempfile
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+from llnode.cluster import LocalCluster
+from llnode.emulate.cgroups import unavailable_reason
+from llnode.model.manifest import load_manifest
+from llnode.pipeline.rebalance import IMPOSE_PATH
+from llnode.plan.baselines import _split
+from llnode.plan.costs import ModelCosts
+from llnode.plan.types import PlanOptions
+
+PROMPT = "Once upon a time, in a small village by the river,"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shards", type=Path, default=None, help="shard set (default: SmolLM2 fp32)")
+    parser.add_argument("--quotas", default="1.0,0.6,0.3", help="static part: share of a core per node")
+    parser.add_argument("--sessions", type=int, default=4, help="concurrent sessions")
+    parser.add_argument("--tokens", type=int, default=32, help="decode tokens per request")
+    parser.add_argument("--measure-s", type=float, default=25.0, help="seconds of load per static plan")
+    parser.add_argument("--candidates", type=int, default=3, help="brute-force plans measured for real")
+    parser.add_argument("--drift-s", type=float, default=90.0, help="length of each drift run")
+    parser.add_argument("--cut-at-s", type=float, default=25.0, help="when the quota is cut")
+    parser.add_argument("--drift-quota", type=float, default=0.6, help="everyone's quota before the cut")
+    parser.add_argument("--cut-to", type=float, default=0.3, help="the cut node's quota after the cut")
+    parser.add_argument("--png", type=Path, default=Path("balance-timeline.png"), help="timeline plot")
+    parser.add_argument("--skip-static", action="store_true")
+    parser.add_argument("--skip-drift", action="store_true")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line")
+
+
+def _shard_dir(arg: Path | None) -> Path:
+    if arg is not None:
+        return arg
+    from llnode.model.prepare import ensure_prepared
+
+    return ensure_prepared("smollm2-135m", "fp32")
+
+
+def _free_base(span: int) -> int:
+    for _ in range(500):
+        base = random.randint(20000, 40000)
+        try:
+            for p in [base + i for i in range(span)] + [base + 1000 + i for i in range(span)]:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free port range")
+
+
+# ---- load ---------------------------------------------------------------------------------------
+class Load:
+    """``sessions`` clients streaming completions; every token's arrival time is recorded."""
+
+    def __init__(self, cluster: LocalCluster, sessions: int, tokens: int) -> None:
+        self.cluster = cluster
+        self.sessions = sessions
+        self.tokens = tokens
+        self.stamps: list[float] = []
+        self.failed: list[str] = []
+        self.completed = 0
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def _client(self, k: int, session: aiohttp.ClientSession) -> None:
+        url = self.cluster.url(k % self.cluster.nodes)
+        body = {"model": self.cluster.model, "prompt": PROMPT, "max_tokens": self.tokens, "temperature": 0,
+                "stream": True}
+        while not self._stop.is_set():
+            try:
+                async with session.post(f"{url}/v1/completions", json=body,
+                                        timeout=aiohttp.ClientTimeout(300)) as r:
+                    if r.status != 200:
+                        raise RuntimeError(f"HTTP {r.status}: {(await r.text())[:200]}")
+                    async for raw in r.content:
+                        line = raw.decode().strip()
+                        if line.startswith("data:") and line != "data: [DONE]":
+                            chunk = json.loads(line[5:])
+                            if "error" in chunk:
+                                raise RuntimeError(str(chunk["error"])[:200])
+                            if any(c.get("text") for c in chunk.get("choices", [])):
+                                self.stamps.append(time.monotonic())
+                self.completed += 1
+            except Exception as exc:  # counted, reported; the benchmark goes on
+                self.failed.append(f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(1.0)
+
+    async def start(self, session: aiohttp.ClientSession) -> None:
+        self._stop.clear()
+        self._tasks = [asyncio.create_task(self._client(k, session)) for k in range(self.sessions)]
+
+    async def stop(self) -> None:
+        """Let every request in flight finish (a request cut off by the benchmark is not a failure)."""
+        self._stop.set()
+        await asyncio.wait_for(asyncio.gather(*self._tasks), 600)
+
+    def rate(self, t0: float, t1: float) -> float:
+        return sum(1 for s in self.stamps if t0 <= s < t1) / max(t1 - t0, 1e-9)
+
+
+async def _status(cluster: LocalCluster, session: aiohttp.ClientSession, i: int) -> dict[str, Any]:
+    return await cluster.status(i, session) or {}
+
+
+async def _leader(cluster: LocalCluster, session: aiohttp.ClientSession) -> int:
+    for _ in range(120):
+        for i in range(cluster.nodes):
+            if (await _status(cluster, session, i)).get("is_leader"):
+                return i
+        await asyncio.sleep(0.5)
+    raise RuntimeError("no leader")
+
+
+async def _serving_epoch(cluster: LocalCluster, session: aiohttp.ClientSession, epoch: int) -> None:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        states = [(await _status(cluster, session, i)).get("pipeline") or {} for i in range(cluster.nodes)]
+        if all(s.get("serving") and (s.get("epoch") or 0) >= epoch for s in states):
+            return
+        await asyncio.sleep(0.5)
+    raise RuntimeError(f"plan epoch {epoch} never served")
+
+
+async def _impose(cluster: LocalCluster, session: aiohttp.ClientSession, leader: int,
+                  stages: list[tuple[str, int, int]]) -> int:
+    async with session.post(f"{cluster.url(leader)}{IMPOSE_PATH}",
+                            json={"stages": [list(s) for s in stages]}) as r:
+        data = await r.json()
+        if r.status != 200:
+            raise RuntimeError(f"impose {stages}: {data}")
+    epoch: int = data["epoch"]
+    await _serving_epoch(cluster, session, epoch)
+    return epoch
+
+
+async def _measure(load: Load, session: aiohttp.ClientSession, seconds: float) -> float:
+    """Tokens/s with ``load.sessions`` concurrent sessions, after a short warm-up."""
+    await load.start(session)
+    await asyncio.sleep(min(8.0, seconds / 3))
+    t0 = time.monotonic()
+    await asyncio.sleep(seconds)
+    t1 = time.monotonic()
+    await load.stop()
+    return load.rate(t0, t1)
+
+
+def _ranges(plan: dict[str, Any], names: dict[str, str]) -> list[tuple[str, int, int]]:
+    return [(names.get(s["device_id"], s["device_id"]), s["start"], s["end"]) for s in plan["stages"]]
+
+
+Ranges = list[tuple[str, int, int]]
+
+
+def _brute_candidates(costs: ModelCosts, speeds: dict[str, float], k: int) -> list[Ranges]:
+    """Every order of every non-empty subset of nodes and every cut point, priced by decode FLOPs over
+    the measured speeds (links on loopback cost next to nothing); the ``k`` best."""
+    m = costs.num_modules
+    prefix = [0.0, *itertools.accumulate(costs.decode_flops)]
+    scored: list[tuple[float, list[tuple[str, int, int]]]] = []
+    nodes = list(speeds)
+    for r in range(1, len(nodes) + 1):
+        for order in itertools.permutations(nodes, r):
+            for cuts in itertools.combinations(range(1, m), r - 1):
+                bounds = [0, *cuts, m]
+                stages = [(order[i], bounds[i], bounds[i + 1]) for i in range(r)]
+                worst = max((prefix[e] - prefix[s]) / speeds[d] for d, s, e in stages)
+                scored.append((worst, stages))
+    scored.sort(key=lambda x: x[0])
+    return [s for _, s in scored[:k]]
+
+
+async def static_part(args: argparse.Namespace, shards: Path, log: list[str]) -> dict[str, Any]:
+    quotas = [float(q) for q in args.quotas.split(",")]
+    cluster = LocalCluster(
+        nodes=len(quotas), base_port=_free_base(len(quotas)), model=shards.name, shards=shards.parent,
+        workdir=Path(tempfile.mkdtemp(prefix="llnode-balance-")), quotas=list(quotas),
+        env={"LLNODE_THREADS": "1", "LLNODE_BENCH_IMPOSE": "1", "LLNODE_REBALANCE": "0"},
+    )
+    out: dict[str, Any] = {"quotas": quotas}
+    manifest = load_manifest(shards)
+    costs = ModelCosts.from_manifest(manifest, PlanOptions())
+    m = costs.num_modules
+    cluster.start()
+    try:
+        await cluster.wait_ready(600)
+        async with aiohttp.ClientSession() as session:
+            leader = await _leader(cluster, session)
+            st = await _status(cluster, session, leader)
+            names = {}
+            for i in range(cluster.nodes):
+                names[(await _status(cluster, session, i)).get("id", "")] = f"node{i}"
+            milp = (st["pipeline"]["plan"] or {})["plan"]
+            milp_ranges = _ranges(milp, names)
+            results: dict[str, float] = {}
+            load = Load(cluster, args.sessions, args.tokens)
+            results["milp"] = await _measure(load, session, args.measure_s)
+            log.append(f"MILP {milp_ranges}: {results['milp']:.2f} tok/s")
+            # speeds measured while serving the MILP plan (ms/token of each stage's range)
+            speeds: dict[str, float] = {}
+            for i in range(cluster.nodes):
+                met = ((await _status(cluster, session, i)).get("pipeline") or {}).get("stage") or {}
+                ms = (met.get("metrics") or {}).get("decode_ms")
+                if ms and met.get("range"):
+                    s, e = met["range"]
+                    speeds[f"node{i}"] = sum(costs.decode_flops[s:e]) / (ms / 1000.0)
+            for i in range(cluster.nodes):  # a node the MILP left out: scale by quota from a measured one
+                if f"node{i}" not in speeds and speeds:
+                    ref = next(iter(speeds))
+                    speeds[f"node{i}"] = speeds[ref] * quotas[i] / quotas[int(ref[4:])]
+            even_cuts = _split([1.0] * len(quotas), m)
+            plans = {
+                "even": [(f"node{i}", even_cuts[i], even_cuts[i + 1]) for i in range(len(quotas))],
+                # every node has the same memory here, so the memory split is the even split in memory order
+                "memory": [(f"node{i}", even_cuts[i], even_cuts[i + 1]) for i in range(len(quotas))],
+            }
+            for j, cand in enumerate(_brute_candidates(costs, speeds, args.candidates)):
+                plans[f"brute{j}"] = cand
+            measured: dict[str, float] = {}
+            for label, ranges in plans.items():
+                if label == "memory" and ranges == plans["even"]:
+                    continue
+                key = json.dumps(ranges)
+                if key in measured:
+                    results[label] = measured[key]
+                    continue
+                if ranges == milp_ranges:
+                    results[label] = measured[key] = results["milp"]
+                    continue
+                await _impose(cluster, session, leader, ranges)
+                results[label] = measured[key] = await _measure(load, session, args.measure_s)
+                log.append(f"{label} {ranges}: {results[label]:.2f} tok/s")
+            results["memory"] = results.get("memory", results["even"])
+            best_label = max((k for k in results if k.startswith("brute")), key=lambda k: results[k])
+            out.update(
+                plans={k: v for k, v in plans.items()}, milp_plan=milp_ranges, tokens_per_s=results,
+                speeds_gflops={k: v / 1e9 for k, v in speeds.items()},
+                milp_over_even=results["milp"] / results["even"],
+                milp_over_memory=results["milp"] / results["memory"],
+                milp_over_best=results["milp"] / results[best_label], best=best_label,
+                failed_requests=len(load.failed), failures=load.failed[:5],
+            )
+    finally:
+        cluster.stop()
+    return out
+
+
+async def drift_run(args: argparse.Namespace, shards: Path, rebalance: bool) -> dict[str, Any]:
+    env = {"LLNODE_THREADS": "1", "LLNODE_REBALANCE": "1" if rebalance else "0",
+           "LLNODE_REBALANCE_WINDOW_S": "4", "LLNODE_REBALANCE_COOLDOWN_S": "8"}
+    cluster = LocalCluster(
+        nodes=3, base_port=_free_base(3), model=shards.name, shards=shards.parent,
+        workdir=Path(tempfile.mkdtemp(prefix="llnode-drift-")), quotas=[args.drift_quota] * 3, env=env,
+    )
+    cluster.start()
+    try:
+        await cluster.wait_ready(600)
+        async with aiohttp.ClientSession() as session:
+            leader = await _leader(cluster, session)
+            plan = ((await _status(cluster, session, leader))["pipeline"]["plan"] or {})["plan"]
+            ids = [(await _status(cluster, session, i)).get("id") for i in range(3)]
+            biggest = max(plan["stages"], key=lambda s: s["end"] - s["start"])
+            slow = ids.index(biggest["device_id"])
+            load = Load(cluster, args.sessions, args.tokens)
+            await load.start(session)
+            t0 = time.monotonic()
+            await asyncio.sleep(args.cut_at_s)
+            cluster.set_quota(slow, args.cut_to)
+            t_cut = time.monotonic()
+            await asyncio.sleep(max(0.0, args.drift_s - args.cut_at_s))
+            t_end = time.monotonic()
+            await load.stop()
+            events: list[dict[str, Any]] = []
+            for i in range(3):
+                for ev in ((await _status(cluster, session, i)).get("pipeline") or {}).get("events", []):
+                    if ev.get("kind", "").startswith("rebalance"):
+                        events.append(ev)
+    finally:
+        cluster.stop()
+    bucket = 2.0
+    times = np.arange(0.0, t_end - t0, bucket)
+    rates = [load.rate(t0 + b, t0 + b + bucket) for b in times]
+    before = load.rate(t0 + 8.0, t_cut)
+    after = load.rate(t_cut, t_end)
+    tail = load.rate(t_end - (t_end - t_cut) / 3, t_end)
+    recovery = None
+    for b, r in zip(times, rates, strict=True):
+        if t0 + b >= t_cut and r >= 0.9 * tail:
+            recovery = round(t0 + b + bucket - t_cut, 1)
+            break
+    return {
+        "rebalance": rebalance, "slowed": f"node{slow}", "plan_before": plan["stages"] and [
+            (s.get("name") or s["device_id"], s["start"], s["end"]) for s in plan["stages"]],
+        "tokens_per_s_before": round(before, 3), "tokens_per_s_after": round(after, 3),
+        "tokens_per_s_tail": round(tail, 3), "recovery_s": recovery,
+        "timeline": {"t": [float(t) for t in times], "tokens_per_s": [round(r, 3) for r in rates]},
+        "cut_at_s": round(t_cut - t0, 1), "failed_requests": len(load.failed), "failures": load.failed[:5],
+        "completed": load.completed,
+        "events": [{k: ev.get(k) for k in ("kind", "message", "predicted_gain", "measured_gain")}
+                   for ev in events],
+    }
+
+
+# ---- a tiny PNG plot (no plotting library needed) ---------------------------------------------------
+def write_timeline_png(path: Path, series: list[tuple[list[float], list[float], tuple[int, int, int]]],
+                       cut_at: float | None = None, size: tuple[int, int] = (640, 320)) -> None:
+    """Line plot of each (x, y, rgb) series on a white canvas with axes; a grey bar marks the cut."""
+    w, h = size
+    img = np.full((h, w, 3), 255, dtype=np.uint8)
+    pad = 30
+    xmax = max((max(x) for x, _, _ in series if x), default=1.0) or 1.0
+    ymax = max((max(y) for _, y, _ in series if y), default=1.0) or 1.0
+
+    def px(x: float, y: float) -> tuple[int, int]:
+        return (pad + int((w - 2 * pad) * x / xmax), h - pad - int((h - 2 * pad) * y / (1.1 * ymax)))
+
+    img[h - pad, pad : w - pad] = 0
+    img[pad : h - pad, pad] = 0
+    for k in range(1, 5):  # horizontal grid lines at quarters of the y range
+        _, gy = px(0, 1.1 * ymax * k / 4)
+        img[gy, pad : w - pad] = 220
+    if cut_at is not None:
+        cx, _ = px(cut_at, 0)
+        img[pad : h - pad, max(cx - 1, 0) : cx + 1] = 150
+    for xs, ys, rgb in series:
+        pts = [px(x, y) for x, y in zip(xs, ys, strict=True)]
+        for (x0, y0), (x1, y1) in itertools.pairwise(pts):
+            n = max(abs(x1 - x0), abs(y1 - y0), 1)
+            for t in np.linspace(0, 1, n + 1):
+                x, y = int(x0 + t * (x1 - x0) + 0.5), int(y0 + t * (y1 - y0) + 0.5)
+                img[max(y - 1, 0) : y + 1, max(x - 1, 0) : x + 1] = rgb
+    raw = b"".join(b"\x00" + img[r].tobytes() for r in range(h))
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+        return struct.pack(">I", len(data)) + tag + data + crc
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+    png += chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+    path.write_bytes(png)
+
+
+def _ratio(drift: dict[str, Any], key: str) -> float | None:
+    if not drift or drift["without"][key] <= 0:
+        return None
+    return round(drift["with"][key] / drift["without"][key], 3)
+
+
+def run(args: argparse.Namespace) -> int:
+    reason = unavailable_reason()
+    if reason:
+        print(f"llnode bench balance: needs cgroup v1 CPU quotas: {reason}")
+        return 2
+    shards = _shard_dir(args.shards)
+    log: list[str] = []
+    summary: dict[str, Any] = {}
+
+    async def main() -> None:
+        if not args.skip_static:
+            static = await static_part(args, shards, log)
+            summary["static"] = static
+            print("\n".join(log))
+            print(f"static: MILP {static['tokens_per_s']['milp']:.2f} tok/s; "
+                  f"over even x{static['milp_over_even']:.2f}, "
+                  f"over memory x{static['milp_over_memory']:.2f}, over best brute force "
+                  f"x{static['milp_over_best']:.2f} ({static['best']})", flush=True)
+        if not args.skip_drift:
+            without = await drift_run(args, shards, rebalance=False)
+            print(f"drift without rebalancing: {without['tokens_per_s_before']:.2f} -> "
+                  f"{without['tokens_per_s_after']:.2f} tok/s", flush=True)
+            with_rb = await drift_run(args, shards, rebalance=True)
+            print(f"drift with rebalancing: {with_rb['tokens_per_s_before']:.2f} -> "
+                  f"{with_rb['tokens_per_s_after']:.2f} tok/s (tail {with_rb['tokens_per_s_tail']:.2f}), "
+                  f"recovery {with_rb['recovery_s']} s", flush=True)
+            for ev in with_rb["events"]:
+                print(f"  event {ev['kind']}: {ev['message']}")
+            summary["drift"] = {"without": without, "with": with_rb}
+            write_timeline_png(
+                args.png,
+                [(without["timeline"]["t"], without["timeline"]["tokens_per_s"], (200, 40, 40)),
+                 (with_rb["timeline"]["t"], with_rb["timeline"]["tokens_per_s"], (30, 90, 200))],
+                cut_at=with_rb["cut_at_s"],
+            )
+            print(f"timeline: {args.png} (red: without rebalancing, blue: with; grey: the quota cut)")
+
+    asyncio.run(main())
+    static = summary.get("static", {})
+    drift = summary.get("drift", {})
+    result = {
+        "milp_over_even": round(static["milp_over_even"], 3) if static else None,
+        "milp_over_memory": round(static["milp_over_memory"], 3) if static else None,
+        "milp_over_best": round(static["milp_over_best"], 3) if static else None,
+        "rebalance_gain": _ratio(drift, "tokens_per_s_after"),
+        "rebalance_gain_tail": _ratio(drift, "tokens_per_s_tail"),
+        "recovery_s": drift["with"]["recovery_s"] if drift else None,
+        "failed_requests": static.get("failed_requests", 0)
+        + (drift["with"]["failed_requests"] + drift["without"]["failed_requests"] if drift else 0),
+        "tokens_per_s": static.get("tokens_per_s"),
+    }
+    if args.json:
+        print(json.dumps({"detail": summary}, default=str))
+        print(json.dumps(result))
+    else:
+        print(json.dumps(result, indent=2))
+    return 0

@@ -1,0 +1,206 @@
+"""Rebalancing on a live cluster: a node's CPU quota is cut (cgroup v1), the leader re-plans with the
+measured speeds, and every request in flight during the switch completes with the reference text.
+A node joining mid-run is taken into the planning.
+
+Real daemons on loopback, real onnxruntime on the tiny Llama shard set; the slowdown is a real CPU quota.
+No timing is asserted: only that things happen (within generous limits) and that outputs are right.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from llnode.cluster import LocalCluster
+from llnode.emulate.cgroups import unavailable_reason
+from llnode.model.runner import ChainRunner
+from llnode.model.tokenizer import load_tokenizer
+
+PROMPTS = ["def main():", "class Node:", "return 42"]
+MAX_TOKENS = 20
+FAST_DRIFT = {
+    "LLNODE_REBALANCE_WINDOW_S": "2",
+    "LLNODE_REBALANCE_MIN_SAMPLES": "3",
+    "LLNODE_REBALANCE_COOLDOWN_S": "3",
+    "LLNODE_REBALANCE_THRESHOLD": "1.5",
+    "LLNODE_REBALANCE_CLEAR": "1.25",
+}
+
+
+def _free_base_port(span: int) -> int:
+    for _ in range(200):
+        base = random.randint(20000, 40000)
+        ports = [base + i for i in range(span)] + [base + 1000 + i for i in range(span)]
+        try:
+            for p in ports:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free port range")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama_shards: Path) -> dict[str, str]:
+    chain = ChainRunner(tiny_llama_shards)
+    tok = load_tokenizer(tiny_llama_shards, chain.manifest.tokenizer_file)
+    eos = chain.manifest.eos_token_ids
+    out = {}
+    for prompt in PROMPTS:
+        ids = chain.generate(tok.encode(prompt), MAX_TOKENS, stop=eos)
+        if ids and ids[-1] in eos:
+            ids = ids[:-1]
+        out[prompt] = tok.decode(ids, skip_special_tokens=True)
+    return out
+
+
+async def _complete(session: aiohttp.ClientSession, url: str, model: str, prompt: str) -> str:
+    body = {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}
+    async with session.post(f"{url}/v1/completions", json=body, timeout=aiohttp.ClientTimeout(180)) as r:
+        data = await r.json()
+        if r.status != 200:
+            raise RuntimeError(f"{url} answered {r.status}: {data}")
+        text: str = data["choices"][0]["text"]
+        return text
+
+
+async def _statuses(cluster: LocalCluster, session: aiohttp.ClientSession) -> list[dict[str, Any]]:
+    out = []
+    for i in range(len(cluster.procs)):
+        s = await cluster.status(i, session)
+        out.append(s or {})
+    return out
+
+
+async def _until(predicate: Callable[[], bool], within_s: float) -> None:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        await asyncio.sleep(0.5)
+
+
+def _plan(status: dict[str, Any]) -> dict[str, Any] | None:
+    entry = (status.get("pipeline") or {}).get("plan") or {}
+    plan = entry.get("plan")
+    return plan if isinstance(plan, dict) else None
+
+
+@pytest.fixture
+def cluster(tiny_llama_shards: Path, tmp_path: Path) -> Iterator[LocalCluster]:
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(f"cgroup v1 CPU quotas unavailable: {reason}")
+    c = LocalCluster(
+        nodes=3,
+        base_port=_free_base_port(4),
+        model=tiny_llama_shards.name,
+        shards=tiny_llama_shards.parent,
+        workdir=tmp_path / "cluster",
+        env=FAST_DRIFT,
+        quotas=[None, None, None, None],
+    )
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def test_quota_cut_triggers_rebalance_and_no_request_is_lost(
+    cluster: LocalCluster, reference: dict[str, str]
+) -> None:
+    async def scenario() -> tuple[list[tuple[str, str]], list[str], dict[str, Any]]:
+        cluster.start()
+        await cluster.wait_ready(240)
+        results: list[tuple[str, str]] = []
+        errors: list[str] = []
+        stop = asyncio.Event()
+        async with aiohttp.ClientSession() as session:
+
+            async def client(k: int) -> None:
+                n = 0
+                while not stop.is_set():
+                    prompt = PROMPTS[(k + n) % len(PROMPTS)]
+                    n += 1
+                    try:
+                        results.append((prompt, await _complete(session, cluster.url(k % 3), cluster.model,
+                                                                prompt)))
+                    except Exception as exc:
+                        errors.append(f"{type(exc).__name__}: {exc}")
+
+            clients = [asyncio.create_task(client(k)) for k in range(4)]
+            # let the measurements settle under load, then slow down the busiest stage node
+            await _until(lambda: len(results) >= 8 or bool(errors), 120)
+            statuses = await _statuses(cluster, session)
+            plan = _plan(statuses[0])
+            assert plan is not None
+            biggest = max(plan["stages"], key=lambda s: s["end"] - s["start"])
+            slow = next(i for i, s in enumerate(statuses) if s.get("id") == biggest["device_id"])
+            cut_epoch = plan["epoch"]
+            cluster.set_quota(slow, 0.1)
+            found: dict[str, Any] = {}
+            deadline = time.monotonic() + 180
+            while not found and time.monotonic() < deadline:
+                await asyncio.sleep(1.0)
+                for s in await _statuses(cluster, session):
+                    for ev in (s.get("pipeline") or {}).get("events", []):
+                        if ev.get("kind") == "rebalance" and ev.get("epoch", 0) > cut_epoch \
+                                and f"node{slow}[" in ev.get("old", ""):
+                            found = {**ev, "slow": f"node{slow}", "before": biggest}
+            # keep the load on a little after the switch, then let the clients finish
+            done_at = len(results)
+            await _until(lambda: len(results) >= done_at + 4, 60)
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*clients), 240)
+        return results, errors, found
+
+    results, errors, found = asyncio.run(scenario())
+    assert errors == []
+    assert found, "no rebalance after the quota cut:\n" + "\n".join(cluster.log_tail(i) for i in range(3))
+    assert found["predicted_gain"] is None or found["predicted_gain"] > 0
+    assert found["new"] != found["old"]
+    assert len(results) >= 12
+    for prompt, text in results:
+        assert text == reference[prompt], prompt
+
+
+def test_node_joining_mid_run_is_taken_into_the_plan(cluster: LocalCluster) -> None:
+    cluster.nodes = 2
+
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any], str]:
+        cluster.start()
+        await cluster.wait_ready(240)
+        async with aiohttp.ClientSession() as session:
+            before = _plan((await _statuses(cluster, session))[0])
+            assert before is not None
+            cluster.nodes = 3
+            cluster.procs.append(cluster.spawn(2))
+            await cluster.wait_ready(240)
+            deadline = time.monotonic() + 120
+            new_id = ""
+            while time.monotonic() < deadline:
+                statuses = await _statuses(cluster, session)
+                new_id = statuses[2].get("id", "")
+                after = _plan(statuses[0])
+                if new_id and after and after["epoch"] > before["epoch"] and (
+                    new_id in after.get("left_out", {}) or new_id in after.get("reasons", {})
+                ):
+                    await cluster.wait_ready(240)
+                    text = await _complete(session, cluster.url(2), cluster.model, PROMPTS[0])
+                    return before, after, text
+                await asyncio.sleep(1.0)
+        raise AssertionError("the new node never appeared in a plan:\n" + cluster.log_tail(0))
+
+    before, after, text = asyncio.run(scenario())
+    assert len(before.get("reasons", {})) + len(before.get("left_out", {})) == 2
+    assert len(after.get("reasons", {})) + len(after.get("left_out", {})) == 3
+    assert isinstance(text, str)

@@ -42,6 +42,8 @@ class LocalCluster:
     log_level: str = "info"
     env: dict[str, str] = field(default_factory=dict)  # extra environment for every node
     cpus: list[list[int]] | None = None  # per node, the cores it may run on (simulates separate devices)
+    # Nodes (by index) that start with an empty shard store of their own and must fetch from peers.
+    empty_shards: set[int] = field(default_factory=set)
     quotas: list[float | None] | None = None  # per node, share of one core (cgroup v1 CPU quota; slow phones)
     groups: dict[int, CpuGroup] = field(default_factory=dict)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
@@ -80,11 +82,15 @@ class LocalCluster:
             "--data-dir", str(self.data_dir(i)),
             "--name", f"node{i}",
             "--cluster-key-file", str(self.workdir / "cluster.key"),
-            "--shards", str(self.shards.resolve()),
+            "--shards", str(self.shards_root(i)),
             "--model", self.model,
             "--log-level", self.log_level,
             *self.extra_args,
         ]  # fmt: skip
+
+    def shards_root(self, i: int) -> Path:
+        """Where node ``i`` keeps shard sets: the shared root, or its own (initially empty) one."""
+        return self.data_dir(i) / "shards" if i in self.empty_shards else self.shards.resolve()
 
     def spawn(self, i: int) -> subprocess.Popen[bytes]:
         """Start (or restart) node ``i``; its output goes to ``<data-dir>/node.log``."""

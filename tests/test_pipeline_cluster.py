@@ -61,6 +61,7 @@ def cluster3(smollm2_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         model=smollm2_shards.name,
         shards=smollm2_shards.parent,
         workdir=tmp_path_factory.mktemp("cluster3"),
+        empty_shards={2},  # node2 starts with nothing and fetches what the plan gives it from its peers
     )
     cluster.start()
     try:
@@ -144,6 +145,67 @@ def test_greedy_through_cluster_equals_single_process(
     results = asyncio.run(run_all())
     for prompt, res in zip(PROMPTS, results, strict=True):
         assert res["choices"][0]["text"] == reference[prompt]
+
+
+def test_node_without_shards_fetched_its_modules_from_peers(cluster3: LocalCluster) -> None:
+    status = _status(cluster3, 2)
+    assert status["pipeline"]["fetch"]["bytes_received"] > 0
+    assert (cluster3.shards_root(2) / "smollm2-135m" / "manifest.json").is_file()
+    own = next(m for m in status["members"] if m.get("self"))
+    held = own["inventory"]["smollm2-135m"]["modules"]
+    stage = status["pipeline"]["stage"]
+    if stage is not None:  # it runs a stage: every module of its range came from a peer, verified
+        start, end = stage["range"]
+        assert any(a <= start and end <= b for a, b in held), (held, stage)
+    root = cluster3.shards_root(2) / "smollm2-135m"
+    assert (root / "tokenizer.json").is_file()
+
+
+def test_openai_client_against_the_cluster(cluster3: LocalCluster, reference: dict[str, str]) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{cluster3.url(1)}/v1", api_key="unused-on-loopback", timeout=120)
+    prompt = PROMPTS[0]
+    out = client.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=64, temperature=0)
+    assert out.choices[0].text == reference[prompt]
+    assert out.usage is not None and out.usage.completion_tokens > 0
+    pieces = [
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model="smollm2-135m",
+            messages=[{"role": "user", "content": "Name one river in Europe."}],
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+        )
+        if c.choices
+    ]
+    assert "".join(pieces).strip()
+    assert next(m.id for m in client.models.list().data) == "smollm2-135m"
+
+
+def test_client_disconnect_frees_the_session_on_every_stage(cluster3: LocalCluster) -> None:
+    async def scenario() -> None:
+        body = {"model": "smollm2-135m", "prompt": PROMPTS[2], "max_tokens": 200, "stream": True}
+        async with aiohttp.ClientSession() as s, s.post(f"{cluster3.url(0)}/v1/completions", json=body) as r:
+            assert r.status == 200
+            seen = 0
+            async for raw in r.content:
+                seen += raw.startswith(b"data:")
+                if seen >= 4:
+                    break  # hang up mid-generation
+        for _ in range(120):
+            await asyncio.sleep(0.5)
+            async with aiohttp.ClientSession() as s:
+                states = [await cluster3.status(i, s) for i in range(3)]
+            held = [(st or {}).get("pipeline", {}).get("stage") for st in states]
+            if all(h is None or h["sessions"] == 0 for h in held) and all(
+                st and st["pipeline"]["sessions"] == 0 for st in states
+            ):
+                return
+        raise AssertionError(f"sessions still held after the client left: {held}")
+
+    asyncio.run(scenario())
 
 
 def test_status_command_shows_the_plan(cluster3: LocalCluster) -> None:

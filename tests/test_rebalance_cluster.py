@@ -9,6 +9,7 @@ No timing is asserted: only that things happen (within generous limits) and that
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 import time
@@ -79,6 +80,12 @@ async def _statuses(cluster: LocalCluster, session: aiohttp.ClientSession) -> li
         s = await cluster.status(i, session)
         out.append(s or {})
     return out
+
+
+async def _statuses_alive(
+    cluster: LocalCluster, session: aiohttp.ClientSession, which: list[int]
+) -> dict[int, dict[str, Any]]:
+    return {i: (await cluster.status(i, session)) or {} for i in which}
 
 
 async def _until(predicate: Callable[[], bool], within_s: float) -> None:
@@ -204,3 +211,64 @@ def test_node_joining_mid_run_is_taken_into_the_plan(cluster: LocalCluster) -> N
     assert len(before.get("reasons", {})) + len(before.get("left_out", {})) == 2
     assert len(after.get("reasons", {})) + len(after.get("left_out", {})) == 3
     assert isinstance(text, str)
+
+
+def test_leader_dying_during_a_rebalance_leaves_one_consistent_plan(
+    cluster: LocalCluster, reference: dict[str, str]
+) -> None:
+    async def scenario() -> tuple[list[dict[str, Any]], str, str]:
+        cluster.start()
+        await cluster.wait_ready(240)
+        async with aiohttp.ClientSession() as session:
+            statuses = await _statuses(cluster, session)
+            leader = next(i for i, s in enumerate(statuses) if s.get("is_leader"))
+            plan = _plan(statuses[leader])
+            assert plan is not None
+            biggest = max(plan["stages"], key=lambda s: s["end"] - s["start"])
+            slow = next(i for i, s in enumerate(statuses) if s.get("id") == biggest["device_id"])
+            stop = asyncio.Event()
+
+            async def client(k: int) -> None:
+                while not stop.is_set():
+                    with contextlib.suppress(Exception):  # the leader's own API dies with it
+                        await _complete(session, cluster.url(k % 3), cluster.model, PROMPTS[0])
+
+            clients = [asyncio.create_task(client(k)) for k in range(3)]
+            cluster.set_quota(slow, 0.1)
+            rebalanced: list[bool] = []
+
+            async def leader_rebalanced() -> None:
+                pipe = (await _statuses(cluster, session))[leader].get("pipeline") or {}
+                for ev in pipe.get("events", []):
+                    if ev.get("kind") == "rebalance":
+                        rebalanced.append(True)
+
+            deadline = time.monotonic() + 180
+            while not rebalanced and time.monotonic() < deadline:
+                await leader_rebalanced()
+                await asyncio.sleep(0.3)
+            assert rebalanced, "no rebalance happened:\n" + cluster.log_tail(leader)
+            cluster.procs[leader].kill()  # mid-switch: the followers are loading the new plan
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*clients), 300)
+            survivors = [i for i in range(3) if i != leader]
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline:
+                every = await _statuses_alive(cluster, session, survivors)
+                states = [every[i] for i in survivors]
+                pipes = [s.get("pipeline") or {} for s in states]
+                epochs = {p.get("epoch") for p in pipes}
+                plans = [_plan(s) for s in states]
+                dead_id = statuses[leader].get("id")
+                if all(p.get("serving") for p in pipes) and len(epochs) == 1 and all(
+                    pl and dead_id not in [st["device_id"] for st in pl["stages"]] for pl in plans
+                ):
+                    text = await _complete(session, cluster.url(survivors[0]), cluster.model, PROMPTS[1])
+                    return states, text, PROMPTS[1]
+                await asyncio.sleep(1.0)
+        logs = "\n".join(cluster.log_tail(i) for i in range(3))
+        raise AssertionError("survivors never agreed on a plan:\n" + logs)
+
+    states, text, prompt = asyncio.run(scenario())
+    assert len({s.get("leader") for s in states}) == 1
+    assert text == reference[prompt]

@@ -185,7 +185,7 @@ def test_polling_fallback(browser: Any, cluster: list[Daemon]) -> None:
     page.route("**/api/events", lambda route: route.abort())
     page.goto(cluster[0].url + "/")
     page.wait_for_function("document.querySelectorAll('#peers .card').length === 3")
-    assert page.get_attribute("#conn", "data-state") == "polling"
+    page.wait_for_selector("#conn[data-state=polling]")
     page.close()
 
 

@@ -173,7 +173,6 @@ function renderPeers(doc) {
     if (!n.leader && (n.stage === null || n.stage === undefined)) roles.append(el("span", { class: "role idle" }, "idle"));
     const kv = el("div", { class: "kv" });
     const add = (k, v) => kv.append(el("span", {}, k), el("span", { title: String(v) }, v));
-    add("address", n.address || "—");
     add("term", n.term);
     add("gossip", n.self ? "this node" : `${n.silent_s.toFixed(1)} s ago`);
     if (n.decode_ms !== null) add("decode", ms(n.decode_ms) + "/tok");
@@ -196,6 +195,7 @@ function renderPeers(doc) {
       el("div", { class: "top" },
         el("span", { class: "name", title: n.id }, n.name, n.self ? el("span", { class: "self" }, "(this node)") : null),
         el("span", { class: "badge status status-" + n.status }, n.status)),
+      el("div", { class: "addr", title: n.id }, n.address || "address unknown"),
       roles, kv, mem);
   });
   $("peers").replaceChildren(...cards);
@@ -228,11 +228,13 @@ function renderPlan(doc) {
       class: "seg" + (s.alive ? "" : " dead"), style: `flex:${s.end - s.start};background:${state.colors[s.device_id] || "#888"}`,
       title: `stage ${s.index}: ${s.name}, modules ${s.start}..${s.end - 1}`,
       "data-start": s.start, "data-end": s.end, "data-node": s.device_id,
+      "data-label": segLabel(s, total), "data-short": s.name,
     }, segLabel(s, total)));
     at = Math.max(at, s.end);
   }
   if (at < total) segs.push(gap(at, total));
   bar.replaceChildren(...segs);
+  fitSegLabels();
   const ticks = [];
   for (const t of [...new Set([0, ...plan.stages.map((s) => s.start), total])].sort((a, b) => a - b)) {
     if (ticks.length && (t - ticks[ticks.length - 1]) / total < 0.06) { // labels would overlap
@@ -251,6 +253,16 @@ function renderPlan(doc) {
       el("td", { title: `compute ${ms(s.compute_ms)} + link ${ms(s.link_ms)}` }, ms(s.predicted_ms)),
       el("td", { class: slow ? "slow" : "" }, ms(s.measured_ms)));
   }));
+}
+
+function fitSegLabels() {
+  // Labels that do not fit their range (narrow phone screens) fall back to the name, then to nothing.
+  for (const seg of document.querySelectorAll("#planbar .seg[data-node]")) {
+    const full = seg.dataset.label;
+    seg.textContent = full;
+    if (seg.scrollWidth > seg.clientWidth) seg.textContent = seg.dataset.short;
+    if (seg.scrollWidth > seg.clientWidth) seg.textContent = "";
+  }
 }
 
 function segLabel(s, total) {
@@ -369,7 +381,7 @@ function nodeName(id) {
   return n ? n.name : id;
 }
 
-window.addEventListener("resize", () => { if (state.doc) renderCharts(); });
+window.addEventListener("resize", () => { if (state.doc) { renderCharts(); fitSegLabels(); } });
 
 // ---- chat: POST /v1/chat/completions with stream:true, read the SSE body as it arrives ----------------
 let chatAbort = null;

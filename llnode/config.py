@@ -49,7 +49,7 @@ class NodeConfig:
     gossip_interval: float = 0.5
     suspect_after: float = 2.0
     dead_after: float = 3.5
-
+    memory_limit: int = 0  # bytes this node may use for the model; 0: whatever the OS reports available
     # ---- derived values -------------------------------------------------------------------------------
     @property
     def data_path(self) -> Path:
@@ -103,6 +103,8 @@ class NodeConfig:
             raise ConfigError("--gossip-interval must be in (0, 10] seconds")
         if not 0 < self.suspect_after < self.dead_after:
             raise ConfigError("--suspect-after must be positive and smaller than --dead-after")
+        if self.memory_limit < 0:
+            raise ConfigError("--memory-limit must be a number of bytes >= 0 (0: no limit)")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"--log-level must be debug, info, warning or error, got {self.log_level!r}")
 
@@ -150,6 +152,12 @@ OPTIONS: list[Option] = [
     Option("gossip_interval", "seconds between gossip rounds", "float"),
     Option("suspect_after", "seconds without a heartbeat before a peer is suspected", "float"),
     Option("dead_after", "seconds without a heartbeat before a peer is declared dead", "float"),
+    Option(
+        "memory_limit",
+        "bytes of memory this node offers the planner (0: what the OS reports available); for a shared "
+        "device, or to simulate a small one",
+        "int",
+    ),
 ]
 
 # CLI spellings that differ from the option name.

@@ -69,6 +69,7 @@ class DistributedEngine:
         not_ready_reason: Callable[[], str],
         send: SendFn,
         recover_within_s: float = 60.0,
+        hopeless: Callable[[int], str | None] = lambda epoch: None,
     ) -> None:
         self.node_id = node_id
         self._model_ids = list(model_ids)
@@ -81,6 +82,7 @@ class DistributedEngine:
         self._not_ready_reason = not_ready_reason
         self._send = send
         self.recover_within_s = recover_within_s
+        self._hopeless = hopeless
         self._live: dict[str, _Live] = {}
         self.recoveries = 0
         self.completed = 0
@@ -220,6 +222,11 @@ class DistributedEngine:
                 now = time.monotonic()
                 if route is not None and (route.epoch != old.epoch or now >= retry_same_at):
                     return route
+                reason = self._hopeless(old.epoch) if route is None else None
+                if reason is not None:
+                    # The leader found no plan over the survivors: waiting out the recovery budget
+                    # would only make every client hang for a minute before the same answer.
+                    raise EngineUnavailable(reason)
                 if now >= deadline:
                     raise EngineUnavailable(
                         "the pipeline lost a stage and no plan could serve within "

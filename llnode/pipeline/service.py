@@ -157,7 +157,7 @@ class PipelineService:
         tokenizer = ShardTokenizer(model_tokenizer, manifest)
         self.engine = DistributedEngine(
             node_id=self.node.node_id,
-            model_ids=[manifest.name, self.model],
+            model_ids=list(dict.fromkeys([self.model, manifest.name])),
             max_context=manifest.max_context,
             vocab_size=manifest.vocab_size,
             eos_ids=manifest.eos_token_ids,
@@ -166,6 +166,7 @@ class PipelineService:
             route_changed=self._route_changed,
             not_ready_reason=lambda: self.problem or self.state,
             send=self.send,
+            hopeless=self._plan_error_since,
         )
         self.manifest = manifest
         await self._publish_inventory()
@@ -185,7 +186,7 @@ class PipelineService:
                 await asyncio.sleep(2.0)
         profile = await asyncio.to_thread(
             profile_device, self.store.model_dir(self.model), self.manifest, device_id=self.node.node_id,
-            name=self.node.name,
+            name=self.node.name, memory_limit=self.node.config.memory_limit,
         )
         self.node.gossip.set_local(
             PROFILE_KEY, {"model": self.model, "manifest": self.manifest_sha, "device": profile.to_dict()}
@@ -279,6 +280,15 @@ class PipelineService:
             )
         self._planned_key = key
         self.node.gossip.set_local(PLAN_KEY, entry)
+
+    def _plan_error_since(self, epoch: int) -> str | None:
+        """The leader's reason why no plan can serve, if it decided so after plan ``epoch``."""
+        published = self._published()
+        if published is None or "error" not in published or not isinstance(published.get("epoch"), int):
+            return None
+        if published["epoch"] <= epoch:
+            return None
+        return f"no plan can serve: {published['error']}"
 
     # ---- every node: follow the plan ----------------------------------------------------------------
     async def _tick(self) -> None:

@@ -301,15 +301,20 @@ def solve_exact(
             cap = ub * (1 - 1e-9)  # prove the best plan optimal
         else:
             cap = low + 0.5 * (ub - low)
-        res = solve_milp(
-            inst,
-            devs,
-            solver,
-            left if not pure or cap is None else max(0.5, left / 3),
-            None if pure or cap is None or best is None or best.objective_value > cap else best,
-            stage_cap_s=cap,
-            feasibility=pure and cap is not None,
-        )
+        try:
+            res = solve_milp(
+                inst,
+                devs,
+                solver,
+                left if not pure or cap is None else max(0.5, left / 3),
+                None if pure or cap is None or best is None or best.objective_value > cap else best,
+                stage_cap_s=cap,
+                feasibility=pure and cap is not None,
+            )
+        except SolverUnavailable:
+            if last is None:
+                raise
+            break  # a late probe crashed (CBC at the very end of its time): keep what is proven/found
         last = res
         if DEBUG:
             print(
@@ -338,7 +343,10 @@ def solve_exact(
             # feasibility keeps timing out: spend what is left optimising under the best value instead
             left = deadline - time.perf_counter()
             if left > 0.2 and best is not None:
-                res = solve_milp(inst, devs, solver, left, best, stage_cap_s=ub * (1 + 1e-9))
+                try:
+                    res = solve_milp(inst, devs, solver, left, best, stage_cap_s=ub * (1 + 1e-9))
+                except SolverUnavailable:
+                    break
                 if res.evaluation is not None and res.evaluation.objective_value < best.objective_value:
                     best = res.evaluation
                 if res.optimal and res.evaluation is not None:
@@ -351,3 +359,4 @@ def solve_exact(
 
 def _size(res: MilpResult | None) -> tuple[int, int]:
     return (res.variables, res.constraints) if res is not None else (0, 0)
+

@@ -50,6 +50,7 @@ class NodeConfig:
     suspect_after: float = 2.0
     dead_after: float = 3.5
     memory_limit: int = 0  # bytes this node may use for the model; 0: whatever the OS reports available
+
     # ---- derived values -------------------------------------------------------------------------------
     @property
     def data_path(self) -> Path:

@@ -162,7 +162,8 @@ def test_quota_cut_triggers_rebalance_and_no_request_is_lost(
                     for ev in (s.get("pipeline") or {}).get("events", []):
                         if ev.get("kind") == "rebalance" and ev.get("epoch", 0) > cut_epoch \
                                 and f"node{slow}[" in ev.get("old", ""):
-                            found = {**ev, "slow": f"node{slow}", "before": biggest}
+                            found = {**ev, "slow": f"node{slow}", "before": biggest,
+                                     "accepted": (s.get("rebalance") or {}).get("accepted", 0)}
             # keep the load on a little after the switch, then let the clients finish
             done_at = len(results)
             await _until(lambda: len(results) >= done_at + 4, 60)
@@ -175,6 +176,7 @@ def test_quota_cut_triggers_rebalance_and_no_request_is_lost(
     assert found, "no rebalance after the quota cut:\n" + "\n".join(cluster.log_tail(i) for i in range(3))
     assert found["predicted_gain"] is None or found["predicted_gain"] > 0
     assert found["new"] != found["old"]
+    assert found["accepted"] >= 1  # /api/status -> rebalance counts it on the leader
     assert len(results) >= 12
     for prompt, text in results:
         assert text == reference[prompt], prompt

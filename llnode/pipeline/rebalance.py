@@ -270,8 +270,21 @@ class Rebalancer:
         self.accepted = 0
         node = service.node
         node.links.on(REBALANCE_MSG, self._on_request)
+        node.status_providers["rebalance"] = self.status
         if self.config.impose:
             node.app.router.add_post(IMPOSE_PATH, self._on_impose)
+
+    def status(self) -> dict[str, Any]:
+        """``/api/status`` → ``rebalance``: the knobs, the counters, the speeds measured while serving."""
+        return {
+            "config": dataclasses.asdict(self.config),
+            "requests": self.requests,
+            "accepted": self.accepted,
+            "baseline_ms": None if self._baseline is None else round(self._baseline[1], 3),
+            "measured_ms": {
+                d: {"range": [s, e], "decode_ms": round(ms, 3)} for d, (s, e, ms) in self.speeds.items()
+            },
+        }
 
     # ---- measurements (every node reads everyone's gossip) ----------------------------------------
     def _metrics(self) -> dict[str, dict[str, Any]]:

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 REBALANCE_MSG = "plan.rebalance"
 IMPOSE_PATH = "/api/bench/impose-plan"
+SPEED_TTL_S = 300.0  # how long a measured speed outlives its last fresh measurement
 
 
 @dataclass(frozen=True)
@@ -259,6 +260,7 @@ class Rebalancer:
         self.config = config or RebalanceConfig.from_env()
         self.detector = DriftDetector(self.config)
         self.speeds: dict[str, tuple[int, int, float]] = {}  # device -> last measured (start, end, ms)
+        self._speed_seen: dict[str, tuple[int, float]] = {}  # device -> (steps, when they last moved)
         self._seen_steps: dict[str, int] = {}
         self._baseline: tuple[int, float] | None = None  # (epoch, ms) for this node's stage
         self._last_change = time.monotonic()
@@ -307,6 +309,9 @@ class Rebalancer:
             if m.get("epoch") != plan.epoch or tuple(rng) != ranges.get(dev):
                 continue
             self.speeds[dev] = (int(rng[0]), int(rng[1]), float(ms))
+            steps = m.get("steps")
+            if not isinstance(steps, int) or self._speed_seen.get(dev, (None, 0.0))[0] != steps:
+                self._speed_seen[dev] = (steps if isinstance(steps, int) else -1, time.monotonic())
 
     def adjust(self, profiles: dict[str, DeviceProfile]) -> dict[str, DeviceProfile]:
         """Profiles with the speeds measured while serving (used for every plan the leader makes)."""
@@ -314,7 +319,14 @@ class Rebalancer:
         if manifest is None or not self.config.enabled:
             return profiles
         costs = ModelCosts.from_manifest(manifest, self.service.plan_options)
-        return measured_profiles(costs, profiles, {d: v for d, v in self.speeds.items() if d in profiles})
+        # a speed nobody re-measured for SPEED_TTL_S (e.g. a device the plan left out because it was slow)
+        # is forgotten: the start-up profile applies again, so a device that recovered gets a chance
+        now = time.monotonic()
+        fresh = {
+            d: v for d, v in self.speeds.items()
+            if d in profiles and now - self._speed_seen.get(d, (0, now))[1] < SPEED_TTL_S
+        }
+        return measured_profiles(costs, profiles, fresh)
 
     # ---- every tick ------------------------------------------------------------------------------
     async def tick(self) -> None:

@@ -1,9 +1,9 @@
 """A short soak in the suite: a 3-node tiny-Llama cluster under steady concurrent load for half a minute.
 
 No request may fail, and no node may hold more file descriptors once the load stops than it did during
-warm-up (give or take a link reconnecting) (a socket or file leaked per request would show at once). RSS growth is printed, not asserted:
-half a minute on a loaded machine is too short to tell a leak from the allocator settling; the real
-figure comes from ``llnode bench soak`` (docs/faults.md).
+warm-up, give or take a link reconnecting (a socket or file leaked per request would show at once).
+RSS growth is printed, not asserted: half a minute on a loaded machine is too short to tell a leak
+from the allocator settling; the real figure comes from ``llnode bench soak`` (docs/faults.md).
 """
 
 from __future__ import annotations

@@ -70,6 +70,7 @@ class DistributedEngine:
         send: SendFn,
         recover_within_s: float = 60.0,
         hopeless: Callable[[int], str | None] = lambda epoch: None,
+        accepting: Callable[[], bool] = lambda: False,
     ) -> None:
         self.node_id = node_id
         self._model_ids = list(model_ids)
@@ -83,6 +84,7 @@ class DistributedEngine:
         self._send = send
         self.recover_within_s = recover_within_s
         self._hopeless = hopeless
+        self._accepting = accepting
         self._live: dict[str, _Live] = {}
         self.recoveries = 0
         self.completed = 0
@@ -106,7 +108,10 @@ class DistributedEngine:
         return self._tokenizer
 
     def ready(self) -> str | None:
-        return None if self._route() is not None else self._not_ready_reason()
+        """None while requests are served, or would be after a short wait (a plan is loading)."""
+        if self._route() is not None or self._accepting():
+            return None
+        return self._not_ready_reason()
 
     @property
     def active_sessions(self) -> int:
@@ -115,7 +120,9 @@ class DistributedEngine:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[int]:
         route = self._route()
         if route is None:
-            raise EngineUnavailable(self._not_ready_reason())
+            if not self._accepting():
+                raise EngineUnavailable(self._not_ready_reason())
+            route = await self._recover(None, time.monotonic())  # a plan is loading: wait for it
         session = uuid.uuid4().hex[:16]
         live = _Live(route=route)
         self._live[session] = live
@@ -205,14 +212,17 @@ class DistributedEngine:
                 lost = sorted(dead & set(live.route.nodes))
                 live.waiter.set_exception(StepFailed(f"stage node(s) {lost} lost"))
 
-    async def _recover(self, old: Route, failing_since: float) -> Route:
+    async def _recover(self, old: Route | None, failing_since: float) -> Route:
         """Wait for a route to re-prefill on: a newer plan at once, or the same plan again after a
         backoff (the failure may have been transient: one rejected step, a link that reconnected).
+        With ``old`` None (a new request while a plan loads) any serving route will do.
 
-        Never returns without having waited, so a stage that keeps failing cannot make the entry spin,
-        and gives up with :class:`EngineUnavailable` once ``recover_within_s`` has passed.
+        Never returns a failed route without having waited, so a stage that keeps failing cannot make
+        the entry spin, and gives up with :class:`EngineUnavailable` once ``recover_within_s`` has passed.
         """
-        self.recoveries += 1
+        if old is not None:
+            self.recoveries += 1
+        old_epoch = -1 if old is None else old.epoch
         deadline = failing_since + self.recover_within_s
         backoff = min(2.0, 0.25 * 2 ** min(self.recoveries % 8, 3))
         retry_same_at = time.monotonic() + backoff
@@ -220,9 +230,9 @@ class DistributedEngine:
             while True:
                 route = self._route()
                 now = time.monotonic()
-                if route is not None and (route.epoch != old.epoch or now >= retry_same_at):
+                if route is not None and (route.epoch != old_epoch or now >= retry_same_at):
                     return route
-                reason = self._hopeless(old.epoch) if route is None else None
+                reason = self._hopeless(old_epoch) if route is None else None
                 if reason is not None:
                     # The leader found no plan over the survivors: waiting out the recovery budget
                     # would only make every client hang for a minute before the same answer.

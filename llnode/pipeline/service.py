@@ -69,7 +69,9 @@ class PipelineService:
         self.manifest: Manifest | None = None
         self.manifest_sha: str | None = None
         self.engine: DistributedEngine | None = None
-        self.worker: StageWorker | None = None
+        self.worker: StageWorker | None = None  # the stage of the newest plan this node has loaded
+        # Stages of older plans, kept serving until the newest plan serves (make-before-break).
+        self._retiring: dict[int, StageWorker] = {}
         self.following: Plan | None = None
         self.state = "starting"
         self.problem: str | None = None
@@ -100,6 +102,7 @@ class PipelineService:
         if self._switch_task is not None:
             self._switch_task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._retire(before=1 << 62)
         if self.worker is not None:
             await self.worker.close()
 
@@ -167,6 +170,7 @@ class PipelineService:
             not_ready_reason=lambda: self.problem or self.state,
             send=self.send,
             hopeless=self._plan_error_since,
+            accepting=self._plan_pending,
         )
         self.manifest = manifest
         await self._publish_inventory()
@@ -281,6 +285,14 @@ class PipelineService:
         self._planned_key = key
         self.node.gossip.set_local(PLAN_KEY, entry)
 
+    def _plan_pending(self) -> bool:
+        """A plan is loading, or the cluster served before and is electing a leader or re-planning: new
+        requests wait for it (bounded by the engine's recovery budget) instead of getting a 503."""
+        published = self._published()
+        if published is None:
+            return self.following is not None
+        return "plan" in published and "error" not in published
+
     def _plan_error_since(self, epoch: int) -> str | None:
         """The leader's reason why no plan can serve, if it decided so after plan ``epoch``."""
         published = self._published()
@@ -308,8 +320,26 @@ class PipelineService:
             if self._switch_task is not None and not self._switch_task.done():
                 self._switch_task.cancel()
             self._switch_task = asyncio.create_task(self._switch(plan))
-        self._set_route(self._serving_route(plan))
+        route = self._serving_route(plan)
+        old = self._route
+        # Make-before-break: keep serving on the previous plan while the new one loads, as long as its
+        # stage nodes live (each keeps its old stage until it sees the new plan serve).
+        previous_usable = old is not None and all(self.node.gossip.is_alive(n) for n in old.nodes)
+        if route is None and old is not None and old.epoch != plan.epoch and previous_usable:
+            route = old
+        self._set_route(route)
+        if route is not None and route.epoch == plan.epoch:
+            await self._retire(before=plan.epoch)
         await self.rebalancer.tick()
+
+    def _keep_retiring(self, worker: StageWorker | None) -> None:
+        if worker is not None:
+            self._retiring[worker.epoch] = worker
+
+    async def _retire(self, before: int) -> None:
+        """Close the stages of plans older than ``before``: their in-flight steps finish first."""
+        for epoch in [e for e in self._retiring if e < before]:
+            await self._retiring.pop(epoch).close()
 
     def _publish_metrics(self) -> None:
         """Gossip this node's stage measurements (at most every 2 s): drift detection and the dashboard."""
@@ -366,8 +396,7 @@ class PipelineService:
         gossip = self.node.gossip
         if mine is None:
             old, self.worker = self.worker, None
-            if old is not None:
-                await old.close()
+            self._keep_retiring(old)
             gossip.set_local(STAGE_KEY, {"epoch": plan.epoch, "ready": True, "range": None})
             return
         stage = stages[mine]
@@ -406,8 +435,7 @@ class PipelineService:
         )
         worker.start_worker()
         old, self.worker = self.worker, worker
-        if old is not None:
-            await old.close()
+        self._keep_retiring(old)
         gossip.set_local(STAGE_KEY, {"epoch": plan.epoch, "ready": True, "range": [stage.start, stage.end]})
         self.event("stage", f"epoch {plan.epoch}: running modules [{stage.start},{stage.end})")
 
@@ -425,7 +453,11 @@ class PipelineService:
         await self.node.links.send(peer, msg_type, payload)
 
     async def _on_step(self, peer: str, payload: Any) -> None:
-        worker = self.worker
+        epoch = payload.get("epoch") if isinstance(payload, dict) else None
+        # A step of an older plan goes to that plan's stage while it is still kept (make-before-break);
+        # anything else goes to the newest stage, which rejects a wrong epoch with a reason.
+        worker = self._retiring.get(epoch) if isinstance(epoch, int) else None
+        worker = worker or self.worker
         if worker is None:
             entry = payload.get("entry") if isinstance(payload, dict) else None
             if isinstance(entry, str) and isinstance(payload.get("session"), str):
@@ -442,8 +474,11 @@ class PipelineService:
             self.engine.on_token(payload)
 
     async def _on_free(self, peer: str, payload: Any) -> None:
-        if self.worker is not None and isinstance(payload, dict) and isinstance(payload.get("session"), str):
-            self.worker.free(payload["session"])
+        if not isinstance(payload, dict) or not isinstance(payload.get("session"), str):
+            return
+        for worker in [self.worker, *self._retiring.values()]:
+            if worker is not None:
+                worker.free(payload["session"])
 
     async def _on_shard(self, peer: str, payload: Any) -> dict[str, Any]:
         return await handle_shard_request(self.server, payload)

@@ -18,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
 from llnode.api.routes import setup_openai_routes
 from llnode.model.manifest import Manifest
-from llnode.model.runner import ModuleRunner
+from llnode.model.runner import ModuleRunner, disable_spinning
 from llnode.model.tokenizer import load_tokenizer
 from llnode.pipeline import protocol
 from llnode.pipeline.distributed import DistributedEngine, Route
@@ -60,6 +61,8 @@ class PipelineService:
     """Attach with ``PipelineService(node)`` before ``node.start()``; then ``await service.start()``."""
 
     def __init__(self, node: Node, *, plan_options: PlanOptions | None = None) -> None:
+        if os.environ.get("LLNODE_SPIN", "0") != "1":
+            disable_spinning()  # a stage mostly waits for its neighbours: idle threads must sleep
         self.node = node
         self.model = node.config.model
         self.store = ShardStore(node.config.shards_path)
@@ -253,8 +256,10 @@ class PipelineService:
             self._key_since = (key, now)
         published = self._published()
         mine = published is not None and published.get("leader") == self.node.node_id
-        if mine and key == self._planned_key:
-            return
+        if mine and key == self._planned_key and published is not None and published.get("epoch", 0) >= (
+            self._max_epoch()
+        ):
+            return  # (a leader back from a pause re-plans: others planned newer epochs meanwhile)
         if now - self._key_since[1] < REPLAN_SETTLE_S or not profiles:
             return
         current = Plan.from_dict(published["plan"]) if published and published.get("plan") else None
@@ -309,6 +314,12 @@ class PipelineService:
         published = self._published()
         if published is None:
             self._set_route(None)
+            return
+        stale = self.following is not None and published.get("epoch", 0) < self.following.epoch
+        if stale:
+            # A leader back from a pause still shows its old plan until it re-plans: keep the newer one.
+            assert self.following is not None
+            self._set_route(self._serving_route(self.following))
             return
         if "error" in published:
             self.problem = f"no plan can serve: {published['error']}"

@@ -13,8 +13,10 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -171,6 +173,21 @@ class LocalCluster:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+
+def free_base_port(span: int) -> int:
+    """A base port such that base..base+span (HTTP) and base+1000..base+1000+span (peer links) are free
+    on loopback: the port layout of :class:`LocalCluster`."""
+    for _ in range(500):
+        base = random.randint(20000, 40000)
+        try:
+            for p in [base + i for i in range(span)] + [base + 1000 + i for i in range(span)]:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free port range on loopback")
 
 
 def _serving(status: dict[str, object]) -> bool:

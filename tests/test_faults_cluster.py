@@ -17,9 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import random
 import signal
-import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -28,7 +26,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from llnode.cluster import LocalCluster
+from llnode.cluster import LocalCluster, free_base_port
 from llnode.model.manifest import load_manifest
 from llnode.model.runner import ChainRunner
 from llnode.model.tokenizer import load_tokenizer
@@ -39,22 +37,6 @@ PROMPT = "def main():"
 MAX_TOKENS = 120
 TIMEOUT = aiohttp.ClientTimeout(total=180)
 
-
-def free_base_port(span: int) -> int:
-    """A base port such that base..base+span and base+1000..base+1000+span are all free."""
-    for _ in range(200):
-        base = random.randint(20000, 40000)
-        ok = True
-        for p in [base + i for i in range(span)] + [base + 1000 + i for i in range(span)]:
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise RuntimeError("no free port range")
 
 
 def two_node_limit(shards: Path) -> int:

@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import random
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,7 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from llnode.cluster import LocalCluster
+from llnode.cluster import LocalCluster, free_base_port
 from llnode.model.runner import ChainRunner
 from llnode.model.tokenizer import load_tokenizer
 
@@ -35,29 +33,12 @@ PROMPTS = [
 ]
 
 
-def _free_base_port(span: int) -> int:
-    """A base port such that base..base+span and base+1000..base+1000+span are all free."""
-    for _ in range(200):
-        base = random.randint(20000, 40000)
-        ports = [base + i for i in range(span)] + [base + 1000 + i for i in range(span)]
-        ok = True
-        for p in ports:
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise RuntimeError("no free port range")
-
 
 @pytest.fixture(scope="module")
 def cluster3(smollm2_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     cluster = LocalCluster(
         nodes=3,
-        base_port=_free_base_port(3),
+        base_port=free_base_port(3),
         model=smollm2_shards.name,
         shards=smollm2_shards.parent,
         workdir=tmp_path_factory.mktemp("cluster3"),

@@ -16,7 +16,6 @@ import contextlib
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import socket
@@ -32,7 +31,7 @@ import aiohttp
 import numpy as np
 import pytest
 
-from llnode.cluster import LocalCluster
+from llnode.cluster import LocalCluster, free_base_port
 from llnode.model.manifest import load_manifest
 from llnode.model.runner import ChainRunner, ModuleRunner
 from llnode.model.tokenizer import load_tokenizer
@@ -44,18 +43,6 @@ from llnode.plan.types import DeviceProfile, PlanOptions
 PROMPT = "secret launch code: zebra-orchid-7741"
 MAX_TOKENS = 24
 
-
-def free_base_port(span: int) -> int:
-    for _ in range(200):
-        base = random.randint(20000, 40000)
-        try:
-            for p in [base + i for i in range(span)] + [base + 1000 + i for i in range(span)]:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no free port range")
 
 
 def two_node_limit(shards: Path) -> int:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
-import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from llnode.cluster import LocalCluster
+from llnode.cluster import LocalCluster, free_base_port
 from llnode.emulate.cgroups import unavailable_reason
 from llnode.model.runner import ChainRunner
 from llnode.model.tokenizer import load_tokenizer
@@ -35,19 +33,6 @@ FAST_DRIFT = {
     "LLNODE_REBALANCE_CLEAR": "1.25",
 }
 
-
-def _free_base_port(span: int) -> int:
-    for _ in range(200):
-        base = random.randint(20000, 40000)
-        ports = [base + i for i in range(span)] + [base + 1000 + i for i in range(span)]
-        try:
-            for p in ports:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no free port range")
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +94,7 @@ def cluster(tiny_llama_shards: Path, tmp_path: Path) -> Iterator[LocalCluster]:
         pytest.skip(f"cgroup v1 CPU quotas unavailable: {reason}")
     c = LocalCluster(
         nodes=3,
-        base_port=_free_base_port(4),
+        base_port=free_base_port(4),
         model=tiny_llama_shards.name,
         shards=tiny_llama_shards.parent,
         workdir=tmp_path / "cluster",

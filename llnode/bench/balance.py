@@ -22,8 +22,6 @@ import argparse
 import asyncio
 import itertools
 import json
-import random
-import socket
 import struct
 import tempfile
 import time
@@ -34,7 +32,8 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from llnode.cluster import LocalCluster
+from llnode.bench.common import shard_dir
+from llnode.cluster import LocalCluster, free_base_port
 from llnode.emulate.cgroups import unavailable_reason
 from llnode.model.manifest import load_manifest
 from llnode.pipeline.rebalance import IMPOSE_PATH
@@ -63,25 +62,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
 
 
-def _shard_dir(arg: Path | None) -> Path:
-    if arg is not None:
-        return arg
-    from llnode.model.prepare import ensure_prepared
-
-    return ensure_prepared("smollm2-135m", "fp32")
-
-
-def _free_base(span: int) -> int:
-    for _ in range(500):
-        base = random.randint(20000, 40000)
-        try:
-            for p in [base + i for i in range(span)] + [base + 1000 + i for i in range(span)]:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no free port range")
 
 
 # ---- load ---------------------------------------------------------------------------------------
@@ -208,7 +188,7 @@ def _brute_candidates(costs: ModelCosts, speeds: dict[str, float], k: int) -> li
 async def static_part(args: argparse.Namespace, shards: Path, log: list[str]) -> dict[str, Any]:
     quotas = [float(q) for q in args.quotas.split(",")]
     cluster = LocalCluster(
-        nodes=len(quotas), base_port=_free_base(len(quotas)), model=shards.name, shards=shards.parent,
+        nodes=len(quotas), base_port=free_base_port(len(quotas)), model=shards.name, shards=shards.parent,
         workdir=Path(tempfile.mkdtemp(prefix="llnode-balance-")), quotas=list(quotas),
         env={"LLNODE_THREADS": "1", "LLNODE_BENCH_IMPOSE": "1", "LLNODE_REBALANCE": "0"},
     )
@@ -293,7 +273,7 @@ async def drift_run(args: argparse.Namespace, shards: Path, rebalance: bool) -> 
     env = {"LLNODE_THREADS": "1", "LLNODE_REBALANCE": "1" if rebalance else "0",
            "LLNODE_REBALANCE_WINDOW_S": "4", "LLNODE_REBALANCE_COOLDOWN_S": "8"}
     cluster = LocalCluster(
-        nodes=3, base_port=_free_base(3), model=shards.name, shards=shards.parent,
+        nodes=3, base_port=free_base_port(3), model=shards.name, shards=shards.parent,
         workdir=Path(tempfile.mkdtemp(prefix="llnode-drift-")), quotas=[args.drift_quota] * 3, env=env,
     )
     cluster.start()
@@ -395,7 +375,7 @@ def run(args: argparse.Namespace) -> int:
     if reason:
         print(f"llnode bench balance: needs cgroup v1 CPU quotas: {reason}")
         return 2
-    shards = _shard_dir(args.shards)
+    shards = shard_dir(args.shards)
     log: list[str] = []
     summary: dict[str, Any] = {}
 

@@ -17,7 +17,6 @@ import asyncio
 import json
 import random
 import signal
-import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,7 +25,8 @@ from typing import Any
 
 import aiohttp
 
-from llnode.cluster import LocalCluster
+from llnode.bench.common import shard_dir
+from llnode.cluster import LocalCluster, free_base_port
 from llnode.model.manifest import load_manifest
 from llnode.model.runner import ChainRunner
 from llnode.model.tokenizer import load_tokenizer
@@ -55,26 +55,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
 
 
-def _shard_dir(arg: Path | None) -> Path:
-    if arg is not None:
-        return arg
-    from llnode.model.prepare import ensure_prepared
-
-    return ensure_prepared("smollm2-135m", "fp32")
-
-
-def free_base_port(span: int) -> int:
-    """A base port such that base..base+span and base+1000..base+1000+span are free on loopback."""
-    for _ in range(500):
-        base = random.randint(20000, 40000)
-        try:
-            for p in [base + i for i in range(span)] + [base + 1000 + i for i in range(span)]:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no free port range on loopback")
 
 
 def references(shards: Path, prompts: list[str], tokens: int) -> dict[str, str]:
@@ -242,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
     if args.nodes < 3 or args.requests < 1 or args.tokens < 1:
         print("llnode bench chaos: needs --nodes >= 3, --requests >= 1, --tokens >= 1")
         return 2
-    shards = _shard_dir(args.shards)
+    shards = shard_dir(args.shards)
     result = asyncio.run(chaos(args, shards))
     print(
         f"sent {result['sent']}, completed {result['completed']}, lost {result['lost']}, "

@@ -18,9 +18,7 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import shutil
-import socket
 import statistics
 import tempfile
 import time
@@ -30,7 +28,8 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from llnode.cluster import LocalCluster
+from llnode.bench.common import shard_dir
+from llnode.cluster import LocalCluster, free_base_port
 from llnode.model.manifest import load_manifest
 from llnode.model.runner import ChainRunner
 from llnode.model.tokenizer import load_tokenizer
@@ -48,25 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
 
 
-def _shard_dir(arg: Path | None) -> Path:
-    if arg is not None:
-        return arg
-    from llnode.model.prepare import ensure_prepared
-
-    return ensure_prepared("smollm2-135m", "fp32")
-
-
-def _free_base(span: int) -> int:
-    for _ in range(500):
-        base = random.randint(20000, 40000)
-        try:
-            for p in [base + i for i in range(span)] + [base + 1000 + i for i in range(span)]:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no free port range")
 
 
 def chain_decode_ms(shard_dir: Path, prompt_ids: list[int], tokens: int, rounds: int) -> float:
@@ -166,7 +146,7 @@ def _run_cluster(
     work = Path(tempfile.mkdtemp(prefix="llnode-bench-"))
     cluster = LocalCluster(
         nodes=nodes,
-        base_port=_free_base(nodes),
+        base_port=free_base_port(nodes),
         model=shard_dir.name,
         shards=shard_dir.parent,
         workdir=work,
@@ -188,17 +168,17 @@ def _run_cluster(
 
 
 def run(args: argparse.Namespace) -> int:
-    shard_dir = _shard_dir(args.shards)
-    manifest = load_manifest(shard_dir)
-    tok = load_tokenizer(shard_dir, manifest.tokenizer_file)
+    shards = shard_dir(args.shards)
+    manifest = load_manifest(shards)
+    tok = load_tokenizer(shards, manifest.tokenizer_file)
     prompt_ids = tok.encode(PROMPT)
     sessions = [int(s) for s in args.sessions.split(",") if s]
     print(f"{manifest.name}: {manifest.num_modules} modules, {args.tokens} tokens per request", flush=True)
 
-    chain_ms = chain_decode_ms(shard_dir, prompt_ids, args.tokens, args.rounds)
+    chain_ms = chain_decode_ms(shards, prompt_ids, args.tokens, args.rounds)
     print(f"single-process module chain: {chain_ms:.2f} ms/token", flush=True)
-    two = _run_cluster(shard_dir, 2, args.tokens, args.rounds, [], pin=False)
-    three = _run_cluster(shard_dir, 3, args.tokens, args.rounds, [], pin=False)
+    two = _run_cluster(shards, 2, args.tokens, args.rounds, [], pin=False)
+    three = _run_cluster(shards, 3, args.tokens, args.rounds, [], pin=False)
     for n, res in ((2, two), (3, three)):
         print(
             f"{n} nodes {res['stages']}: {res['decode_ms']:.2f} ms/token "
@@ -206,8 +186,8 @@ def run(args: argparse.Namespace) -> int:
             f"peak RSS MB {[round(r) for r in res['rss_mb']]}",
             flush=True,
         )
-    one_pinned = _run_cluster(shard_dir, 1, args.tokens, 1, sessions, pin=True)
-    two_pinned = _run_cluster(shard_dir, 2, args.tokens, 1, sessions, pin=True)
+    one_pinned = _run_cluster(shards, 1, args.tokens, 1, sessions, pin=True)
+    two_pinned = _run_cluster(shards, 2, args.tokens, 1, sessions, pin=True)
     print("aggregate tokens/s, one core and one thread per node:")
     print("  sessions  1 node  2 nodes  ratio")
     for n in sessions:

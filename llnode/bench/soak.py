@@ -27,8 +27,9 @@ from typing import Any
 
 import aiohttp
 
-from llnode.bench.chaos import PROMPTS, free_base_port
-from llnode.cluster import LocalCluster
+from llnode.bench.chaos import PROMPTS
+from llnode.bench.common import shard_dir
+from llnode.cluster import LocalCluster, free_base_port
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,13 +42,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=32, help="max tokens per request (default 32)")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
 
-
-def _shard_dir(arg: Path | None) -> Path:
-    if arg is not None:
-        return arg
-    from llnode.model.prepare import ensure_prepared
-
-    return ensure_prepared("smollm2-135m", "fp32")
 
 
 def rss_bytes(pid: int) -> int:
@@ -190,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
     if args.minutes <= 0 or args.nodes < 1 or args.concurrency < 1 or args.tokens < 1:
         print("llnode bench soak: --minutes must be > 0; --nodes, --concurrency, --tokens >= 1")
         return 2
-    shards = _shard_dir(args.shards)
+    shards = shard_dir(args.shards)
     print(
         f"soak: {args.nodes} nodes, {args.concurrency} concurrent requests for {args.minutes} min ...",
         flush=True,

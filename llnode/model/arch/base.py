@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 
@@ -22,6 +23,19 @@ class ArchInfo:
     intermediate_size: int
     embed_uses_positions: bool = False  # GPT-2 adds learned position embeddings in the first module
     layer_uses_past_positions: bool = False  # BLOOM's ALiBi needs the positions of the cached keys
+
+
+class NormHead(nn.Module):
+    """The last module of every supported family: final norm, then the LM head."""
+
+    def __init__(self, norm: nn.Module, lm_head: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+        self.lm_head = lm_head
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.lm_head(self.norm(hidden))
+        return out
 
 
 class Adapter:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llnode.model.arch.base import Adapter, ArchInfo
+from llnode.model.arch.base import Adapter, ArchInfo, NormHead
 from llnode.model.arch.common import split_attention
 
 
@@ -85,16 +85,6 @@ class BloomLayer(nn.Module):
         return hidden, k, v
 
 
-class BloomHead(nn.Module):
-    def __init__(self, ln_f: Any, lm_head: Any) -> None:
-        super().__init__()
-        self.ln_f: Any = ln_f
-        self.lm_head: Any = lm_head
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.ln_f(hidden))
-
-
 class BloomAdapter(Adapter):
     def __init__(self, model: Any) -> None:
         cfg = model.config
@@ -121,4 +111,4 @@ class BloomAdapter(Adapter):
         return BloomLayer(self.model.transformer.h[index], self.info)
 
     def head(self) -> nn.Module:
-        return BloomHead(self.model.transformer.ln_f, self.model.lm_head)
+        return NormHead(self.model.transformer.ln_f, self.model.lm_head)

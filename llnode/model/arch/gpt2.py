@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llnode.model.arch.base import Adapter, ArchInfo
+from llnode.model.arch.base import Adapter, ArchInfo, NormHead
 from llnode.model.arch.common import split_attention
 
 
@@ -56,16 +56,6 @@ class Gpt2Layer(nn.Module):
         return hidden, k, v
 
 
-class Gpt2Head(nn.Module):
-    def __init__(self, ln_f: Any, lm_head: Any) -> None:
-        super().__init__()
-        self.ln_f: Any = ln_f
-        self.lm_head: Any = lm_head
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.ln_f(hidden))
-
-
 class Gpt2Adapter(Adapter):
     def __init__(self, model: Any) -> None:
         cfg = model.config
@@ -90,4 +80,4 @@ class Gpt2Adapter(Adapter):
         return Gpt2Layer(self.model.transformer.h[index], self.info, index)
 
     def head(self) -> nn.Module:
-        return Gpt2Head(self.model.transformer.ln_f, self.model.lm_head)
+        return NormHead(self.model.transformer.ln_f, self.model.lm_head)

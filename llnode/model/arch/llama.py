@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llnode.model.arch.base import Adapter, ArchInfo
+from llnode.model.arch.base import Adapter, ArchInfo, NormHead
 from llnode.model.arch.common import split_attention
 
 
@@ -66,16 +66,6 @@ class LlamaLayer(nn.Module):
         return hidden, k, v
 
 
-class LlamaHead(nn.Module):
-    def __init__(self, norm: Any, lm_head: Any) -> None:
-        super().__init__()
-        self.norm: Any = norm
-        self.lm_head: Any = lm_head
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(hidden))
-
-
 class LlamaAdapter(Adapter):
     def __init__(self, model: Any) -> None:
         cfg = model.config
@@ -105,4 +95,4 @@ class LlamaAdapter(Adapter):
         return LlamaLayer(self.model.model.layers[index], self._inv_freq, self._rope_scaling, self.info)
 
     def head(self) -> nn.Module:
-        return LlamaHead(self.model.model.norm, self.model.lm_head)
+        return NormHead(self.model.model.norm, self.model.lm_head)

@@ -28,8 +28,7 @@ import pytest
 
 from llnode.cluster import LocalCluster, free_base_port
 from llnode.model.manifest import load_manifest
-from llnode.model.runner import ChainRunner
-from llnode.model.tokenizer import load_tokenizer
+from llnode.model.reference import greedy_texts
 from llnode.plan.costs import build_instance
 from llnode.plan.types import DeviceProfile, PlanOptions
 
@@ -65,14 +64,7 @@ def make_cluster(shards: Path, workdir: Path, nodes: int) -> LocalCluster:
 
 @pytest.fixture(scope="module")
 def reference(tiny_llama_shards: Path) -> str:
-    chain = ChainRunner(tiny_llama_shards)
-    tok = load_tokenizer(tiny_llama_shards, chain.manifest.tokenizer_file)
-    eos = chain.manifest.eos_token_ids
-    ids = chain.generate(tok.encode(PROMPT), MAX_TOKENS, stop=eos)
-    if ids and ids[-1] in eos:
-        ids = ids[:-1]
-    text: str = tok.decode(ids, skip_special_tokens=True)
-    return text
+    return greedy_texts(tiny_llama_shards, [PROMPT], MAX_TOKENS)[PROMPT]
 
 
 @pytest.fixture()

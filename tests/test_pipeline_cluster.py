@@ -21,8 +21,7 @@ import aiohttp
 import pytest
 
 from llnode.cluster import LocalCluster, free_base_port
-from llnode.model.runner import ChainRunner
-from llnode.model.tokenizer import load_tokenizer
+from llnode.model.reference import greedy_texts
 
 pytestmark = pytest.mark.slow
 
@@ -55,16 +54,7 @@ def cluster3(smollm2_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 @pytest.fixture(scope="module")
 def reference(smollm2_shards: Path) -> dict[str, str]:
     """Greedy continuations of every prompt from the single-process module chain."""
-    chain = ChainRunner(smollm2_shards)
-    tok = load_tokenizer(smollm2_shards, chain.manifest.tokenizer_file)
-    eos = chain.manifest.eos_token_ids
-    out = {}
-    for prompt in PROMPTS:
-        ids = chain.generate(tok.encode(prompt), 64, stop=eos)
-        if ids and ids[-1] in eos:
-            ids = ids[:-1]
-        out[prompt] = tok.decode(ids, skip_special_tokens=True)
-    return out
+    return greedy_texts(smollm2_shards, PROMPTS, 64)
 
 
 async def _complete(url: str, prompt: str, max_tokens: int = 64, stream: bool = False) -> dict[str, Any]:

@@ -33,7 +33,8 @@ import pytest
 
 from llnode.cluster import LocalCluster, free_base_port
 from llnode.model.manifest import load_manifest
-from llnode.model.runner import ChainRunner, ModuleRunner
+from llnode.model.reference import greedy_texts
+from llnode.model.runner import ModuleRunner
 from llnode.model.tokenizer import load_tokenizer
 from llnode.net import auth
 from llnode.net.codec import MESSAGE, pack_body
@@ -115,14 +116,7 @@ def complete(cluster: LocalCluster, i: int) -> str:
 
 @pytest.fixture(scope="module")
 def reference(tiny_llama_shards: Path) -> str:
-    chain = ChainRunner(tiny_llama_shards)
-    tok = load_tokenizer(tiny_llama_shards, chain.manifest.tokenizer_file)
-    eos = chain.manifest.eos_token_ids
-    ids = chain.generate(tok.encode(PROMPT), MAX_TOKENS, stop=eos)
-    if ids and ids[-1] in eos:
-        ids = ids[:-1]
-    text: str = tok.decode(ids, skip_special_tokens=True)
-    return text
+    return greedy_texts(tiny_llama_shards, [PROMPT], MAX_TOKENS)[PROMPT]
 
 
 class Capture:

@@ -20,8 +20,7 @@ import pytest
 
 from llnode.cluster import LocalCluster, free_base_port
 from llnode.emulate.cgroups import unavailable_reason
-from llnode.model.runner import ChainRunner
-from llnode.model.tokenizer import load_tokenizer
+from llnode.model.reference import greedy_texts
 
 PROMPTS = ["def main():", "class Node:", "return 42"]
 MAX_TOKENS = 20
@@ -37,16 +36,7 @@ FAST_DRIFT = {
 
 @pytest.fixture(scope="module")
 def reference(tiny_llama_shards: Path) -> dict[str, str]:
-    chain = ChainRunner(tiny_llama_shards)
-    tok = load_tokenizer(tiny_llama_shards, chain.manifest.tokenizer_file)
-    eos = chain.manifest.eos_token_ids
-    out = {}
-    for prompt in PROMPTS:
-        ids = chain.generate(tok.encode(prompt), MAX_TOKENS, stop=eos)
-        if ids and ids[-1] in eos:
-            ids = ids[:-1]
-        out[prompt] = tok.decode(ids, skip_special_tokens=True)
-    return out
+    return greedy_texts(tiny_llama_shards, PROMPTS, MAX_TOKENS)
 
 
 async def _complete(session: aiohttp.ClientSession, url: str, model: str, prompt: str) -> str:

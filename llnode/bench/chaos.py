@@ -28,8 +28,7 @@ import aiohttp
 from llnode.bench.common import shard_dir
 from llnode.cluster import LocalCluster, free_base_port
 from llnode.model.manifest import load_manifest
-from llnode.model.runner import ChainRunner
-from llnode.model.tokenizer import load_tokenizer
+from llnode.model.reference import greedy_texts
 
 PROMPTS = [
     "Once upon a time, in a small village by the river,",
@@ -55,20 +54,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
 
 
-
-
-def references(shards: Path, prompts: list[str], tokens: int) -> dict[str, str]:
-    """Greedy continuations from the single-process module chain."""
-    chain = ChainRunner(shards)
-    tok = load_tokenizer(shards, chain.manifest.tokenizer_file)
-    eos = chain.manifest.eos_token_ids
-    out: dict[str, str] = {}
-    for prompt in dict.fromkeys(prompts):
-        ids = chain.generate(tok.encode(prompt), tokens, stop=eos)
-        if ids and ids[-1] in eos:
-            ids = ids[:-1]
-        out[prompt] = tok.decode(ids, skip_special_tokens=True)
-    return out
 
 
 class Client:
@@ -158,7 +143,7 @@ async def chaos(args: argparse.Namespace, shards: Path) -> dict[str, Any]:
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.requests)]
     print(f"reference: greedy {args.tokens} tokens for {len(set(prompts))} prompts (single process) ...",
           flush=True)  # fmt: skip
-    ref = await asyncio.to_thread(references, shards, prompts, args.tokens)
+    ref = await asyncio.to_thread(greedy_texts, shards, prompts, args.tokens)
     manifest = load_manifest(shards)
     with tempfile.TemporaryDirectory(prefix="llnode-chaos-") as tmp:
         cluster = LocalCluster(

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -115,3 +116,21 @@ class WholeOnnx:
         self.mask[:, s], self.pos[:, s] = new_mask, positions
         self.length += t
         return np.asarray(outs[0])
+
+
+def greedy_texts(shard_dir: Path, prompts: Sequence[str], max_tokens: int) -> dict[str, str]:
+    """Greedy continuation of each prompt by the single-process module chain, as text (end of sequence
+    left out): the reference every multi-node run must reproduce exactly."""
+    from llnode.model.runner import ChainRunner
+    from llnode.model.tokenizer import load_tokenizer
+
+    chain = ChainRunner(shard_dir)
+    tok = load_tokenizer(shard_dir, chain.manifest.tokenizer_file)
+    eos = chain.manifest.eos_token_ids
+    out: dict[str, str] = {}
+    for prompt in dict.fromkeys(prompts):
+        ids = chain.generate(tok.encode(prompt), max_tokens, stop=eos)
+        if ids and ids[-1] in eos:
+            ids = ids[:-1]
+        out[prompt] = tok.decode(ids, skip_special_tokens=True)
+    return out

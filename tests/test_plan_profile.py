@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import pytest
 
 from llnode.model.manifest import load_manifest
+from llnode.net import resources
 from llnode.plan import PlanOptions, solve
-from llnode.plan.profile import measure_link, profile_device, read_battery, read_cores, read_memory
+from llnode.plan.profile import measure_link, profile_device
 from llnode.plan.types import PlanError
 
 
@@ -42,11 +44,11 @@ def test_profile_smollm2_is_cheap(smollm2_shards: Path) -> None:
 
 
 def test_resource_readers() -> None:
-    avail, total = read_memory()
-    assert 0 < avail <= total
-    assert read_cores() >= 1
-    pct, _charging = read_battery()
-    assert pct is None or 0 <= pct <= 100
+    mem = resources.memory()
+    assert 0 < mem["free"] <= mem["total"]
+    assert 1 <= resources.cores() <= (os.cpu_count() or 1)
+    battery = resources.battery()
+    assert battery is None or 0 <= battery["level"] <= 100
 
 
 async def test_measure_link_over_tcp() -> None:

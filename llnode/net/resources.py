@@ -10,20 +10,30 @@ import asyncio
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
 
 def memory() -> dict[str, int]:
+    """``{"total", "free"}`` bytes from /proc/meminfo (free = MemAvailable); ``{}`` where unreadable."""
     out: dict[str, int] = {}
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             key, _, rest = line.partition(":")
-            if key in ("MemTotal", "MemAvailable"):
+            if key in ("MemTotal", "MemAvailable", "MemFree"):
                 out[key] = int(rest.split()[0]) * 1024
     except (OSError, ValueError, IndexError):
         return {}
-    return {"total": out.get("MemTotal", 0), "free": out.get("MemAvailable", 0)}
+    return {"total": out.get("MemTotal", 0), "free": out.get("MemAvailable", out.get("MemFree", 0))}
+
+
+def cores() -> int:
+    """The cores this process may run on (its affinity mask: a pinned daemon offers only those)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def battery_sysfs(root: Path = Path("/sys/class/power_supply")) -> dict[str, Any] | None:
@@ -35,7 +45,7 @@ def battery_sysfs(root: Path = Path("/sys/class/power_supply")) -> dict[str, Any
         try:
             if (supply / "type").read_text().strip() != "Battery":
                 continue
-            level = int((supply / "capacity").read_text().strip())
+            level = int(float((supply / "capacity").read_text().strip()))
             status = (supply / "status").read_text().strip()
         except (OSError, ValueError):
             continue
@@ -43,15 +53,14 @@ def battery_sysfs(root: Path = Path("/sys/class/power_supply")) -> dict[str, Any
     return None
 
 
-async def battery_termux(wait: float = 5.0) -> dict[str, Any] | None:
+def battery_termux(wait: float = 5.0) -> dict[str, Any] | None:
+    """Android closes /sys to apps: Termux:API's ``termux-battery-status`` is the way there. Blocking
+    (it can take seconds): call it off the event loop."""
     exe = shutil.which("termux-battery-status")
     if exe is None:
         return None
     try:
-        proc = await asyncio.create_subprocess_exec(
-            exe, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
-        )
-        out, _ = await asyncio.wait_for(proc.communicate(), wait)
+        out = subprocess.run([exe], capture_output=True, text=True, timeout=wait, check=True).stdout
         data = json.loads(out)
         return {
             "level": int(data["percentage"]),
@@ -59,8 +68,13 @@ async def battery_termux(wait: float = 5.0) -> dict[str, Any] | None:
             or data.get("plugged") not in (None, "UNPLUGGED"),
             "source": "termux",
         }
-    except (OSError, TimeoutError, ValueError, KeyError, TypeError):
+    except (OSError, subprocess.SubprocessError, ValueError, KeyError, TypeError):
         return None
+
+
+def battery() -> dict[str, Any] | None:
+    """``{"level", "charging", "source"}`` from sysfs or Termux, or None on a device without a battery."""
+    return battery_sysfs() or battery_termux()
 
 
 def shard_sets(root: Path) -> dict[str, Any]:
@@ -87,10 +101,9 @@ def shard_sets(root: Path) -> dict[str, Any]:
 
 
 async def snapshot(shards_root: Path) -> dict[str, Any]:
-    battery = battery_sysfs() or await battery_termux()
     return {
-        "cores": os.cpu_count() or 1,
+        "cores": cores(),
         "memory": memory(),
-        "battery": battery,
+        "battery": await asyncio.to_thread(battery),
         "shards": await asyncio.to_thread(shard_sets, shards_root),
     }

@@ -13,11 +13,8 @@ bytes over the authenticated peer link and awaits the echo) and returns RTT and 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import shutil
 import statistics
-import subprocess
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -26,56 +23,16 @@ from pathlib import Path
 import numpy as np
 
 from llnode.model.manifest import Manifest, load_manifest
+from llnode.net import resources
 from llnode.plan.types import DeviceProfile, LinkProfile, PlanError
-
-
-def read_memory() -> tuple[int, int]:
-    """(available, total) bytes from /proc/meminfo; (0, 0) where it cannot be read."""
-    try:
-        info = {}
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            key, _, rest = line.partition(":")
-            info[key] = int(rest.split()[0]) * 1024
-        return info.get("MemAvailable", info.get("MemFree", 0)), info.get("MemTotal", 0)
-    except (OSError, ValueError, IndexError):
-        return 0, 0
-
-
-def read_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def read_load(cores: int | None = None) -> float:
     """One-minute load average per core, clipped to 0..1: how busy the device already is."""
     try:
-        return min(1.0, max(0.0, os.getloadavg()[0] / (cores or read_cores())))
+        return min(1.0, max(0.0, os.getloadavg()[0] / (cores or resources.cores())))
     except OSError:
         return 0.0
-
-
-def read_battery() -> tuple[float | None, bool | None]:
-    """(percent, charging) from Linux sysfs or Termux's ``termux-battery-status``; (None, None) if none."""
-    base = Path("/sys/class/power_supply")
-    try:
-        for dev in sorted(base.iterdir()) if base.is_dir() else []:
-            if (dev / "type").is_file() and (dev / "type").read_text().strip() == "Battery":
-                pct = float((dev / "capacity").read_text().strip())
-                status = (dev / "status").read_text().strip().lower() if (dev / "status").is_file() else ""
-                return pct, status in ("charging", "full")
-    except (OSError, ValueError):
-        pass
-    exe = shutil.which("termux-battery-status")
-    if exe:
-        try:
-            out = subprocess.run([exe], capture_output=True, text=True, timeout=5, check=True).stdout
-            data = json.loads(out)
-            return float(data["percentage"]), str(data.get("status", "")).upper() in ("CHARGING", "FULL")
-        except (OSError, subprocess.SubprocessError, ValueError, KeyError):
-            pass
-    return None, None
 
 
 def _time_steps(run: Callable[[], object], repeats: int) -> float:
@@ -171,14 +128,15 @@ def profile_device(
         decode_flops += sum(m.flops.at(context) for m in mods)
         measured[f"decode_ms_modules_{start}_{end}"] = dc * 1e3
         measured[f"prefill_ms_modules_{start}_{end}_{prompt_tokens}tok"] = pf * 1e3
-    avail, total = read_memory()
+    mem = resources.memory()
+    avail, total = mem.get("free", 0), mem.get("total", 0)
     if memory_limit:
         # The owner caps what this node offers (a shared device, or a small one simulated): the planner
         # then sees exactly that much, and never places more on it.
         avail = min(avail, memory_limit) if avail else memory_limit
         total = min(total, memory_limit) if total else memory_limit
-    cores = read_cores()
-    battery, charging = read_battery()
+    cores = resources.cores()
+    battery = resources.battery()
     cost = time.perf_counter() - t_start
     measured["profile_s"] = cost
     return DeviceProfile(
@@ -190,8 +148,8 @@ def profile_device(
         memory_available_bytes=avail,
         memory_total_bytes=total,
         cores=cores,
-        battery_pct=battery,
-        charging=charging,
+        battery_pct=float(battery["level"]) if battery else None,
+        charging=bool(battery["charging"]) if battery else None,
         load=read_load(cores),
         profile_s=cost,
         measured=measured,

@@ -24,7 +24,7 @@ import numpy as np
 import onnxruntime as ort
 
 from llnode.model import names
-from llnode.model.manifest import Manifest, ManifestError, load_manifest
+from llnode.model.manifest import Manifest, ManifestError, ModuleInfo, load_manifest
 
 MIN_CAPACITY = 32
 
@@ -83,7 +83,9 @@ def pool_info() -> tuple[str | None, int]:
 
 
 @dataclass
-class _Session:
+class SessionCache:
+    """One session's KV buffers (per layer), attention mask and positions; ``length`` slots are used."""
+
     batch: int
     length: int = 0
     capacity: int = 0
@@ -135,7 +137,7 @@ class ModuleRunner:
             self._sessions.append(sess)
             self._input_names.append({i.name for i in sess.get_inputs()})
         self._layers = [m.layer for m in self._modules if m.kind == "layer" and m.layer is not None]
-        self._states: dict[str, _Session] = {}
+        self._states: dict[str, SessionCache] = {}
         self._states_lock = threading.Lock()
 
     # -- session bookkeeping -------------------------------------------------------------------------
@@ -171,17 +173,29 @@ class ModuleRunner:
         with self._states_lock:
             return self._states.pop(session_id, None) is not None
 
-    def _state(self, session_id: str, batch: int) -> _Session:
+    @property
+    def layers(self) -> list[int]:
+        """The decoder layers among this runner's modules (whose K/V it keeps)."""
+        return self._layers
+
+    def modules(self) -> list[tuple[ModuleInfo, ort.InferenceSession, set[str]]]:
+        """Each module in order with its onnxruntime session and input names: for callers that run the
+        modules themselves on caches from :meth:`cache` (``llnode.model.batching``)."""
+        return list(zip(self._modules, self._sessions, self._input_names, strict=True))
+
+    def cache(self, session_id: str, batch: int) -> SessionCache:
+        """The session's cache, created empty if new; hold its ``lock`` while using it."""
         with self._states_lock:
             st = self._states.get(session_id)
             if st is None:
-                st = _Session(batch=batch)
+                st = SessionCache(batch=batch)
                 self._states[session_id] = st
         if st.batch != batch:
             raise RunnerError(f"session {session_id!r} has batch {st.batch}, got a step with batch {batch}")
         return st
 
-    def _grow(self, st: _Session, needed: int) -> None:
+    def grow(self, st: SessionCache, needed: int) -> None:
+        """Make room for ``needed`` slots (x2 steps, copying the used part once per doubling)."""
         if needed <= st.capacity:
             return
         cap = max(MIN_CAPACITY, st.capacity)
@@ -241,26 +255,22 @@ class ModuleRunner:
                 f"position {int(pos.max())} exceeds the model's context {self.manifest.max_context}"
             )
 
-        st = self._state(session_id, b)
+        st = self.cache(session_id, b)
         with st.lock:
             if self._layers:
-                self._grow(st, st.length + t)
+                self.grow(st, st.length + t)
                 full_mask = np.concatenate([st.mask, new_mask], axis=1)
             h = x
             for info, sess, wanted in zip(self._modules, self._sessions, self._input_names, strict=True):
-                feeds: dict[str, np.ndarray] = {}
-                if info.kind == "embed":
-                    feeds[names.INPUT_IDS] = h
-                else:
-                    feeds[names.hidden(info.index)] = h
-                if info.kind == "layer":
-                    assert info.layer is not None
-                    feeds[names.ATTENTION_MASK] = full_mask
-                    feeds[names.past_key(info.layer)] = st.keys[info.layer]
-                    feeds[names.past_value(info.layer)] = st.values[info.layer]
-                    feeds[names.PAST_POSITIONS] = st.positions
-                feeds[names.POSITION_IDS] = pos
-                outs = sess.run(None, {k: v for k, v in feeds.items() if k in wanted})
+                layer = info.layer if info.kind == "layer" else None
+                feeds = module_feeds(
+                    info, wanted, h, pos,
+                    full_mask if layer is not None else None,
+                    None if layer is None else st.keys[layer],
+                    None if layer is None else st.values[layer],
+                    st.positions,
+                )  # fmt: skip
+                outs = sess.run(None, feeds)
                 h = outs[0]
                 if info.kind == "layer":
                     assert info.layer is not None
@@ -271,6 +281,29 @@ class ModuleRunner:
                 st.positions[:, st.length : st.length + t] = pos
             st.length += t
         return np.asarray(h)
+
+
+def module_feeds(
+    info: ModuleInfo,
+    wanted: set[str],
+    h: np.ndarray,
+    positions: np.ndarray,
+    mask: np.ndarray | None,
+    past_key: np.ndarray | None,
+    past_value: np.ndarray | None,
+    past_positions: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """The inputs of one module (those its graph declares): ids or hidden state, positions, and for a
+    decoder layer the attention mask over past + new slots, its past K/V and the past slots' positions."""
+    feeds = {names.INPUT_IDS if info.kind == "embed" else names.hidden(info.index): h}
+    feeds[names.POSITION_IDS] = positions
+    if info.kind == "layer":
+        assert info.layer is not None and mask is not None and past_key is not None and past_value is not None
+        feeds[names.ATTENTION_MASK] = mask
+        feeds[names.past_key(info.layer)] = past_key
+        feeds[names.past_value(info.layer)] = past_value
+        feeds[names.PAST_POSITIONS] = past_positions
+    return {k: v for k, v in feeds.items() if k in wanted}
 
 
 def positions_for(attention_mask: np.ndarray, past_tokens: np.ndarray | None = None) -> np.ndarray:

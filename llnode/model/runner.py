@@ -116,7 +116,12 @@ class ModuleRunner:
         start: int = 0,
         end: int | None = None,
         threads: int | None = None,
+        reuse: ModuleRunner | None = None,
     ) -> None:
+        """``reuse``: a runner of the same shard set whose onnxruntime sessions are shared for the modules
+        both hold (a plan switch then builds only what is new: building is the slow part, and on a
+        throttled device it took seconds; sessions are thread-safe and hold no KV, which is per runner).
+        """
         self.shard_dir = Path(shard_dir)
         self.manifest = manifest if manifest is not None else load_manifest(self.shard_dir)
         n = self.manifest.num_modules
@@ -127,7 +132,13 @@ class ModuleRunner:
         self._modules = self.manifest.modules[self.start : self.end]
         self._sessions: list[ort.InferenceSession] = []
         self._input_names: list[set[str]] = []
+        self._built = 0
         for info in self._modules:
+            shared = reuse._shared(self.shard_dir, info.index) if reuse is not None else None
+            if shared is not None:
+                self._sessions.append(shared)
+                self._input_names.append({i.name for i in shared.get_inputs()})
+                continue
             path = self.shard_dir / info.file
             if not path.is_file():
                 raise ManifestError(
@@ -136,9 +147,20 @@ class ModuleRunner:
             sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
             self._sessions.append(sess)
             self._input_names.append({i.name for i in sess.get_inputs()})
+            self._built += 1
         self._layers = [m.layer for m in self._modules if m.kind == "layer" and m.layer is not None]
         self._states: dict[str, SessionCache] = {}
         self._states_lock = threading.Lock()
+
+    def _shared(self, shard_dir: Path, index: int) -> ort.InferenceSession | None:
+        if shard_dir != self.shard_dir or not self.start <= index < self.end:
+            return None
+        return self._sessions[index - self.start]
+
+    @property
+    def built(self) -> int:
+        """How many of this runner's modules got a session of their own (the rest were reused)."""
+        return self._built
 
     # -- session bookkeeping -------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ import dataclasses
 import logging
 import math
 import os
+import statistics
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from llnode.model.manifest import Manifest
+from llnode.pipeline.metrics import live_context
 from llnode.plan.costs import ModelCosts, build_instance, evaluate
 from llnode.plan.solve import make_plan, solve
 from llnode.plan.types import DeviceProfile, LinkProfile, Plan, PlanError, PlanOptions
@@ -64,6 +66,7 @@ class RebalanceConfig:
     min_gain: float = 0.10  # predicted tokens/s gain a new plan must bring to be published
     cooldown_s: float = 15.0  # no new rebalance this soon after the last plan change
     movement_weight: float = 0.05  # cost of moving weights, relative to the current plan's objective
+    horizon_s: float = 60.0  # a switch must pay for itself (re-prefill, loading) within this time
     impose: bool = False  # benchmarks only: accept POST /api/bench/impose-plan on this node
 
     def __post_init__(self) -> None:
@@ -73,11 +76,13 @@ class RebalanceConfig:
             raise ValueError("window_s, min_gain, cooldown_s must be >= 0 and min_samples >= 1")
         if self.movement_weight < 0:
             raise ValueError("movement_weight must be >= 0")
+        if self.horizon_s <= 0:
+            raise ValueError("horizon_s must be > 0")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RebalanceConfig:
         """``LLNODE_REBALANCE=0`` disables; ``LLNODE_REBALANCE_<FIELD>`` sets a field
-        (THRESHOLD, CLEAR, WINDOW_S, MIN_SAMPLES, MIN_GAIN, COOLDOWN_S, MOVEMENT_WEIGHT);
+        (THRESHOLD, CLEAR, WINDOW_S, MIN_SAMPLES, MIN_GAIN, COOLDOWN_S, MOVEMENT_WEIGHT, HORIZON_S);
         ``LLNODE_BENCH_IMPOSE=1`` enables the benchmark-only plan override."""
         env = os.environ if env is None else env
         kw: dict[str, Any] = {}
@@ -201,6 +206,73 @@ def price(
     return make_plan(inst, ev, solver, False, 0.0, [], {}, epoch)
 
 
+LOAD_BYTES_PER_S = 30e6  # onnxruntime session building, measured on the 2-core build machine under load
+LOAD_STALL = 0.5  # share of throughput lost while a node builds sessions beside its running stage
+
+
+def cost_context(options: Mapping[str, Any], max_context: int) -> int:
+    """The context length a plan's per-token decode FLOPs were costed at (``PlanOptions.cost_context``)."""
+    ctx = options.get("cost_context")
+    if isinstance(ctx, int) and ctx > 0:
+        return ctx
+    limit = options.get("max_context")
+    return (limit if isinstance(limit, int) and limit > 0 else max_context) // 2
+
+
+def calibrated_context(context: float) -> int:
+    """A served context rounded to half powers of two (16, 22, 32, 45, 64, ...).
+
+    Why rounded: plans are priced at this context, and a context that moves by a token whenever a
+    session starts or ends must not make every re-solve see slightly different numbers.
+    """
+    c = max(16.0, float(context))
+    return round(2 ** (round(2 * math.log2(c)) / 2))
+
+
+def range_flops(manifest: Manifest, start: int, end: int, context: float) -> float:
+    return sum(m.flops.at(int(context)) for m in manifest.modules[start:end])
+
+
+def expected_ms(manifest: Manifest, plan: Plan, start: int, end: int, compute_s: float,
+                context: float | None) -> float:
+    """The plan's predicted decode ms/token of a stage, re-costed at the context actually served.
+
+    Why: a plan is priced at ``cost_context`` (by default half the model's maximum context), while a
+    decode step costs what its real context costs; comparing a 40-token chat with a 4,096-token
+    prediction made every layer-only stage look 2x "faster than planned" and a stage holding the head
+    (no attention, so no context term) look slower: drift that was only a change of units.
+    """
+    ms = 1000.0 * compute_s
+    if context is None:
+        return ms
+    planned = range_flops(manifest, start, end, cost_context(plan.options, manifest.max_context))
+    served = range_flops(manifest, start, end, context)
+    return ms * served / planned if planned > 0 and served > 0 else ms
+
+
+def switch_cost_s(
+    costs: ModelCosts, current: Plan, new: Plan, *, live_tokens: float, prompt_tokens: int,
+    load_bytes_per_s: float = LOAD_BYTES_PER_S,
+) -> tuple[float, float]:
+    """Seconds of full-speed output a switch costs: (re-prefilling the live sessions, loading modules).
+
+    Re-prefill: every live session's history passes the new pipeline again; prefill is pipelined across
+    sessions, so the new plan's slowest stage per prefill token sets the pace. Loading: each node builds
+    sessions only for modules outside its current range (it keeps the rest), in parallel with the others
+    and beside its running stage (make-before-break), which costs it ``LOAD_STALL`` of its speed.
+    """
+    per_token = max((s.prefill_s for s in new.stages), default=0.0) / max(prompt_tokens, 1)
+    reprefill = max(live_tokens, 0.0) * per_token
+    held = current.ranges()
+    load = 0.0
+    for s in new.stages:
+        cur = held.get(s.device_id, (0, 0))
+        moved = sum(w for m, w in enumerate(costs.weight_bytes[s.start:s.end], s.start)
+                    if not cur[0] <= m < cur[1])
+        load = max(load, moved / load_bytes_per_s)
+    return reprefill, LOAD_STALL * load
+
+
 def decide(
     model: Manifest | ModelCosts,
     profiles: Mapping[str, DeviceProfile],
@@ -210,8 +282,12 @@ def decide(
     config: RebalanceConfig,
     *,
     epoch: int,
+    live_tokens: float = 0.0,
+    load_bytes_per_s: float = LOAD_BYTES_PER_S,
 ) -> Decision:
-    """Re-solve with ``profiles`` (measured speeds) and the movement term; accept only a real gain."""
+    """Re-solve with ``profiles`` (measured speeds) and the movement term; accept only a gain that beats
+    ``min_gain`` and pays for the switch (re-prefill of ``live_tokens``, module loading) within
+    ``config.horizon_s``."""
     live = [s for s in current.stages if s.device_id in profiles]
     if len(live) == len(current.stages):
         now_plan = price(model, profiles, links, options, [(s.device_id, s.start, s.end) for s in live])
@@ -229,7 +305,55 @@ def decide(
             f"predicted gain {gain:+.1%} is below the {config.min_gain:.0%} threshold",
             gain, now_tps, new.tokens_per_s, None,
         )
-    return Decision(True, f"predicted gain {gain:+.1%}", gain, now_tps, new.tokens_per_s, new)
+    costs = model if isinstance(model, ModelCosts) else ModelCosts.from_manifest(model, options)
+    reprefill, load = switch_cost_s(costs, current, new, live_tokens=live_tokens,
+                                    prompt_tokens=options.prompt_tokens, load_bytes_per_s=load_bytes_per_s)
+    # (new - now) * horizon tokens gained must beat now * (reprefill + load) tokens lost
+    needed = (reprefill + load) / config.horizon_s
+    if gain < needed:
+        return Decision(
+            False,
+            f"predicted gain {gain:+.1%} does not pay for the switch within {config.horizon_s:.0f} s "
+            f"(re-prefill {reprefill:.1f} s + loading {load:.1f} s need {needed:+.1%})",
+            gain, now_tps, new.tokens_per_s, None,
+        )
+    return Decision(True, f"predicted gain {gain:+.1%} (switch costs ~{reprefill + load:.1f} s)", gain,
+                    now_tps, new.tokens_per_s, new)
+
+
+def stage_ratios(
+    manifest: Manifest, plan: Plan, metrics: Mapping[str, Mapping[str, Any]], context: float | None
+) -> dict[str, float]:
+    """measured / expected decode ms of every stage of ``plan`` whose gossiped metrics are for it.
+
+    ``metrics``: device -> gossiped stage metrics; a stage counts once it has 3+ steps on this plan.
+    Each is re-costed at the context its sessions are at (``context`` when it does not say).
+    """
+    out: dict[str, float] = {}
+    for s in plan.stages:
+        m = metrics.get(s.device_id, {})
+        ms, steps, ctx = m.get("decode_ms"), m.get("steps"), m.get("context")
+        if m.get("epoch") != plan.epoch or m.get("range") != [s.start, s.end]:
+            continue
+        if not isinstance(ms, (int, float)) or ms <= 0 or not isinstance(steps, int) or steps < 3:
+            continue
+        ctx = float(ctx) if isinstance(ctx, (int, float)) and ctx > 0 else context
+        out[s.device_id] = ms / expected_ms(manifest, plan, s.start, s.end, s.compute_s, ctx)
+    return out
+
+
+def rest_of_pipeline(me: str, own: float, ratios: Mapping[str, float]) -> float:
+    """What this stage's measured/expected (``own``) is judged against: the rest of the pipeline.
+
+    The other stage's ratio in a two-stage plan; with three or more, the median over every stage
+    including this one, so that one slow stage makes only itself look off (the median of the others
+    would be dragged up by it and make the healthy stages look fast). 1.0 (the prediction itself)
+    when no other stage reports.
+    """
+    others = [r for d, r in ratios.items() if d != me]
+    if len(others) >= 2:
+        return statistics.median([*others, own])
+    return others[0] if others else 1.0
 
 
 def describe(plan: Plan | None) -> str:
@@ -262,7 +386,10 @@ class Rebalancer:
         self.speeds: dict[str, tuple[int, int, float]] = {}  # device -> last measured (start, end, ms)
         self._speed_seen: dict[str, tuple[int, float]] = {}  # device -> (steps, when they last moved)
         self._seen_steps: dict[str, int] = {}
-        self._baseline: tuple[int, float] | None = None  # (epoch, ms) for this node's stage
+        self._contexts: dict[str, float] = {}  # device -> context its stage's sessions are at
+        self._context: int | None = None  # the served context plans are priced at, once measured
+        self._skew: tuple[int, float] = (0, 1.0)  # (epoch, relative speed accepted as normal)
+        self._relative: float | None = None  # this stage's last measured/expected over the others'
         self._last_change = time.monotonic()
         self._last_epoch: int | None = None
         self._asking: asyncio.Task[None] | None = None
@@ -282,7 +409,9 @@ class Rebalancer:
             "config": dataclasses.asdict(self.config),
             "requests": self.requests,
             "accepted": self.accepted,
-            "baseline_ms": None if self._baseline is None else round(self._baseline[1], 3),
+            "relative": None if self._relative is None else round(self._relative, 3),
+            "accepted_skew": round(self._skew[1], 3),
+            "context": self._context,
             "measured_ms": {
                 d: {"range": [s, e], "decode_ms": round(ms, 3)} for d, (s, e, ms) in self.speeds.items()
             },
@@ -309,16 +438,48 @@ class Rebalancer:
             if m.get("epoch") != plan.epoch or tuple(rng) != ranges.get(dev):
                 continue
             self.speeds[dev] = (int(rng[0]), int(rng[1]), float(ms))
+            ctx = m.get("context")
+            if isinstance(ctx, (int, float)) and ctx > 0:
+                self._contexts[dev] = float(ctx)
             steps = m.get("steps")
             if not isinstance(steps, int) or self._speed_seen.get(dev, (None, 0.0))[0] != steps:
                 self._speed_seen[dev] = (steps if isinstance(steps, int) else -1, time.monotonic())
+
+    def options(self) -> PlanOptions:
+        """The service's plan options, costed at the context sessions are really at once it is measured.
+
+        Why: a measured ms/token becomes a speed by dividing the range's FLOPs, and a plan is only as
+        good as the relative cost of its modules; both must be taken at the served context (a layer's
+        attention grows with it, the head's vocabulary matmul does not). An explicit ``cost_context``
+        in the options wins.
+        """
+        opts = self.service.plan_options
+        if opts.cost_context is not None or not self.config.enabled:
+            return opts
+        live = sorted(self._contexts.values())
+        if live:
+            self._context = calibrated_context(live[len(live) // 2])
+        return opts if self._context is None else dataclasses.replace(opts, cost_context=self._context)
+
+    def live_tokens(self) -> float:
+        """Tokens of history the live sessions would re-prefill on a switch (sessions x context)."""
+        from llnode.pipeline.service import METRICS_KEY
+
+        node = self.service.node
+        sessions = 0
+        for n in node.live_members():
+            m = node.gossip.get(n, METRICS_KEY)
+            if isinstance(m, dict) and isinstance(m.get("sessions"), int):
+                sessions += m["sessions"]
+        live = sorted(self._contexts.values())
+        return sessions * (live[len(live) // 2] if live else 0.0)
 
     def adjust(self, profiles: dict[str, DeviceProfile]) -> dict[str, DeviceProfile]:
         """Profiles with the speeds measured while serving (used for every plan the leader makes)."""
         manifest = self.service.manifest
         if manifest is None or not self.config.enabled:
             return profiles
-        costs = ModelCosts.from_manifest(manifest, self.service.plan_options)
+        costs = ModelCosts.from_manifest(manifest, self.options())
         # a speed nobody re-measured for SPEED_TTL_S (e.g. a device the plan left out because it was slow)
         # is forgotten: the start-up profile applies again, so a device that recovered gets a chance
         now = time.monotonic()
@@ -337,7 +498,7 @@ class Rebalancer:
         if plan.epoch != self._last_epoch:
             self._last_epoch = plan.epoch
             self._last_change = now
-            self._baseline = None
+            self._relative = None
             self.detector.reset()
         self._refresh_speeds(plan)
         if self.service.node.is_leader:
@@ -346,8 +507,17 @@ class Rebalancer:
             self._detect(plan, now)
 
     def _detect(self, plan: Plan, now: float) -> None:
+        """Feed this stage's speed *relative to the other stages'* to the detector.
+
+        Why relative: what a rebalance can fix is one stage being slow (or fast) compared with the
+        rest. Contention between concurrent sessions on a shared machine, batching, or a prediction
+        that is off by the same factor everywhere move every stage's measured/expected alike and cancel
+        out here; they used to read as drift and re-plan again and again. A one-stage plan is judged
+        against its own prediction.
+        """
         worker = self.service.worker
-        if worker is None or worker.epoch != plan.epoch:
+        manifest = self.service.manifest
+        if worker is None or worker.epoch != plan.epoch or manifest is None:
             return
         snap = worker.metrics.snapshot()
         steps, ms = snap.get("steps", 0), snap.get("decode_ms")
@@ -355,22 +525,32 @@ class Rebalancer:
         if not isinstance(ms, float) or steps == self._seen_steps.get(key):
             return  # nothing new measured: a stale EWMA is no evidence
         self._seen_steps[key] = steps
-        if self._baseline is None or self._baseline[0] != plan.epoch:
-            stage = next((s for s in plan.stages if s.device_id == self.service.node.node_id), None)
-            if stage is None:
-                return
-            self._baseline = (plan.epoch, 1000.0 * stage.compute_s)
-        baseline = self._baseline[1]
-        if self.detector.observe(key, ms, baseline, now):
+        me = self.service.node.node_id
+        stage = next((s for s in plan.stages if s.device_id == me), None)
+        if stage is None:
+            return
+        ctx = live_context(worker.runner)
+        expected = expected_ms(manifest, plan, stage.start, stage.end, stage.compute_s, ctx)
+        own = ms / expected
+        ratios = stage_ratios(manifest, plan, self._metrics(), ctx)
+        rest = rest_of_pipeline(me, own, ratios)
+        others = len(ratios) - (me in ratios)
+        if others == 0 and len(plan.stages) > 1:
+            return  # the other stages have not reported on this plan yet: nothing to compare with
+        skew = self._skew[1] if self._skew[0] == plan.epoch else 1.0
+        self._relative = own / rest
+        if self.detector.observe(key, own, rest * skew, now):
             reason = (
                 f"stage [{worker.start},{worker.end}) on {self.service.node.name}: {ms:.1f} ms/token, "
-                f"{ms / baseline:.2f}x the {baseline:.1f} ms expected, for {self.config.window_s:.0f} s"
+                f"{own:.2f}x the {expected:.1f} ms expected"
+                + (f" while the other stages run at {rest:.2f}x theirs" if others else "")
+                + f", for {self.config.window_s:.0f} s"
             )
             if self._asking is None or self._asking.done():
-                self._asking = asyncio.create_task(self._ask(reason, ms))
+                self._asking = asyncio.create_task(self._ask(reason, plan.epoch, own / rest))
 
-    async def _ask(self, reason: str, measured_ms: float) -> None:
-        """Ask the leader (or ourselves) for a rebalance; a refusal re-bases our expectation."""
+    async def _ask(self, reason: str, epoch: int, relative: float) -> None:
+        """Ask the leader (or ourselves) for a rebalance; a refusal makes this skew the new normal."""
         self.service.event("drift", reason)
         node = self.service.node
         leader = node.leader_id
@@ -386,8 +566,8 @@ class Rebalancer:
             log.warning("rebalance request failed: %s", exc)
             self.detector.reset()
             return
-        if not reply.get("accepted") and self._baseline is not None:
-            self._baseline = (self._baseline[0], measured_ms)  # this is the new normal for this plan
+        if not reply.get("accepted"):
+            self._skew = (epoch, relative)  # the new normal for this plan: do not keep asking
             self.detector.reset()
 
     # ---- leader ----------------------------------------------------------------------------------
@@ -419,7 +599,8 @@ class Rebalancer:
             epoch = svc._max_epoch() + 1
             try:
                 decision = await asyncio.to_thread(
-                    decide, svc.manifest, profiles, links, svc.plan_options, current, self.config, epoch=epoch
+                    decide, svc.manifest, profiles, links, self.options(), current, self.config,
+                    epoch=epoch, live_tokens=self.live_tokens(),
                 )
             except PlanError as exc:
                 return {"accepted": False, "reason": f"re-solving failed: {exc}"}

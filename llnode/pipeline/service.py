@@ -29,6 +29,7 @@ from llnode.model.tokenizer import load_tokenizer
 from llnode.pipeline import protocol
 from llnode.pipeline.distributed import DistributedEngine, Route
 from llnode.pipeline.local import ShardTokenizer
+from llnode.pipeline.metrics import live_context
 from llnode.pipeline.rebalance import Rebalancer
 from llnode.pipeline.stage import StageWorker
 from llnode.plan.profile import profile_device
@@ -271,7 +272,7 @@ class PipelineService:
                 self.manifest,
                 list(profiles.values()),
                 self._links(list(profiles)),
-                self.plan_options,
+                self.rebalancer.options(),  # costed at the context sessions are really at, once measured
                 current=current,
                 epoch=epoch,
             )
@@ -362,6 +363,8 @@ class PipelineService:
         metrics: dict[str, Any] = {"sessions": self.engine.active_sessions if self.engine else 0}
         if worker is not None:
             metrics.update(worker.metrics.snapshot(), epoch=worker.epoch, range=[worker.start, worker.end])
+            context = live_context(worker.runner)
+            metrics["context"] = None if context is None else round(context, 1)
         if metrics != self.node.gossip.get(self.node.node_id, METRICS_KEY):
             self.node.gossip.set_local(METRICS_KEY, metrics)
 
@@ -411,6 +414,7 @@ class PipelineService:
             gossip.set_local(STAGE_KEY, {"epoch": plan.epoch, "ready": True, "range": None})
             return
         stage = stages[mine]
+        began = time.monotonic()
         gossip.set_local(STAGE_KEY, {"epoch": plan.epoch, "ready": False, "range": [stage.start, stage.end]})
         while True:
             try:
@@ -433,8 +437,10 @@ class PipelineService:
         if fetched:
             self.event("shards", f"fetched {len(fetched)} file(s) for modules [{stage.start},{stage.end})")
             await self._publish_inventory()
-        runner = await asyncio.to_thread(
-            ModuleRunner, self.store.model_dir(self.model), self.manifest, stage.start, stage.end
+        held = self.worker or (self._retiring[max(self._retiring)] if self._retiring else None)
+        runner = await asyncio.to_thread(  # sessions of modules this node already runs are shared
+            ModuleRunner, self.store.model_dir(self.model), self.manifest, stage.start, stage.end,
+            reuse=held.runner if held is not None else None,
         )
         worker = StageWorker(
             node_id=me,
@@ -448,7 +454,10 @@ class PipelineService:
         old, self.worker = self.worker, worker
         self._keep_retiring(old)
         gossip.set_local(STAGE_KEY, {"epoch": plan.epoch, "ready": True, "range": [stage.start, stage.end]})
-        self.event("stage", f"epoch {plan.epoch}: running modules [{stage.start},{stage.end})")
+        load_s = time.monotonic() - began
+        self.event("stage", f"epoch {plan.epoch}: running modules [{stage.start},{stage.end}) after "
+                   f"{load_s:.1f} s ({runner.built} of {stage.end - stage.start} module(s) built)",
+                   epoch=plan.epoch, load_s=round(load_s, 2), built=runner.built)
 
     # ---- messages ---------------------------------------------------------------------------------
     async def send(self, peer: str, msg_type: str, payload: dict[str, Any]) -> None:

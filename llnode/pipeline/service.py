@@ -449,6 +449,7 @@ class PipelineService:
             runner=runner,
             next_node=stages[mine + 1].device_id if mine + 1 < len(stages) else None,
             send=self.send,
+            stages=len(stages),
         )
         worker.start_worker()
         old, self.worker = self.worker, worker

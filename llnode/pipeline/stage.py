@@ -15,7 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import os
 import time
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,10 +26,12 @@ from typing import Any
 
 import numpy as np
 
+from llnode.model.batching import decode_batch
 from llnode.model.manifest import Manifest
 from llnode.model.runner import ModuleRunner
 from llnode.net.codec import FrameError, decode_tensor, encode_tensor
 from llnode.pipeline import protocol
+from llnode.pipeline.local import PREFILL_CHUNK
 from llnode.pipeline.metrics import StageMetrics
 from llnode.pipeline.protocol import ProtocolError, Step
 from llnode.pipeline.sampling import Sampler
@@ -42,6 +47,20 @@ class _Pending:
     received: float = field(default_factory=time.monotonic)
 
 
+@dataclass
+class _Prefill:
+    """A multi-token step in progress, run :data:`PREFILL_CHUNK` tokens at a time."""
+
+    step: Step
+    done: int = 0  # tokens run so far
+    chunk_start: int = 0
+    parts: list[np.ndarray] = field(default_factory=list)  # hidden states of the chunks (not the last stage)
+
+
+def _is_decode(step: Step) -> bool:
+    return not step.reset and len(step.ids) == 1
+
+
 class StageWorker:
     """Runs modules ``[start, end)`` of ``manifest`` for plan ``epoch`` and passes results on."""
 
@@ -55,6 +74,7 @@ class StageWorker:
         next_node: str | None,
         send: SendFn,
         idle_timeout_s: float = 300.0,
+        stages: int = 1,
     ) -> None:
         self.node_id = node_id
         self.epoch = epoch
@@ -66,6 +86,10 @@ class StageWorker:
         self.next_node = next_node
         self.send = send
         self.idle_timeout_s = idle_timeout_s
+        self.stages = max(1, stages)  # how many stages the plan has: see batch_limit()
+        self.max_batch = int(os.environ.get("LLNODE_MAX_BATCH", "0"))
+        self.batch_sizes: Counter[int] = Counter()  # decode calls by batch size (status and tests)
+        self.prefill_chunks = 0
         self.metrics = StageMetrics()
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
         self._samplers: dict[str, Sampler] = {}
@@ -141,46 +165,170 @@ class StageWorker:
         self._executor.submit(self.runner.free, session)
 
     # ---- the worker -------------------------------------------------------------------------------
+    def batch_limit(self) -> int:
+        """How many decode steps to run as one batch now.
+
+        ``LLNODE_MAX_BATCH`` fixes it (1 turns batching off). By default the sessions this stage holds,
+        split over the plan's stages: with S stages, S groups keep every stage busy at once, while one
+        group of everyone would leave all but one stage idle (batches travel together and never split).
+        """
+        if self.max_batch > 0:
+            return self.max_batch
+        return max(1, math.ceil(len(self.runner.sessions()) / self.stages))
+
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Decode steps waiting here run as batches; prefills run in chunks of :data:`PREFILL_CHUNK`,
+        alternating with the decode batches, so a long prompt delays other sessions by one chunk."""
+        pending: deque[_Pending] = deque()
+        prefill: _Prefill | None = None
+        stopping = decode_turn = False
         while True:
-            item = await self._queue.get()
-            self.metrics.queue_length = self._queue.qsize()
-            if item is None:
-                return
-            step = item.step
-            began = time.monotonic()
-            try:
-                out = await loop.run_in_executor(self._executor, self._compute, step)
-            except Exception as exc:  # one step's failure must not stop the stage
-                log.warning("stage %d-%d failed session %s: %s", self.start, self.end, step.session, exc)
-                await self._fail(step.entry, step.session, step.seq, f"{type(exc).__name__}: {exc}")
-                continue
-            elapsed = time.monotonic() - began
-            self.metrics.record(len(step.ids), elapsed, prefill=step.reset or len(step.ids) > 1)
-            self._last_used[step.session] = time.monotonic()
-            try:
-                await self._forward(step, out)
-            except Exception as exc:
-                log.warning("stage %d-%d could not forward %s: %s", self.start, self.end, step.session, exc)
-                await self._fail(step.entry, step.session, step.seq, f"next stage unreachable: {exc}")
+            if not pending and prefill is None:
+                if stopping:
+                    return
+                item = await self._queue.get()
+                if item is None:
+                    return
+                pending.append(item)
+            while not self._queue.empty():
+                item = self._queue.get_nowait()
+                if item is None:
+                    stopping = True  # finish what was queued before close()
+                else:
+                    pending.append(item)
+            self.metrics.queue_length = len(pending)
+            batch = self._take_decodes(pending, None if prefill is None else prefill.step.session)
+            if batch and (prefill is None or decode_turn):
+                await self._run_decodes(batch)
+                decode_turn = False
+            elif prefill is not None:
+                if await self._run_chunk(prefill):
+                    prefill = None
+                decode_turn = True
+            else:
+                prefill = _Prefill(pending.popleft().step)
             self._expire_idle()
 
-    def _compute(self, step: Step) -> np.ndarray | int:
-        """Runs on the worker thread: the modules, and on the last stage the sampler."""
-        if step.reset:
-            self.runner.free(step.session)
-        elif self.runner.context_length(step.session) != step.pos0:
+    def _take_decodes(self, pending: deque[_Pending], busy: str | None) -> list[Step]:
+        """Up to :meth:`batch_limit` one-token steps of distinct sessions, taken out of ``pending`` in
+        order; a session with an earlier multi-token step still queued (or in progress) keeps its order."""
+        limit = self.batch_limit()
+        taken: list[Step] = []
+        blocked = {busy}
+        keep: deque[_Pending] = deque()
+        while pending:
+            item = pending.popleft()
+            step = item.step
+            if len(taken) < limit and _is_decode(step) and step.session not in blocked:
+                taken.append(step)
+            else:
+                keep.append(item)
+            blocked.add(step.session)
+        pending.extend(keep)
+        return taken
+
+    async def _run_decodes(self, steps: list[Step]) -> None:
+        loop = asyncio.get_running_loop()
+        began = time.monotonic()
+        try:
+            outs = await loop.run_in_executor(self._executor, self._compute_decodes, steps)
+        except Exception as exc:  # one batch's failure must not stop the stage
+            log.warning("stage %d-%d failed a batch of %d: %s", self.start, self.end, len(steps), exc)
+            outs = [exc] * len(steps)
+        self.metrics.record(len(steps), time.monotonic() - began, prefill=False)
+        self.batch_sizes[len(steps)] += 1
+        for step, out in zip(steps, outs, strict=True):
+            await self._finish(step, out)
+
+    async def _run_chunk(self, job: _Prefill) -> bool:
+        """One chunk of a multi-token step; True when the step is done (answered or failed)."""
+        loop = asyncio.get_running_loop()
+        began = time.monotonic()
+        try:
+            out = await loop.run_in_executor(self._executor, self._compute_chunk, job)
+        except Exception as exc:
+            await self._finish(job.step, exc)
+            return True
+        self.metrics.record(job.done - job.chunk_start, time.monotonic() - began, prefill=True)
+        self.prefill_chunks += 1
+        if out is None:
+            return False
+        await self._finish(job.step, out)
+        return True
+
+    async def _finish(self, step: Step, out: np.ndarray | int | Exception) -> None:
+        if isinstance(out, Exception):
+            log.warning("stage %d-%d failed session %s: %s", self.start, self.end, step.session, out)
+            await self._fail(step.entry, step.session, step.seq, f"{type(out).__name__}: {out}")
+            return
+        self._last_used[step.session] = time.monotonic()
+        try:
+            await self._forward(step, out)
+        except Exception as exc:
+            log.warning("stage %d-%d could not forward %s: %s", self.start, self.end, step.session, exc)
+            await self._fail(step.entry, step.session, step.seq, f"next stage unreachable: {exc}")
+
+    # ---- on the worker thread ---------------------------------------------------------------------
+    def _check_position(self, step: Step) -> None:
+        at = self.runner.context_length(step.session)
+        if at != step.pos0:
             raise ProtocolError(
-                f"session {step.session} is at position {self.runner.context_length(step.session)} here, "
-                f"the step starts at {step.pos0}"
+                f"session {step.session} is at position {at} here, the step starts at {step.pos0}"
             )
-        positions = np.arange(step.pos0, step.pos0 + len(step.ids), dtype=np.int64)[None, :]
-        x = np.asarray(step.ids, dtype=np.int64)[None, :] if self.first else step.hidden
-        assert x is not None
-        out = self.runner.step(step.session, x, positions)
+
+    def _input(self, step: Step, a: int, b: int) -> np.ndarray:
+        if self.first:
+            return np.asarray(step.ids[a:b], dtype=np.int64)[None, :]
+        assert step.hidden is not None
+        return step.hidden[:, a:b]
+
+    def _compute_decodes(self, steps: list[Step]) -> list[np.ndarray | int | Exception]:
+        """Validate each step, run the valid ones as one batch, sample on the last stage."""
+        outs: list[np.ndarray | int | Exception] = []
+        ok: list[int] = []
+        for i, step in enumerate(steps):
+            try:
+                self._check_position(step)
+                if self.last and step.session not in self._samplers:
+                    raise ProtocolError(f"no sampler for session {step.session}")
+                ok.append(i)
+                outs.append(ProtocolError("not run"))
+            except ProtocolError as exc:
+                outs.append(exc)
+        if not ok:
+            return outs
+        x = np.concatenate([self._input(steps[i], 0, 1) for i in ok])
+        sessions = [steps[i].session for i in ok]
+        positions = [steps[i].pos0 for i in ok]
+        if len(ok) == 1:
+            h = self.runner.step(sessions[0], x, np.asarray([positions], np.int64))
+        else:
+            h = decode_batch(self.runner, sessions, x, positions)
+        for row, i in enumerate(ok):
+            outs[i] = self._samplers[sessions[row]].sample(h[row, -1]) if self.last else h[row : row + 1]
+        return outs
+
+    def _compute_chunk(self, job: _Prefill) -> np.ndarray | int | None:
+        """The next chunk of a multi-token step; its result once the last chunk ran, else None."""
+        step = job.step
+        if job.done == 0:
+            if step.reset:
+                self.runner.free(step.session)
+                if self.last:
+                    self._samplers.pop(step.session, None)
+            else:
+                self._check_position(step)
+        a = job.chunk_start = job.done
+        b = min(len(step.ids), a + PREFILL_CHUNK)
+        positions = np.arange(step.pos0 + a, step.pos0 + b, dtype=np.int64)[None, :]
+        out = self.runner.step(step.session, self._input(step, a, b), positions)
+        job.done = b
         if not self.last:
-            return out
+            job.parts.append(out)
+        if b < len(step.ids):
+            return None
+        if not self.last:
+            return job.parts[0] if len(job.parts) == 1 else np.concatenate(job.parts, axis=1)
         if step.reset:
             assert step.sampling is not None
             self._samplers[step.session] = Sampler.resume(step.sampling, step.ids, step.generated)

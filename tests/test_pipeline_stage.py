@@ -1,9 +1,9 @@
 """Two real StageWorkers wired in one event loop: batched decode and chunked prefill keep greedy exact.
 
 Several sessions step concurrently through a 2-stage pipeline of the tiny Llama (entry -> stage 0 ->
-stage 1 -> entry), as the entry node drives them; their decode steps meet at the stages and run as
-batches. Every session's greedy tokens must equal the single-process chain's, and batches must really
-have formed. A long prompt is prefilled in chunks while the others decode, with the same exactness.
+stage 1 -> entry), driven by the real entry (DistributedEngine); their decode steps meet at the stages
+and run as batches. Every session's greedy tokens must equal the single-process chain's, and batches
+must really have formed. A long prompt is prefilled in chunks while the others decode, just as exact.
 """
 
 from __future__ import annotations
@@ -13,20 +13,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 
 from llnode.model.manifest import load_manifest
 from llnode.model.runner import ChainRunner, ModuleRunner
-from llnode.pipeline import protocol, stage
-from llnode.pipeline.protocol import Step
-from llnode.pipeline.sampling import SamplingConfig
+from llnode.pipeline import protocol
+from llnode.pipeline.distributed import DistributedEngine, Route
+from llnode.pipeline.engine import GenerationParams, GenerationRequest
 from llnode.pipeline.stage import StageWorker
 
 TOKENS = 12
 
 
 class Wire:
-    """The two stages and the entry on one loop: ``send`` routes what a stage puts on a link."""
+    """Two stages and a real entry (DistributedEngine) on one loop; ``send`` routes what goes on a link."""
 
     def __init__(self, shards: Path, *, max_batch: int = 0) -> None:
         manifest = load_manifest(shards)
@@ -39,36 +38,45 @@ class Wire:
         }  # fmt: skip
         for w in self.workers.values():
             w.max_batch = max_batch
-        self.waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self.manifest = manifest
 
     async def send(self, peer: str, msg_type: str, payload: dict[str, Any]) -> None:
         if msg_type == protocol.STEP:
             await self.workers[peer].submit(payload)
+        elif msg_type == protocol.FREE:
+            self.workers[peer].free(payload["session"])
         elif msg_type == protocol.TOKEN:
-            self.waiters.pop(payload["session"]).set_result(payload)
+            self.engine.on_token(payload)
 
-    async def generate(self, session: str, prompt: list[int]) -> list[int]:
-        """What the entry node does: a reset step with the prompt, then one step per token."""
-        history, out = list(prompt), []
-        for n in range(TOKENS):
-            reset = n == 0
-            step = Step(session=session, epoch=1, seq=n + 1, entry="entry",
-                        pos0=0 if reset else len(history) - 1, ids=list(history) if reset else [history[-1]],
-                        reset=reset,
-                        sampling=SamplingConfig(temperature=0) if reset else None)  # fmt: skip
-            self.waiters[session] = asyncio.get_running_loop().create_future()
-            await self.send("a", protocol.STEP, step.to_wire(None))
-            reply = await asyncio.wait_for(self.waiters[session], 60)
-            assert "error" not in reply, reply
-            history.append(reply["token"])
-            out.append(reply["token"])
-        return out
+    async def run(self, prompts: dict[str, list[int]], stop_after: int | None = None) -> dict[str, list[int]]:
+        """Generate every prompt at once, greedy, like clients calling the entry node; ``stop_after``:
+        the first prompt's client goes away after that many tokens."""
+        route = Route(epoch=1, nodes=("a", "b"))
+        self.engine = DistributedEngine(
+            node_id="entry", model_ids=["m"], max_context=self.manifest.max_context,
+            vocab_size=self.manifest.vocab_size, eos_ids=[], tokenizer=None,  # type: ignore[arg-type]
+            route=lambda: route, route_changed=asyncio.Condition(), not_ready_reason=lambda: "",
+            send=self.send,
+        )  # fmt: skip
 
-    async def run(self, prompts: dict[str, list[int]]) -> dict[str, list[int]]:
+        async def one(i: int, prompt: list[int]) -> list[int]:
+            params = GenerationParams(max_tokens=TOKENS, temperature=0)
+            out: list[int] = []
+            gen = self.engine.generate(GenerationRequest(prompt=tuple(prompt), params=params))
+            async for token in gen:
+                out.append(token)
+                if i == 0 and len(out) == stop_after:
+                    break
+            await gen.aclose()  # type: ignore[attr-defined]  # an async generator, as the API uses it
+            return out
+
         for w in self.workers.values():
             w.start_worker()
         try:
-            results = await asyncio.gather(*(self.generate(s, p) for s, p in prompts.items()))
+            results = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts.values())))
+            for w in self.workers.values():  # let the frees queued behind the last steps run
+                await asyncio.get_running_loop().run_in_executor(w._executor, lambda: None)
+            self.left = {name: w.sessions for name, w in self.workers.items()}
             return dict(zip(prompts, results, strict=True))
         finally:
             for w in self.workers.values():
@@ -92,7 +100,18 @@ def test_concurrent_sessions_batch_and_stay_greedy_exact(tiny_llama_shards: Path
     assert got == _reference(tiny_llama_shards, prompts)
     for w in wire.workers.values():
         assert max(w.batch_sizes) > 1, w.batch_sizes  # decode steps did meet and ran as one call
-        assert w.sessions == 0  # closing freed every session's cache
+    assert wire.left == {"a": 0, "b": 0}  # every finished session was freed on every stage
+
+
+def test_client_gone_mid_stream_frees_its_session_and_others_go_on(tiny_llama_shards: Path) -> None:
+    """The next step is already in flight when a client leaves: its session is still freed everywhere."""
+    prompts = _prompts(load_manifest(tiny_llama_shards).vocab_size, [6, 3, 8])
+    wire = Wire(tiny_llama_shards)
+    got = asyncio.run(wire.run(prompts, stop_after=4))
+    want = _reference(tiny_llama_shards, prompts)
+    assert got["s0"] == want["s0"][:4]
+    assert got["s1"] == want["s1"] and got["s2"] == want["s2"]
+    assert wire.left == {"a": 0, "b": 0}
 
 
 def test_batching_off_gives_the_same_tokens(tiny_llama_shards: Path) -> None:
@@ -102,12 +121,11 @@ def test_batching_off_gives_the_same_tokens(tiny_llama_shards: Path) -> None:
     assert all(set(w.batch_sizes) == {1} for w in wire.workers.values())
 
 
-def test_long_prompt_is_prefilled_in_chunks_between_decodes(
-    tiny_llama_shards: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(stage, "PREFILL_CHUNK", 4)
+def test_long_prompt_is_prefilled_in_chunks_between_decodes(tiny_llama_shards: Path) -> None:
     prompts = _prompts(load_manifest(tiny_llama_shards).vocab_size, [3, 41, 2])
     wire = Wire(tiny_llama_shards)
+    for w in wire.workers.values():
+        w.prefill_chunk = 4
     got = asyncio.run(wire.run(prompts))
     assert got == _reference(tiny_llama_shards, prompts)
     for w in wire.workers.values():

@@ -132,17 +132,26 @@ class DistributedEngine:
         limit = min(request.params.max_tokens, self._max_context - len(history))
         reset = True
         failing_since: float | None = None
+        # The next step, sent before the previous token is handed to the client: the detokenizing and
+        # the SSE write then overlap the stages' work instead of adding to every token's latency.
+        sent: asyncio.Future[int] | StepFailed | None = None
         try:
             while generated < limit:
                 began = time.monotonic()
                 try:
-                    token = await self._step(session, live, history, generated, sampling, reset)
+                    if sent is None:
+                        sent = await self._send_step(session, live, history, generated, sampling, reset)
+                    if isinstance(sent, StepFailed):
+                        raise sent
+                    token = await self._wait(live, sent)
                 except StepFailed as exc:
+                    sent = None
                     log.warning("session %s: %s; re-prefilling on the next plan", session, exc)
                     failing_since = failing_since or began
                     live.route = await self._recover(live.route, failing_since)
                     reset = True
                     continue
+                sent = None
                 if failing_since is not None:
                     self.longest_pause_s = max(self.longest_pause_s, time.monotonic() - failing_since)
                     failing_since = None
@@ -151,16 +160,24 @@ class DistributedEngine:
                     break
                 history.append(token)
                 generated += 1
+                if generated < limit:
+                    try:
+                        sent = await self._send_step(session, live, history, generated, sampling, False)
+                    except StepFailed as exc:
+                        sent = exc  # handled (re-prefill) after the token is out
                 yield token
             self.completed += 1
         finally:
+            if isinstance(sent, asyncio.Future) and sent.done() and not sent.cancelled():
+                sent.exception()  # a step the client no longer waits for: its failure is no news
             self._live.pop(session, None)
             await self._free(session, live)
 
     # ---- one step ---------------------------------------------------------------------------------
-    async def _step(
+    async def _send_step(
         self, session: str, live: _Live, history: list[int], generated: int, sampling: Any, reset: bool
-    ) -> int:
+    ) -> asyncio.Future[int]:
+        """Send the step that produces the next token; its answer arrives in the returned future."""
         route = live.route
         live.seq += 1
         step = Step(
@@ -174,17 +191,22 @@ class DistributedEngine:
             sampling=sampling if reset else None,
             generated=generated if reset else 0,
         )
-        loop = asyncio.get_running_loop()
-        live.waiter = loop.create_future()
+        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        live.waiter = waiter
         live.stages_used.update(route.nodes)
         try:
             await self._send(route.nodes[0], protocol.STEP, step.to_wire(None))
         except Exception as exc:
+            live.waiter = None
             raise StepFailed(f"first stage {route.nodes[0]} unreachable: {exc}") from exc
+        return waiter
+
+    async def _wait(self, live: _Live, waiter: asyncio.Future[int]) -> int:
+        timeout = live.route.step_timeout_s
         try:
-            return await asyncio.wait_for(asyncio.shield(live.waiter), route.step_timeout_s)
+            return await asyncio.wait_for(asyncio.shield(waiter), timeout)
         except TimeoutError as exc:
-            raise StepFailed(f"no token within {route.step_timeout_s:.0f} s") from exc
+            raise StepFailed(f"no token within {timeout:.0f} s") from exc
         finally:
             live.waiter = None
 

@@ -49,7 +49,7 @@ class _Pending:
 
 @dataclass
 class _Prefill:
-    """A multi-token step in progress, run :data:`PREFILL_CHUNK` tokens at a time."""
+    """A multi-token step in progress, run ``StageWorker.prefill_chunk`` tokens at a time."""
 
     step: Step
     done: int = 0  # tokens run so far
@@ -88,6 +88,8 @@ class StageWorker:
         self.idle_timeout_s = idle_timeout_s
         self.stages = max(1, stages)  # how many stages the plan has: see batch_limit()
         self.max_batch = int(os.environ.get("LLNODE_MAX_BATCH", "0"))
+        # Tokens per prefill chunk; LLNODE_PREFILL_CHUNK=0 prefills whole (the benchmark's comparison).
+        self.prefill_chunk = int(os.environ.get("LLNODE_PREFILL_CHUNK", PREFILL_CHUNK)) or (1 << 30)
         self.batch_sizes: Counter[int] = Counter()  # decode calls by batch size (status and tests)
         self.prefill_chunks = 0
         self.metrics = StageMetrics()
@@ -177,7 +179,7 @@ class StageWorker:
         return max(1, math.ceil(len(self.runner.sessions()) / self.stages))
 
     async def _run(self) -> None:
-        """Decode steps waiting here run as batches; prefills run in chunks of :data:`PREFILL_CHUNK`,
+        """Decode steps waiting here run as batches; prefills run in chunks of ``prefill_chunk`` tokens,
         alternating with the decode batches, so a long prompt delays other sessions by one chunk."""
         pending: deque[_Pending] = deque()
         prefill: _Prefill | None = None
@@ -319,7 +321,7 @@ class StageWorker:
             else:
                 self._check_position(step)
         a = job.chunk_start = job.done
-        b = min(len(step.ids), a + PREFILL_CHUNK)
+        b = min(len(step.ids), a + self.prefill_chunk)
         positions = np.arange(step.pos0 + a, step.pos0 + b, dtype=np.int64)[None, :]
         out = self.runner.step(step.session, self._input(step, a, b), positions)
         job.done = b

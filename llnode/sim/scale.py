@@ -1,0 +1,259 @@
+"""The planner and the simulator on swarms: 16 to 1000 devices, three model sizes, Wi-Fi classes.
+
+Questions answered (printed by ``llnode bench sim``, plotted as PNG):
+- how long planning takes as the fleet grows, and which solver produced the plan;
+- the plan's simulated tokens/s against an even split and a memory-proportional split of the same fleet;
+- how many devices a model usefully spreads over before the hops cost more than the compute they save;
+- per-token latency against link bandwidth.
+
+SmolLM2-135M is priced with its per-module times measured here (:mod:`llnode.sim.costs`). The bigger
+models have no shard set on this machine: their modules are priced by FLOPs at the FLOP rate measured on
+SmolLM2's layers (the planner's own assumption), which the output says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from llnode.emulate.profiles import DEVICES, LINKS, LinkClass, device_profile, draw_fleet
+from llnode.model.manifest import Manifest, load_manifest
+from llnode.plan import PlanInfeasible, PlanOptions, solve
+from llnode.plan.baselines import even_split, memory_split
+from llnode.plan.costs import build_instance
+from llnode.plan.solve import make_plan
+from llnode.plan.synthetic import synthetic_manifest
+from llnode.plan.types import DeviceProfile, Plan
+from llnode.sim.costs import TOKEN_ID_BYTES, ModuleCosts, cached_costs
+from llnode.sim.engine import Simulator, Workload, planner
+
+MILP_MAX = 16  # above this the DP over a fixed device order plans alone (the MILP's restricted run took
+# minutes at 64 devices on this loaded machine)
+
+
+def flops_costs(manifest: Manifest, reference: ModuleCosts) -> ModuleCosts:
+    """Module costs of a model with no shard set here: FLOPs at the reference's measured layer rate."""
+    ctx, p = reference.context, reference.prompt_tokens
+    rate = reference.reference_flops_per_s
+    # a prefill runs at the rate the reference's layers showed for its prefill (batched matmuls)
+    layers = [i for i, s in enumerate(reference.decode_s) if 0 < i < reference.num_modules - 1]
+    per_layer = reference.reference_flops_per_s * sum(reference.decode_s[i] for i in layers) / len(layers)
+    prefill_rate = p * per_layer / (sum(reference.prefill_s[i] for i in layers) / len(layers))
+    return ModuleCosts(
+        model=manifest.name,
+        manifest_sha="flops",
+        threads=reference.threads,
+        context=ctx,
+        prompt_tokens=p,
+        decode_s=[m.flops.at(ctx) / rate for m in manifest.modules],
+        decode_batch_s=[m.flops.at(ctx) / rate for m in manifest.modules],  # batching priced as free
+        prefill_s=[p * m.flops.at(p // 2) / prefill_rate for m in manifest.modules],
+        out_bytes_per_token=[manifest.boundary_bytes(m) for m in range(manifest.num_modules - 1)]
+        + [TOKEN_ID_BYTES],
+        reference_flops_per_s=rate,
+    )
+
+
+def models(shards: Path) -> list[tuple[str, Manifest, ModuleCosts]]:
+    """SmolLM2-135M (measured here) and two bigger Llama shapes priced by FLOPs (fp16 weights)."""
+    real = load_manifest(shards)
+    costs, _ = cached_costs(shards)
+    big = synthetic_manifest(
+        num_layers=24,
+        hidden=2048,
+        intermediate=8192,
+        heads=32,
+        kv_heads=32,
+        bytes_per_param=2.0,
+        name="llama-1.7b-shape",
+    )
+    huge = synthetic_manifest(
+        num_layers=32,
+        hidden=4096,
+        intermediate=11008,
+        heads=32,
+        kv_heads=32,
+        vocab=32000,
+        bytes_per_param=2.0,
+        name="llama-7b-shape",
+    )
+    return [
+        ("smollm2-135m (measured)", real, costs),
+        ("1.7B-shape (FLOPs)", big, flops_costs(big, costs)),
+        ("7B-shape (FLOPs)", huge, flops_costs(huge, costs)),
+    ]
+
+
+def simulate(
+    costs: ModuleCosts,
+    plan: Plan,
+    devices: list[DeviceProfile],
+    links: Mapping[str, LinkClass | None],
+    sessions: int,
+    tokens: int = 64,
+    duration_s: float = 120.0,
+) -> tuple[float, float]:
+    """(tokens/s with ``sessions`` clients, per-token latency with one) of ``plan``."""
+
+    def fixed(_: list[DeviceProfile]) -> Plan:
+        return plan
+
+    out = []
+    for s in (sessions, 1):
+        sim = Simulator(costs, devices, dict(links), fixed, plan=plan, entries=[plan.stages[0].device_id])
+        r = sim.run(Workload(sessions=s, max_tokens=tokens, duration_s=duration_s, warmup_s=duration_s / 4))
+        out.append(r.tokens_per_s if s == sessions else r.token_latency_s)
+    return out[0], out[1]
+
+
+def plan_fleet(manifest: Manifest, devices: list[DeviceProfile], links: Any, time_limit_s: float) -> Plan:
+    """The public planner; above ``MILP_MAX`` devices with the DP over a fixed order only."""
+    solver = "auto" if len(devices) <= MILP_MAX else "dp"
+    return solve(manifest, devices, links, PlanOptions(solver=solver, time_limit_s=time_limit_s))
+
+
+def fleet_table(shards: Path, sizes: list[int], rng: random.Random, time_limit_s: float) -> dict[str, Any]:
+    manifest = load_manifest(shards)
+    costs, _ = cached_costs(shards)
+    print(
+        f"== fleets drawn from the device and Wi-Fi profiles, {manifest.name}: plan vs even / memory splits"
+    )
+    print(
+        f"{'devices':>7} {'plan s':>7} {'solver':>6} {'stages':>6} {'plan tok/s':>10} {'even':>8} "
+        f"{'memory':>8} {'ms/token':>8}   (tok/s: simulated, 2 sessions per stage)"
+    )
+    plan_s: dict[str, float] = {}
+    rows = []
+    for n in sizes:
+        fleet = draw_fleet(n, rng)
+        links = fleet.link_profiles()
+        t0 = time.perf_counter()
+        plan = plan_fleet(manifest, fleet.devices, links, time_limit_s)
+        dt = time.perf_counter() - t0
+        plan_s[str(n)] = round(dt, 3)
+        sessions = 2 * len(plan.stages)
+        tps, lat = simulate(costs, plan, fleet.devices, dict(fleet.link), sessions)
+        inst = build_instance(manifest, fleet.devices, links, PlanOptions())
+        base: dict[str, float | None] = {}
+        for name, ev in (("even", even_split(inst)), ("memory", memory_split(inst))):
+            if not ev.feasible:
+                base[name] = None  # a device is given more than it can hold
+                continue
+            bplan = make_plan(inst, ev, name, False, 0.0, [], {})
+            base[name], _ = simulate(costs, bplan, fleet.devices, dict(fleet.link), sessions)
+        row = {
+            "devices": n,
+            "plan_s": dt,
+            "solver": plan.solver,
+            "stages": len(plan.stages),
+            "plan_tps": tps,
+            "even_tps": base["even"],
+            "memory_tps": base["memory"],
+            "latency_s": lat,
+            "notes": plan.notes,
+        }
+        rows.append(row)
+        print(
+            f"{n:>7} {dt:>7.2f} {plan.solver:>6} {len(plan.stages):>6} {tps:>10.1f} {_fmt(base['even']):>8} "
+            f"{_fmt(base['memory']):>8} {lat * 1e3:>8.1f}",
+            flush=True,
+        )
+    return {"plan_s": plan_s, "fleet": rows}
+
+
+def _fmt(x: float | None) -> str:
+    return "oom" if x is None else f"{x:.1f}"
+
+
+def spread_study(shards: Path, counts: list[int], time_limit_s: float) -> dict[str, Any]:
+    """Identical mid-range phones, added one group at a time: where do more devices stop helping?"""
+    out: dict[str, Any] = {}
+    cls = DEVICES["flagship-phone"]
+    print("== how far a model spreads: n flagship phones on one Wi-Fi class, the planner free to use fewer")
+    print(
+        f"{'model':<26} {'link':<16} " + " ".join(f"{n:>9}" for n in counts) + "   (simulated tok/s | stages)"
+    )
+    for label, manifest, costs in models(shards):
+        for link_name in ("wifi5", "wifi4-congested"):
+            link = LINKS[link_name]
+            series: list[tuple[int, float | None, int]] = []
+            for n in counts:
+                devices = [device_profile(cls, f"phone-{i}") for i in range(n)]
+                links = dict.fromkeys((d.device_id for d in devices), link)
+                try:
+                    plan = planner(
+                        manifest,
+                        links,
+                        PlanOptions(solver="auto" if n <= 8 else "dp", time_limit_s=time_limit_s),
+                    )(devices)
+                except PlanInfeasible:
+                    series.append((n, None, 0))
+                    continue
+                tps, _ = simulate(costs, plan, devices, links, 2 * len(plan.stages))
+                series.append((n, tps, len(plan.stages)))
+            useful = _useful(series)
+            out[f"{label} / {link_name}"] = {"series": series, "useful_devices": useful}
+            cells = " ".join(f"{('oom' if t is None else f'{t:.1f}|{k}'):>9}" for _, t, k in series)
+            print(f"{label:<26} {link_name:<16} {cells}   useful up to {useful}", flush=True)
+    return out
+
+
+def _useful(series: list[tuple[int, float | None, int]]) -> int | None:
+    """The device count after which adding devices gains less than 5 % tokens/s."""
+    best_n, best = None, 0.0
+    for n, tps, _ in series:
+        if tps is not None and tps > best * 1.05:
+            best_n, best = n, tps
+    return best_n
+
+
+def bandwidth_study(shards: Path, mbits: list[float], time_limit_s: float) -> list[dict[str, float]]:
+    """SmolLM2 on 4 flagship phones: per-token latency and tokens/s as the Wi-Fi gets slower."""
+    manifest = load_manifest(shards)
+    costs, _ = cached_costs(shards)
+    devices = [device_profile(DEVICES["flagship-phone"], f"phone-{i}") for i in range(4)]
+    rows = []
+    print("== 4 flagship phones, SmolLM2: latency vs link bandwidth (the plan re-solved for each link)")
+    print(f"{'Mbit/s':>7} {'stages':>6} {'ms/token':>9} {'tok/s@8':>8}")
+    for mbit in mbits:
+        link = replace(LINKS["wifi5"], mbit=mbit, name=f"{mbit:g}mbit")
+        links = dict.fromkeys((d.device_id for d in devices), link)
+        plan = planner(manifest, links, PlanOptions(time_limit_s=time_limit_s))(devices)
+        tps, lat = simulate(costs, plan, devices, links, 8)
+        rows.append({"mbit": mbit, "stages": len(plan.stages), "latency_s": lat, "tokens_per_s": tps})
+        print(f"{mbit:>7g} {len(plan.stages):>6} {lat * 1e3:>9.1f} {tps:>8.1f}", flush=True)
+    return rows
+
+
+def scale_study(shards: Path, args: argparse.Namespace, rng: random.Random) -> dict[str, Any]:
+    from llnode.bench.balance import write_timeline_png
+
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    fleet = fleet_table(shards, sizes, rng, time_limit_s=10.0)
+    spread = spread_study(shards, [1, 2, 4, 8, 16, 32, 64], time_limit_s=5.0)
+    bw = bandwidth_study(shards, [0.5, 1, 2, 5, 10, 20, 50, 100, 300], time_limit_s=5.0)
+    args.png_dir.mkdir(parents=True, exist_ok=True)
+    colours = [(30, 90, 200), (120, 170, 240), (200, 40, 40), (240, 150, 150), (30, 150, 60), (150, 210, 160)]
+    series = []
+    for (_, data), rgb in zip(spread.items(), colours, strict=False):
+        pts = [(math.log2(n), t) for n, t, _ in data["series"] if t is not None]
+        series.append(([x for x, _ in pts], [y for _, y in pts], rgb))
+    write_timeline_png(args.png_dir / "sim-tokens-vs-devices.png", series)
+    write_timeline_png(
+        args.png_dir / "sim-latency-vs-bandwidth.png",
+        [
+            (
+                [math.log10(r["mbit"]) - math.log10(0.5) for r in bw],
+                [r["latency_s"] * 1e3 for r in bw],
+                (200, 40, 40),
+            )
+        ],
+    )
+    print(f"plots: {args.png_dir}/sim-tokens-vs-devices.png, {args.png_dir}/sim-latency-vs-bandwidth.png")
+    return {"plan_s": fleet["plan_s"], "fleet": fleet["fleet"], "spread": spread, "bandwidth": bw}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -22,6 +23,7 @@ from typing import Any
 
 from llnode.pipeline import protocol
 from llnode.pipeline.engine import EngineUnavailable, GenerationRequest, Tokenizer
+from llnode.pipeline.local import PREFILL_CHUNK
 from llnode.pipeline.protocol import Step
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,7 @@ class Route:
 
     epoch: int
     nodes: tuple[str, ...]
-    step_timeout_s: float = 30.0
+    step_timeout_s: float = 30.0  # per PREFILL_CHUNK tokens of a step (each stage runs them chunk by chunk)
 
 
 class StepFailed(Exception):
@@ -49,6 +51,7 @@ class _Live:
     route: Route
     seq: int = 0
     waiter: asyncio.Future[int] | None = None
+    timeout_s: float = 30.0  # of the step in flight
     stages_used: set[str] = field(default_factory=set)
 
 
@@ -193,6 +196,8 @@ class DistributedEngine:
         )
         waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         live.waiter = waiter
+        # A long prompt's prefill on a slow device may take minutes; a lost step must still be noticed.
+        live.timeout_s = route.step_timeout_s * math.ceil(len(step.ids) / PREFILL_CHUNK)
         live.stages_used.update(route.nodes)
         try:
             await self._send(route.nodes[0], protocol.STEP, step.to_wire(None))
@@ -202,7 +207,7 @@ class DistributedEngine:
         return waiter
 
     async def _wait(self, live: _Live, waiter: asyncio.Future[int]) -> int:
-        timeout = live.route.step_timeout_s
+        timeout = live.timeout_s
         try:
             return await asyncio.wait_for(asyncio.shield(waiter), timeout)
         except TimeoutError as exc:

@@ -1,0 +1,159 @@
+"""The simulator: exact single-stream arithmetic, pipeline throughput, batching, links, events, arrivals,
+and the per-module profile on a real (tiny) shard set. The planner in these tests is the real one."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from llnode.emulate.profiles import LINKS, LinkClass, draw_fleet, pair_links
+from llnode.plan import PlanOptions
+from llnode.plan.synthetic import synthetic_manifest
+from llnode.plan.types import DeviceProfile, Plan, Stage
+from llnode.sim.costs import TOKEN_ID_BYTES, ModuleCosts, cached_costs
+from llnode.sim.engine import Event, Simulator, Workload, planner
+
+HIDDEN = 2304  # bytes per token of SmolLM2's hidden state
+REF = 1e9  # reference FLOP/s: a device of this speed runs modules in exactly decode_s
+
+
+def costs(modules: int = 6, decode_ms: float = 10.0, batch4_ms: float | None = None) -> ModuleCosts:
+    return ModuleCosts(
+        model="t", manifest_sha="x", threads=1, context=64, prompt_tokens=8,
+        decode_s=[decode_ms / 1e3] * modules,
+        decode_batch_s=[(batch4_ms if batch4_ms is not None else 4 * decode_ms) / 1e3] * modules,
+        prefill_s=[4 * decode_ms / 1e3] * modules,  # a prompt of 8 tokens costs 4 decode steps
+        out_bytes_per_token=[HIDDEN] * (modules - 1) + [TOKEN_ID_BYTES],
+        reference_flops_per_s=REF,
+    )  # fmt: skip
+
+
+def dev(name: str, speed: float = 1.0) -> DeviceProfile:
+    return DeviceProfile(device_id=name, decode_flops_per_s=REF * speed, memory_available_bytes=8 * 2**30)
+
+
+def fixed_plan(*stages: tuple[str, int, int]) -> Plan:
+    m = stages[-1][2]
+    st = [Stage(d, a, b, 0.0, 0.0, 0.0, 0, 1) for d, a, b in stages]
+    return Plan(0, "throughput", "fixed", "t", m, st, {}, 1.0, 1.0, 1.0)
+
+
+def no_replan(_: list[DeviceProfile]) -> Plan:
+    raise AssertionError("no re-plan expected")
+
+
+def test_single_stream_latency_is_the_sum_of_stages_and_hops() -> None:
+    c = costs()
+    plan = fixed_plan(("a", 0, 3), ("b", 3, 6))
+    link = LinkClass("l", 8.0, 2.0)  # 1 MB/s, 2 ms to the access point
+    sim = Simulator(c, [dev("a"), dev("b", speed=0.5)], {"a": link, "b": link}, no_replan, plan=plan)
+    r = sim.run(Workload(sessions=1, prompt_tokens=8, max_tokens=50, duration_s=30, warmup_s=5))
+    # a: 3 x 10 ms; a -> b: 2304 B at 1 MB/s + (2 + 2) ms / 2; b (half speed): 60 ms; b -> a: 8 B + 2 ms
+    expected = 0.030 + (HIDDEN / 1e6 + 0.002) + 0.060 + (TOKEN_ID_BYTES / 1e6 + 0.002)
+    assert r.token_latency_s == pytest.approx(expected, rel=1e-9)
+    assert 0.9 / expected < r.tokens_per_s < 1 / expected  # each request's prefill takes its share
+
+
+def test_concurrent_sessions_fill_the_pipeline_up_to_the_bottleneck() -> None:
+    c = costs()
+    plan = fixed_plan(("a", 0, 2), ("b", 2, 6))  # b is the bottleneck: 40 ms per step
+    sim = Simulator(c, [dev("a"), dev("b")], {}, no_replan, plan=plan, max_batch=1)
+    one = sim.run(Workload(sessions=1, prompt_tokens=8, duration_s=60, warmup_s=10))
+    sim = Simulator(c, [dev("a"), dev("b")], {}, no_replan, plan=plan, max_batch=1)
+    many = sim.run(Workload(sessions=6, prompt_tokens=8, duration_s=60, warmup_s=10))
+    # one request of 32 tokens: a prefill (the first token; 4 decode steps' worth) and 31 decode steps
+    assert one.tokens_per_s == pytest.approx(32 / (0.240 + 31 * 0.060), rel=0.03)
+    # with 6 sessions b never idles: 32 tokens cost b one prefill (160 ms) and 31 steps of 40 ms
+    assert many.tokens_per_s == pytest.approx(32 / (0.160 + 31 * 0.040), rel=0.03)
+
+
+def test_batching_pays_off_only_as_much_as_measured() -> None:
+    plan = fixed_plan(("a", 0, 3), ("b", 3, 6))
+    runs = {}
+    for label, batch4 in (("cheap", 15.0), ("linear", 40.0)):
+        sim = Simulator(costs(batch4_ms=batch4), [dev("a"), dev("b")], {}, no_replan, plan=plan)
+        runs[label] = sim.run(Workload(sessions=8, duration_s=60, warmup_s=10)).tokens_per_s
+    sim = Simulator(costs(), [dev("a"), dev("b")], {}, no_replan, plan=plan, max_batch=1)
+    off = sim.run(Workload(sessions=8, duration_s=60, warmup_s=10)).tokens_per_s
+    assert runs["cheap"] > 1.3 * off  # 4 rows for 1.5x the cost of one (prefills are not batched)
+    assert runs["linear"] == pytest.approx(off, rel=0.1)  # rows cost as much batched as alone
+
+
+def test_a_slow_link_slows_the_pipeline() -> None:
+    c = costs()
+    plan = fixed_plan(("a", 0, 3), ("b", 3, 6))
+    fast = Simulator(c, [dev("a"), dev("b")], {}, no_replan, plan=plan).run(Workload(sessions=1))
+    slow_link = LinkClass("poor", 0.5, 10.0)
+    slow = Simulator(c, [dev("a"), dev("b")], {"a": slow_link, "b": slow_link}, no_replan, plan=plan)
+    res = slow.run(Workload(sessions=1))
+    assert res.token_latency_s - fast.token_latency_s == pytest.approx(
+        HIDDEN / 62500 + 8 / 62500 + 0.02, rel=1e-6
+    )
+
+
+def test_leave_join_and_slowdown_replan_with_the_real_planner() -> None:
+    man = synthetic_manifest(num_layers=4)
+    from llnode.sim.scale import flops_costs
+
+    c = flops_costs(man, costs(6))
+    devices = [dev("a"), dev("b"), dev("c", 0.5)]
+    links = dict.fromkeys(["a", "b", "c", "d"], LINKS["wifi5"])
+    plan_fn = planner(man, links, PlanOptions(solver="dp"))
+    events = [
+        Event(20, "leave", "b"),
+        Event(40, "join", "d", profile=dev("d", 2.0), link=LINKS["wifi5"]),
+    ]
+    sim = Simulator(c, devices, links, plan_fn, events=events)
+    first = sim.plan
+    assert first is not None and "b" in first.devices
+    r = sim.run(Workload(sessions=4, max_tokens=16, duration_s=70, warmup_s=5))
+    plans = [p for _, p in r.plans]
+    assert len(plans) == 3, r.events
+    assert "b" not in plans[1].devices
+    assert "d" in plans[2].devices  # the fastest device joins the pipeline
+    per_bucket = dict(r.timeline)
+    assert per_bucket[10.0] > 0 and per_bucket[30.0] > 0 and per_bucket[60.0] > 0  # served throughout
+    assert any(t == 0 for t in (per_bucket[20.0], per_bucket[22.0]))  # the pause while b is detected
+    # a device slowing 10x: the rebalance gives it less work (or leaves it out)
+    sim = Simulator(c, devices, links, plan_fn, events=[Event(10, "slowdown", "a", 10.0)])
+    before = sim.plan
+    assert before is not None
+    r = sim.run(Workload(sessions=4, max_tokens=16, duration_s=40, warmup_s=5))
+    after = r.plans[-1][1]
+    before_a, after_a = (p.ranges().get("a", (0, 0)) for p in (before, after))
+    assert len(r.plans) == 2 and after_a[1] - after_a[0] < before_a[1] - before_a[0], r.events
+
+
+def test_open_loop_arrivals() -> None:
+    plan = fixed_plan(("a", 0, 6))
+    sim = Simulator(costs(), [dev("a", 10.0)], {}, no_replan, plan=plan)
+    r = sim.run(Workload(arrival_rate=2.0, max_tokens=4, duration_s=100, warmup_s=10, seed=3))
+    assert 150 <= r.requests <= 250
+    assert r.tokens_per_s == pytest.approx(8.0, rel=0.2)
+
+
+def test_profiles_and_fleets() -> None:
+    fleet = draw_fleet(30, random.Random(7))
+    again = draw_fleet(30, random.Random(7))
+    assert [d.device_id for d in fleet.devices] == [d.device_id for d in again.devices]
+    a, b = fleet.devices[0].device_id, fleet.devices[1].device_id
+    lk = fleet.link_profiles()[(a, b)]
+    assert lk.bandwidth_bytes_per_s == min(fleet.link[a].bytes_per_s, fleet.link[b].bytes_per_s)
+    assert lk.rtt_s == pytest.approx((fleet.link[a].rtt_ms + fleet.link[b].rtt_ms) / 1e3)
+    assert pair_links(["x", "y"], {"x": None, "y": None})[("x", "y")].rtt_s == 0.0
+    with pytest.raises(ValueError, match="unknown profile"):
+        draw_fleet(3, random.Random(0), device_mix={"toaster": 1.0})
+
+
+def test_module_profile_on_a_real_shard_set(tiny_llama_shards: Path, tmp_path: Path) -> None:
+    c, cached = cached_costs(tiny_llama_shards, cache_dir=tmp_path)
+    assert not cached and c.num_modules == 4
+    assert all(t > 0 for t in c.decode_s) and all(t > 0 for t in c.prefill_s)
+    assert c.out_bytes_per_token[-1] == TOKEN_ID_BYTES and c.reference_flops_per_s > 0
+    again, cached = cached_costs(tiny_llama_shards, cache_dir=tmp_path)
+    assert cached and again == c
+    (next(tmp_path.iterdir())).write_text("{not json")
+    _, cached = cached_costs(tiny_llama_shards, cache_dir=tmp_path)
+    assert not cached  # a broken cache is measured again, not trusted

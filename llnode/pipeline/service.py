@@ -532,6 +532,7 @@ class PipelineService:
                 "range": [self.worker.start, self.worker.end],
                 "sessions": self.worker.sessions,
                 "metrics": self.worker.metrics.snapshot(),
+                "batches": {str(k): v for k, v in sorted(self.worker.batch_sizes.items())},
             },
             "sessions": self.engine.active_sessions if self.engine else 0,
             "recoveries": self.engine.recoveries if self.engine else 0,

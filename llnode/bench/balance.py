@@ -10,10 +10,17 @@ share of one core (:mod:`llnode.emulate.cgroups`); never sleeps.
    imposed through ``POST /api/bench/impose-plan`` (enabled only by ``LLNODE_BENCH_IMPOSE=1``), with
    rebalancing off so that nothing moves while a plan is measured.
 2. Drift: 3 equal nodes, then the busiest stage node's quota is cut to 30 % mid-run. Tokens/s over time
-   with and without rebalancing (fresh clusters), recovery time, failed requests; a timeline PNG.
+   with and without rebalancing (fresh clusters), recovery time and where it went (detection, decision,
+   loading, re-prefill, back to speed), failed requests; a timeline PNG.
+3. Steady: 2 equal nodes, rebalancing on, 4 concurrent sessions: after a warm-up, how many times the
+   plan changes (it should not: concurrency is not drift).
 
-The last line (``--json``) holds ``milp_over_even``, ``milp_over_best``, ``rebalance_gain`` and
-``failed_requests``.
+Plans are costed at the context the benchmark's sessions are really at (prompt + half the generated
+tokens), as the leader does once it measures it: at the planner's default (half the model's maximum
+context) a layer's attention weighs 2.3x more against the head than it does here.
+
+The last line (``--json``) holds ``milp_over_even``, ``milp_over_best``, ``rebalance_gain``,
+``failed_requests``, ``recovery_s`` and ``steady_replans``.
 """
 
 from __future__ import annotations
@@ -35,8 +42,9 @@ import numpy as np
 from llnode.bench.common import shard_dir
 from llnode.cluster import LocalCluster, free_base_port
 from llnode.emulate.cgroups import unavailable_reason
-from llnode.model.manifest import load_manifest
-from llnode.pipeline.rebalance import IMPOSE_PATH
+from llnode.model.manifest import Manifest, load_manifest
+from llnode.model.tokenizer import load_tokenizer
+from llnode.pipeline.rebalance import IMPOSE_PATH, calibrated_context
 from llnode.plan.baselines import _split
 from llnode.plan.costs import ModelCosts
 from llnode.plan.solve import solve
@@ -57,8 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drift-quota", type=float, default=0.6, help="everyone's quota before the cut")
     parser.add_argument("--cut-to", type=float, default=0.3, help="the cut node's quota after the cut")
     parser.add_argument("--png", type=Path, default=Path("balance-timeline.png"), help="timeline plot")
+    parser.add_argument("--steady-s", type=float, default=45.0, help="steady part: seconds after warm-up")
     parser.add_argument("--skip-static", action="store_true")
     parser.add_argument("--skip-drift", action="store_true")
+    parser.add_argument("--skip-steady", action="store_true")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
 
 
@@ -167,6 +177,12 @@ def _ranges(plan: dict[str, Any], names: dict[str, str]) -> list[tuple[str, int,
 Ranges = list[tuple[str, int, int]]
 
 
+def served_options(manifest: Manifest, shards: Path, tokens: int) -> PlanOptions:
+    """Plan options costed at the context this benchmark's decode steps are at on average."""
+    prompt = len(load_tokenizer(shards, manifest.tokenizer_file).encode(PROMPT))
+    return PlanOptions(cost_context=calibrated_context(prompt + tokens / 2), default_rtt_s=0.001)
+
+
 def _brute_candidates(costs: ModelCosts, speeds: dict[str, float], k: int) -> list[Ranges]:
     """Every order of every non-empty subset of nodes and every cut point, priced by decode FLOPs over
     the measured speeds (links on loopback cost next to nothing); the ``k`` best."""
@@ -194,7 +210,8 @@ async def static_part(args: argparse.Namespace, shards: Path, log: list[str]) ->
     )
     out: dict[str, Any] = {"quotas": quotas}
     manifest = load_manifest(shards)
-    costs = ModelCosts.from_manifest(manifest, PlanOptions())
+    options = served_options(manifest, shards, args.tokens)
+    costs = ModelCosts.from_manifest(manifest, options)
     m = costs.num_modules
     cluster.start()
     try:
@@ -234,7 +251,7 @@ async def static_part(args: argparse.Namespace, shards: Path, log: list[str]) ->
                 DeviceProfile(device_id=n, name=n, decode_flops_per_s=v, memory_available_bytes=8 * 2**30)
                 for n, v in speeds.items()
             ]
-            remilp = solve(manifest, measured_devices, [], PlanOptions(default_rtt_s=0.001))
+            remilp = solve(manifest, measured_devices, [], options)
             plans["milp_measured"] = [(s.device_id, s.start, s.end) for s in remilp.stages]
             for j, cand in enumerate(_brute_candidates(costs, speeds, args.candidates)):
                 plans[f"brute{j}"] = cand
@@ -256,7 +273,7 @@ async def static_part(args: argparse.Namespace, shards: Path, log: list[str]) ->
             best_label = max((k for k in results if k.startswith("brute")), key=lambda k: results[k])
             out.update(
                 plans={k: v for k, v in plans.items()}, milp_plan=milp_ranges, tokens_per_s=results,
-                speeds_gflops={k: v / 1e9 for k, v in speeds.items()},
+                speeds_gflops={k: v / 1e9 for k, v in speeds.items()}, cost_context=options.cost_context,
                 milp_over_even=results["milp"] / results["even"],
                 milp_over_memory=results["milp"] / results["memory"],
                 milp_startup_over_best=results["milp"] / results[best_label], best=best_label,
@@ -290,15 +307,17 @@ async def drift_run(args: argparse.Namespace, shards: Path, rebalance: bool) -> 
             t0 = time.monotonic()
             await asyncio.sleep(args.cut_at_s)
             cluster.set_quota(slow, args.cut_to)
-            t_cut = time.monotonic()
+            t_cut, wall_cut = time.monotonic(), time.time()
             await asyncio.sleep(max(0.0, args.drift_s - args.cut_at_s))
             t_end = time.monotonic()
             await load.stop()
             events: list[dict[str, Any]] = []
             for i in range(3):
                 for ev in ((await _status(cluster, session, i)).get("pipeline") or {}).get("events", []):
-                    if ev.get("kind", "").startswith("rebalance"):
-                        events.append(ev)
+                    kind = ev.get("kind", "")
+                    if kind in ("drift", "stage", "route") or kind.startswith("rebalance"):
+                        events.append({**ev, "node": f"node{i}"})
+            events.sort(key=lambda ev: ev.get("t", 0.0))
     finally:
         cluster.stop()
     bucket = 2.0
@@ -312,16 +331,98 @@ async def drift_run(args: argparse.Namespace, shards: Path, rebalance: bool) -> 
         if t0 + b >= t_cut and r >= 0.9 * tail:
             recovery = round(t0 + b + bucket - t_cut, 1)
             break
+    phases = recovery_phases(events, wall_cut, recovery)
     return {
-        "rebalance": rebalance, "slowed": f"node{slow}", "plan_before": plan["stages"] and [
+        "rebalance": rebalance, "slowed": f"node{slow}", "phases": phases, "plan_before": plan["stages"] and [
             (s.get("name") or s["device_id"], s["start"], s["end"]) for s in plan["stages"]],
         "tokens_per_s_before": round(before, 3), "tokens_per_s_after": round(after, 3),
         "tokens_per_s_tail": round(tail, 3), "recovery_s": recovery,
         "timeline": {"t": [float(t) for t in times], "tokens_per_s": [round(r, 3) for r in rates]},
         "cut_at_s": round(t_cut - t0, 1), "failed_requests": len(load.failed), "failures": load.failed[:5],
         "completed": load.completed,
-        "events": [{k: ev.get(k) for k in ("kind", "message", "predicted_gain", "measured_gain")}
-                   for ev in events],
+        "events": [{k: ev.get(k) for k in ("kind", "node", "message", "predicted_gain", "measured_gain")}
+                   | {"t_after_cut": round(ev.get("t", wall_cut) - wall_cut, 1)}
+                   for ev in events if ev["kind"] not in ("stage", "route")],
+    }
+
+
+def recovery_phases(events: list[dict[str, Any]], cut: float, recovery_s: float | None) -> dict[str, Any]:
+    """Where the time from the quota cut to full speed went, from the nodes' own events (wall clock).
+
+    detection: cut -> the first ``drift`` event; decision: -> the leader's ``rebalance``; loading: ->
+    the last stage node running the new plan (with each node's own load time); serving: -> the last
+    entry routing over it (sessions then re-prefill); back to speed: -> the 2 s throughput within 10 %
+    of the last third's (``recovery_s``).
+    """
+    after = [ev for ev in events if ev.get("t", 0.0) >= cut]
+    drift = next((ev for ev in after if ev["kind"] == "drift"), None)
+    rebalance = next((ev for ev in after if ev["kind"] == "rebalance"), None)
+    out: dict[str, Any] = {"detection_s": None, "decision_s": None, "loading_s": None, "serving_s": None,
+                           "back_to_speed_s": None, "load_s": {}}
+    if drift is None or rebalance is None:
+        return out
+    epoch = rebalance.get("epoch")
+    stages = [ev for ev in after if ev["kind"] == "stage" and ev.get("epoch") == epoch]
+    routes = [ev for ev in after if ev["kind"] == "route" and f"epoch {epoch} " in ev.get("message", "")]
+    out["detection_s"] = round(drift["t"] - cut, 1)
+    out["decision_s"] = round(rebalance["t"] - drift["t"], 1)
+    loaded = max((ev["t"] for ev in stages), default=None)
+    if loaded is not None:
+        out["loading_s"] = round(loaded - rebalance["t"], 1)
+        out["load_s"] = {ev["node"]: {"s": ev.get("load_s"), "built": ev.get("built")} for ev in stages}
+    served = max((ev["t"] for ev in routes), default=None)
+    if served is not None:
+        out["serving_s"] = round(served - (loaded or rebalance["t"]), 1)
+        if recovery_s is not None:
+            out["back_to_speed_s"] = round(cut + recovery_s - served, 1)
+    return out
+
+
+async def steady_run(args: argparse.Namespace, shards: Path) -> dict[str, Any]:
+    """2 equal nodes, rebalancing on with its default knobs, ``args.sessions`` concurrent sessions: plan
+    changes after a warm-up (concurrency alone must not re-plan; a calibration of the start-up plan to
+    the served context may happen during the warm-up and is reported apart)."""
+    cluster = LocalCluster(
+        nodes=2, base_port=free_base_port(2), model=shards.name, shards=shards.parent,
+        workdir=Path(tempfile.mkdtemp(prefix="llnode-steady-")), env={"LLNODE_THREADS": "1"},
+    )
+    cluster.start()
+    try:
+        await cluster.wait_ready(600)
+        async with aiohttp.ClientSession() as session:
+
+            async def epochs() -> set[Any]:
+                return {((await _status(cluster, session, i)).get("pipeline") or {}).get("epoch")
+                        for i in range(cluster.nodes)}
+
+            start = await epochs()
+            load = Load(cluster, args.sessions, args.tokens)
+            await load.start(session)
+            await asyncio.sleep(30.0)
+            warm = await epochs()
+            seen = set(warm)
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < args.steady_s:
+                await asyncio.sleep(2.0)
+                seen |= await epochs()
+            t1 = time.monotonic()
+            await load.stop()
+            kinds: dict[str, int] = {}
+            for i in range(cluster.nodes):
+                for ev in ((await _status(cluster, session, i)).get("pipeline") or {}).get("events", []):
+                    if ev.get("kind") in ("drift", "rebalance", "rebalance-rejected"):
+                        kinds[ev["kind"]] = kinds.get(ev["kind"], 0) + 1
+    finally:
+        cluster.stop()
+    def spread(epochs: set[Any]) -> int | None:
+        numbers = [e for e in epochs if isinstance(e, int)]
+        return max(numbers) - min(numbers) if numbers else None
+
+    return {
+        "warmup_replans": spread(start | warm),
+        "steady_replans": spread(seen),
+        "tokens_per_s": round(load.rate(t0, t1), 3), "failed_requests": len(load.failed),
+        "events": kinds,
     }
 
 
@@ -406,6 +507,18 @@ def run(args: argparse.Namespace) -> int:
                 cut_at=with_rb["cut_at_s"],
             )
             print(f"timeline: {args.png} (red: without rebalancing, blue: with; grey: the quota cut)")
+            ph = with_rb["phases"]
+            print(f"recovery {with_rb['recovery_s']} s after the cut: detection {ph['detection_s']} s, "
+                  f"decision {ph['decision_s']} s, loading {ph['loading_s']} s {ph['load_s']}, "
+                  f"serving (route switch) {ph['serving_s']} s, back to speed {ph['back_to_speed_s']} s",
+                  flush=True)
+        if not args.skip_steady:
+            steady = await steady_run(args, shards)
+            summary["steady"] = steady
+            print(f"steady (2 equal nodes, {args.sessions} sessions, rebalancing on): "
+                  f"{steady['warmup_replans']} plan change(s) in the 30 s warm-up, "
+                  f"{steady['steady_replans']} in the next {args.steady_s:.0f} s; "
+                  f"{steady['tokens_per_s']:.2f} tok/s; events {steady['events']}", flush=True)
 
     asyncio.run(main())
     static = summary.get("static", {})
@@ -419,8 +532,12 @@ def run(args: argparse.Namespace) -> int:
         "rebalance_gain": _ratio(drift, "tokens_per_s_after"),
         "rebalance_gain_tail": _ratio(drift, "tokens_per_s_tail"),
         "recovery_s": drift["with"]["recovery_s"] if drift else None,
+        "recovery_phases": {k: v for k, v in drift["with"]["phases"].items() if k != "load_s"} if drift
+        else None,
+        "steady_replans": summary["steady"]["steady_replans"] if "steady" in summary else None,
         "failed_requests": static.get("failed_requests", 0)
-        + (drift["with"]["failed_requests"] + drift["without"]["failed_requests"] if drift else 0),
+        + (drift["with"]["failed_requests"] + drift["without"]["failed_requests"] if drift else 0)
+        + summary.get("steady", {}).get("failed_requests", 0),
         "tokens_per_s": static.get("tokens_per_s"),
     }
     if args.json:

@@ -108,7 +108,12 @@ class _Track:
 
 @dataclass
 class DriftDetector:
-    """Threshold + sustained window + hysteresis over a stream of measured/baseline ratios per key."""
+    """Threshold + sustained window + hysteresis over a stream of measured/baseline ratios per key.
+
+    A severe drift (twice the threshold, e.g. a device throttled to a tenth) needs only half the window:
+    every second of waiting costs throughput, and an EWMA that far off for ``min_samples`` fresh
+    measurements is not a spike (one 10x spike lifts an alpha 0.2 EWMA to 2.8x for one sample only).
+    """
 
     config: RebalanceConfig = field(default_factory=RebalanceConfig)
     _tracks: dict[str, _Track] = field(default_factory=dict)
@@ -129,7 +134,8 @@ class DriftDetector:
         track.samples += 1
         if track.fired:
             return False
-        if now - track.over_since >= self.config.window_s and track.samples >= self.config.min_samples:
+        window = self.config.window_s / 2 if ratio >= 2 * self.config.threshold else self.config.window_s
+        if now - track.over_since >= window and track.samples >= self.config.min_samples:
             track.fired = True
             return True
         return False

@@ -69,6 +69,8 @@ def test_missing_and_corrupted_module_files(tiny_llama_shards: Path, tmp_path: P
     assert any("missing" in p for p in verify_files(manifest, shard))
     with pytest.raises(ManifestError, match="missing"):
         ModuleRunner(shard)
+    with pytest.raises(ManifestError, match="corrupted"):  # bytes flipped in the graph's own structure
+        ModuleRunner(shard, start=1, end=2)
     with pytest.raises(ManifestError, match="llnode prepare"):
         load_manifest(tmp_path)
 

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import onnx
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -92,6 +93,10 @@ def export_embed(adapter: Adapter, path: Path, module: nn.Module | None = None) 
 
 
 def export_layer(adapter: Adapter, layer: int, path: Path) -> None:
+    built = adapter.layer_onnx(layer)
+    if built is not None:
+        onnx.save(built, str(path))
+        return
     ex = _example(adapter)
     m = layer + 1
     ins = [

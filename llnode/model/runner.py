@@ -133,6 +133,11 @@ class ModuleRunner:
         self._sessions: list[ort.InferenceSession] = []
         self._input_names: list[set[str]] = []
         self._built = 0
+        missing = [self.shard_dir / m.file for m in self._modules if not (self.shard_dir / m.file).is_file()]
+        if missing and reuse is None:  # say "missing" before any other file fails to parse
+            raise ManifestError(
+                f"module file {missing[0]} is missing (re-run 'llnode prepare' or copy the shard)"
+            )
         for info in self._modules:
             shared = reuse._shared(self.shard_dir, info.index) if reuse is not None else None
             if shared is not None:
@@ -144,7 +149,13 @@ class ModuleRunner:
                 raise ManifestError(
                     f"module file {path} is missing (re-run 'llnode prepare' or copy the shard)"
                 )
-            sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            try:
+                sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            except Exception as exc:  # onnxruntime raises its own classes (InvalidProtobuf, Fail, ...)
+                raise ManifestError(
+                    f"module file {path} cannot be loaded, corrupted? (re-run 'llnode prepare' or copy "
+                    f"the shard again): {exc}"
+                ) from exc
             self._sessions.append(sess)
             self._input_names.append({i.name for i in sess.get_inputs()})
             self._built += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,6 +55,11 @@ class Adapter:
 
     def layer(self, index: int) -> nn.Module:
         raise NotImplementedError
+
+    def layer_onnx(self, index: int) -> Any | None:
+        """A hand-built ONNX graph (``onnx.ModelProto``) for layer ``index`` with the same I/O contract,
+        or None to trace ``layer(index)``. Families whose traced graph is too op-heavy provide one."""
+        return None
 
     def head(self) -> nn.Module:
         raise NotImplementedError

@@ -94,5 +94,13 @@ class LlamaAdapter(Adapter):
     def layer(self, index: int) -> nn.Module:
         return LlamaLayer(self.model.model.layers[index], self._inv_freq, self._rope_scaling, self.info)
 
+    def layer_onnx(self, index: int) -> Any | None:
+        from llnode.model.arch import llama_graph
+
+        layer = self.model.model.layers[index]
+        if not llama_graph.supports(layer):
+            return None
+        return llama_graph.build_layer(layer, index, self.info, self._inv_freq, self._rope_scaling)
+
     def head(self) -> nn.Module:
         return NormHead(self.model.model.norm, self.model.lm_head)

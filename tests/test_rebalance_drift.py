@@ -21,6 +21,7 @@ from llnode.pipeline.rebalance import (
     price,
     range_flops,
     rest_of_pipeline,
+    slowest,
     stage_ratios,
     switch_cost_s,
 )
@@ -269,3 +270,20 @@ def test_a_severe_sustained_drift_fires_after_half_the_window() -> None:
     # one 10x spike through an alpha 0.2 EWMA is severe for a single sample only: no episode fires
     ewma = _ewma([10.0] * 5 + [100.0] + [10.0] * 30)
     assert not any(det.observe("s", ms, 10.0, i * 0.5) for i, ms in enumerate(ewma))
+
+
+def test_a_throttled_device_that_looks_fast_on_less_work_keeps_its_slow_speed() -> None:
+    """Under a quota a light stage runs in bursts at full speed: the leader believes the slowest speed a
+    device settled at in the last minute, so giving it less work does not make it look fast again."""
+    manifest = synthetic_manifest(num_layers=12)
+    opts = PlanOptions()
+    costs = ModelCosts.from_manifest(manifest, opts)
+    profiles = _devices()
+    current = solve(manifest, list(profiles.values()), [], opts, epoch=3)
+    c = current.stages[-1]
+    heavy = (c.start, c.end, 3300.0 * c.compute_s)  # held to its quota: 3.3x slower
+    light = (c.end - 1, c.end, 1000.0 * c.compute_s / (c.end - c.start))  # bursts: looks like the profile
+    pick = slowest(costs, profiles, {"c": [light, heavy], "a": [(0, 2, 1.0)]})
+    assert pick == {"c": heavy, "a": (0, 2, 1.0)}
+    slow = measured_profiles(costs, profiles, pick)
+    assert slow["c"].decode_flops_per_s < 0.5 * profiles["c"].decode_flops_per_s

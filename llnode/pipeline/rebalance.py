@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 REBALANCE_MSG = "plan.rebalance"
 IMPOSE_PATH = "/api/bench/impose-plan"
 SPEED_TTL_S = 300.0  # how long a measured speed outlives its last fresh measurement
+SLOW_MEMORY_S = 60.0  # a device counts at the slowest speed it settled at within this long
+SETTLED_STEPS = 8  # a stage's EWMA counts as a speed once it has this many steps on its plan
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,28 @@ def measured_profiles(
         scale = new.decode_flops_per_s / base.decode_flops_per_s
         prefill = base.prefill_flops_per_s * scale if base.prefill_flops_per_s > 0 else 0.0
         out[dev] = dataclasses.replace(new, prefill_flops_per_s=prefill)
+    return out
+
+
+def slowest(
+    costs: ModelCosts,
+    profiles: Mapping[str, DeviceProfile],
+    measured: Mapping[str, list[tuple[int, int, float]]],
+) -> dict[str, tuple[int, int, float]]:
+    """Per device, the measurement (start, end, ms) that makes it slowest.
+
+    Why: a device's measured speed depends on how much work it was given. Under a CPU quota (or a
+    thermal or battery governor) a light stage runs in bursts at full speed, a heavy one is held to
+    the quota: after a rebalance gave a throttled device less, it measured 2x faster than its quota
+    allows, was given more again, measured slow again... (the drift bench oscillated 4 times). Being
+    slow to believe a device got faster (``SLOW_MEMORY_S``) stops that.
+    """
+    out: dict[str, tuple[int, int, float]] = {}
+    for dev, entries in measured.items():
+        speeds = [(measured_profiles(costs, profiles, {dev: e}).get(dev), e) for e in entries]
+        known = [(p.decode_flops_per_s, e) for p, e in speeds if p is not None]
+        if known:
+            out[dev] = min(known, key=lambda x: x[0])[1]
     return out
 
 
@@ -391,6 +415,7 @@ class Rebalancer:
         self.detector = DriftDetector(self.config)
         self.speeds: dict[str, tuple[int, int, float]] = {}  # device -> last measured (start, end, ms)
         self._speed_seen: dict[str, tuple[int, float]] = {}  # device -> (steps, when they last moved)
+        self._settled: dict[str, list[tuple[float, int, int, float]]] = {}  # device -> (when, s, e, ms)
         self._seen_steps: dict[str, int] = {}
         self._contexts: dict[str, float] = {}  # device -> context its stage's sessions are at
         self._context: int | None = None  # the served context plans are priced at, once measured
@@ -449,7 +474,11 @@ class Rebalancer:
                 self._contexts[dev] = float(ctx)
             steps = m.get("steps")
             if not isinstance(steps, int) or self._speed_seen.get(dev, (None, 0.0))[0] != steps:
-                self._speed_seen[dev] = (steps if isinstance(steps, int) else -1, time.monotonic())
+                now = time.monotonic()
+                self._speed_seen[dev] = (steps if isinstance(steps, int) else -1, now)
+                if isinstance(steps, int) and steps >= SETTLED_STEPS:
+                    kept = [x for x in self._settled.get(dev, []) if now - x[0] < SLOW_MEMORY_S]
+                    self._settled[dev] = [*kept, (now, int(rng[0]), int(rng[1]), float(ms))]
 
     def options(self) -> PlanOptions:
         """The service's plan options, costed at the context sessions are really at once it is measured.
@@ -490,10 +519,11 @@ class Rebalancer:
         # is forgotten: the start-up profile applies again, so a device that recovered gets a chance
         now = time.monotonic()
         fresh = {
-            d: v for d, v in self.speeds.items()
+            d: [v, *((s, e, ms) for t, s, e, ms in self._settled.get(d, []) if now - t < SLOW_MEMORY_S)]
+            for d, v in self.speeds.items()
             if d in profiles and now - self._speed_seen.get(d, (0, now))[1] < SPEED_TTL_S
         }
-        return measured_profiles(costs, profiles, fresh)
+        return measured_profiles(costs, profiles, slowest(costs, profiles, fresh))
 
     # ---- every tick ------------------------------------------------------------------------------
     async def tick(self) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import heapq
 import math
 import random
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -153,6 +153,7 @@ class Simulator:
         self.busy: set[str] = set()
         self.prefilling: dict[str, _Job] = {}
         self.decode_turn: dict[str, bool] = {}
+        self.batches: Counter[int] = Counter()  # decode batches by size (compare: a stage's "batches")
         self.active = 0  # requests in progress (the sessions a stage holds: sizes its decode batches)
         self.link_free: dict[str, float] = {}
         self._heap: list[tuple[float, int, Callable[[], None]]] = []
@@ -222,6 +223,7 @@ class Simulator:
         if batch and (prefill is None or self.decode_turn.get(dev, True)):
             a, b = batch[0].start, batch[0].end
             work = self.costs.decode_range_s(a, b, speed, len(batch))
+            self.batches[len(batch)] += 1
             done_jobs = batch
             self.decode_turn[dev] = False
         else:

@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from llnode.emulate.profiles import DEVICES, LINKS, LinkClass, device_profile, draw_fleet
+from llnode.emulate.profiles import DEVICES, LINKS, Fleet, LinkClass, device_profile, draw_fleet, pair_links
 from llnode.model.manifest import Manifest, load_manifest
 from llnode.plan import PlanInfeasible, PlanOptions, solve
 from llnode.plan.baselines import even_split, memory_split
@@ -118,15 +118,36 @@ def plan_fleet(manifest: Manifest, devices: list[DeviceProfile], links: Any, tim
     return solve(manifest, devices, links, PlanOptions(solver=solver, time_limit_s=time_limit_s))
 
 
+def plan_grouped(manifest: Manifest, fleet: Fleet, k: int, time_limit_s: float) -> Plan:
+    """What large systems do: pick a small group of promising devices, then plan exactly over it.
+
+    A device is promising when a ``1/k`` share of the model plus the hop to the next stage is short on
+    it: its speed *and* its link count (``solve`` ranks candidates by speed alone, so a fast laptop on a
+    2 Mbit/s link crowds out a phone on Wi-Fi 6). The MILP then runs over the ``k`` best.
+    """
+    total = sum(m.flops.at(manifest.max_context // 2) for m in manifest.modules)
+    hidden = max(manifest.boundary_bytes(m) for m in range(manifest.num_modules - 1))
+
+    def score(d: DeviceProfile) -> float:
+        link = fleet.link[d.device_id]
+        return total / k / d.decode_flops_per_s + hidden / link.bytes_per_s + link.rtt_ms / 1e3
+
+    group = sorted(fleet.devices, key=score)[:k]
+    ids = [d.device_id for d in group]
+    links = pair_links(ids, {i: fleet.link[i] for i in ids})
+    return solve(manifest, group, links, PlanOptions(time_limit_s=time_limit_s))
+
+
 def fleet_table(shards: Path, sizes: list[int], rng: random.Random, time_limit_s: float) -> dict[str, Any]:
     manifest = load_manifest(shards)
     costs, _ = cached_costs(shards)
     print(
-        f"== fleets drawn from the device and Wi-Fi profiles, {manifest.name}: plan vs even / memory splits"
+        f"== fleets drawn from the device and Wi-Fi profiles, {manifest.name}: planners vs even / memory "
+        "splits (tok/s simulated with 2 sessions per stage of the planner's plan)"
     )
     print(
-        f"{'devices':>7} {'plan s':>7} {'solver':>6} {'stages':>6} {'plan tok/s':>10} {'even':>8} "
-        f"{'memory':>8} {'ms/token':>8}   (tok/s: simulated, 2 sessions per stage)"
+        f"{'devices':>7} {'plan s':>7} {'solver':>6} {'stages':>6} {'tok/s':>7} {'ms/tok':>7} | "
+        f"{'DP s':>6} {'DP tok/s':>8} | {'group s':>7} {'group tok/s':>11} | {'even':>6} {'memory':>6}"
     )
     plan_s: dict[str, float] = {}
     rows = []
@@ -138,30 +159,46 @@ def fleet_table(shards: Path, sizes: list[int], rng: random.Random, time_limit_s
         dt = time.perf_counter() - t0
         plan_s[str(n)] = round(dt, 3)
         sessions = 2 * len(plan.stages)
-        tps, lat = simulate(costs, plan, fleet.devices, dict(fleet.link), sessions)
+        link = dict(fleet.link)
+        tps, lat = simulate(costs, plan, fleet.devices, link, sessions)
+        alt: dict[str, tuple[float, float | None]] = {}
+        t0 = time.perf_counter()
+        dp = plan if plan.solver == "dp" else solve(manifest, fleet.devices, links, PlanOptions(solver="dp"))
+        alt["dp"] = (
+            dt if dp is plan else time.perf_counter() - t0,
+            simulate(costs, dp, fleet.devices, link, sessions)[0],
+        )
+        t0 = time.perf_counter()
+        grouped = plan_grouped(manifest, fleet, min(n, MILP_MAX), time_limit_s)
+        alt["group"] = (time.perf_counter() - t0, simulate(costs, grouped, fleet.devices, link, sessions)[0])
         inst = build_instance(manifest, fleet.devices, links, PlanOptions())
-        base: dict[str, float | None] = {}
         for name, ev in (("even", even_split(inst)), ("memory", memory_split(inst))):
             if not ev.feasible:
-                base[name] = None  # a device is given more than it can hold
+                alt[name] = (0.0, None)  # a device is given more than it can hold
                 continue
             bplan = make_plan(inst, ev, name, False, 0.0, [], {})
-            base[name], _ = simulate(costs, bplan, fleet.devices, dict(fleet.link), sessions)
+            alt[name] = (0.0, simulate(costs, bplan, fleet.devices, link, sessions)[0])
         row = {
             "devices": n,
             "plan_s": dt,
             "solver": plan.solver,
             "stages": len(plan.stages),
             "plan_tps": tps,
-            "even_tps": base["even"],
-            "memory_tps": base["memory"],
             "latency_s": lat,
+            "dp_s": alt["dp"][0],
+            "dp_tps": alt["dp"][1],
+            "group_s": alt["group"][0],
+            "group_tps": alt["group"][1],
+            "group_stages": len(grouped.stages),
+            "even_tps": alt["even"][1],
+            "memory_tps": alt["memory"][1],
             "notes": plan.notes,
         }
         rows.append(row)
         print(
-            f"{n:>7} {dt:>7.2f} {plan.solver:>6} {len(plan.stages):>6} {tps:>10.1f} {_fmt(base['even']):>8} "
-            f"{_fmt(base['memory']):>8} {lat * 1e3:>8.1f}",
+            f"{n:>7} {dt:>7.2f} {plan.solver:>6} {len(plan.stages):>6} {tps:>7.1f} {lat * 1e3:>7.1f} | "
+            f"{alt['dp'][0]:>6.2f} {_fmt(alt['dp'][1]):>8} | {alt['group'][0]:>7.2f} "
+            f"{_fmt(alt['group'][1]):>11} | {_fmt(alt['even'][1]):>6} {_fmt(alt['memory'][1]):>6}",
             flush=True,
         )
     return {"plan_s": plan_s, "fleet": rows}

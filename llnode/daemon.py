@@ -50,6 +50,7 @@ from llnode.net.gossip import Gossip
 from llnode.net.keys import KeyError_, cluster_id, load_cluster_key
 from llnode.net.links import Links, PeerUnavailable, RemoteError
 from llnode.net.resources import snapshot
+from llnode.process import snapshot as process_snapshot
 
 log = logging.getLogger("llnode")
 
@@ -105,7 +106,8 @@ class Node:
         )
         self.election = Election(self.gossip, grace=max(2.0, 4 * config.gossip_interval))
         self.discovery: Discovery | None = None
-        self.status_providers: dict[str, StatusProvider] = {}
+        # RSS, fds, asyncio tasks, threads: what the soak benchmark watches for leaks
+        self.status_providers: dict[str, StatusProvider] = {"process": process_snapshot}
         self.public_paths: set[str] = {"/health", "/api/peer-info"}
         self.app = web.Application(middlewares=[self._auth_middleware], client_max_size=4 << 20)
         self.app[NODE_KEY] = self

@@ -35,6 +35,7 @@ from llnode.pipeline.stage import StageWorker
 from llnode.plan.profile import profile_device
 from llnode.plan.solve import solve
 from llnode.plan.types import DeviceProfile, LinkProfile, Plan, PlanError, PlanInfeasible, PlanOptions
+from llnode.process import release_memory
 from llnode.shards.errors import ShardError
 from llnode.shards.fetch import ShardFetcher, peers_holding
 from llnode.shards.rpc import RpcShardTransport, handle_shard_request
@@ -349,9 +350,15 @@ class PipelineService:
             self._retiring[worker.epoch] = worker
 
     async def _retire(self, before: int) -> None:
-        """Close the stages of plans older than ``before``: their in-flight steps finish first."""
-        for epoch in [e for e in self._retiring if e < before]:
+        """Close the stages of plans older than ``before``: their in-flight steps finish first. Then
+        give the old runner's memory back to the OS: without it every plan switch raised RSS for good
+        (glibc keeps freed arenas; llnode/process.py)."""
+        closed = [e for e in self._retiring if e < before]
+        for epoch in closed:
             await self._retiring.pop(epoch).close()
+        if closed:
+            released = await asyncio.to_thread(release_memory)
+            log.info("closed the stage(s) of epoch(s) %s: %.0f MB given back", closed, released / 2**20)
 
     def _publish_metrics(self) -> None:
         """Gossip this node's stage measurements (at most every 2 s): drift detection and the dashboard."""

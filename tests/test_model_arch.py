@@ -129,15 +129,20 @@ def test_quantized_shards(
     assert m.precision == precision
     ops = {n.op_type for mod in m.modules for n in onnx.load(str(shard / mod.file)).graph.node}
     assert "MatMulNBits" in ops
-    bits = {
-        a.i
-        for mod in m.modules
-        for n in onnx.load(str(shard / mod.file)).graph.node
-        if n.op_type == "MatMulNBits"
-        for a in n.attribute
-        if a.name == "bits"
-    }
-    assert bits == {8 if precision == "int8" else 4}
+
+    def bits(kinds: set[str]) -> set[int]:
+        return {
+            a.i
+            for mod in m.modules
+            if mod.kind in kinds
+            for n in onnx.load(str(shard / mod.file)).graph.node
+            if n.op_type == "MatMulNBits"
+            for a in n.attribute
+            if a.name == "bits"
+        }
+
+    assert bits({"layer"}) == {8 if precision == "int8" else 4}
+    assert bits({"head"}) == {8}  # the (tied) LM head stays 8-bit, as GGUFs keep the embedding
     embed_inits = onnx.load(str(shard / m.modules[0].file)).graph.initializer
     assert any(i.data_type == onnx.TensorProto.INT8 for i in embed_inits)  # int8 embedding rows
     assert m.modules[1].param_bytes < 0.5 * m.modules[1].flops.base * 2  # weights < fp32 bytes

@@ -183,19 +183,20 @@ def build_instance(
         dict(links) if isinstance(links, Mapping) else {(lk.src, lk.dst): lk for lk in links}
     )
     n = len(devices)
-    rtt = [[0.0] * n for _ in range(n)]
-    inv_bw = [[0.0] * n for _ in range(n)]
-    for i, a in enumerate(devices):
-        for j, b in enumerate(devices):
-            if i == j:
-                continue
-            lk = link_map.get((a.device_id, b.device_id)) or link_map.get((b.device_id, a.device_id))
-            if lk is None:
-                rtt[i][j] = options.default_rtt_s / 2.0
-                inv_bw[i][j] = 1.0 / options.default_bandwidth_bytes_per_s
-            else:
-                rtt[i][j] = lk.rtt_s / 2.0
-                inv_bw[i][j] = 1.0 / lk.bandwidth_bytes_per_s
+    # defaults first, then each measured link in both directions unless the reverse was measured too:
+    # linear in the number of links, so a thousand devices with few links stay cheap
+    rtt = [[options.default_rtt_s / 2.0] * n for _ in range(n)]
+    inv_bw = [[1.0 / options.default_bandwidth_bytes_per_s] * n for _ in range(n)]
+    index = {d.device_id: i for i, d in enumerate(devices)}
+    for (src, dst), lk in link_map.items():
+        i, j = index.get(src), index.get(dst)
+        if i is None or j is None or i == j:
+            continue
+        rtt[i][j], inv_bw[i][j] = lk.rtt_s / 2.0, 1.0 / lk.bandwidth_bytes_per_s
+        if (dst, src) not in link_map:
+            rtt[j][i], inv_bw[j][i] = rtt[i][j], inv_bw[i][j]
+    for i in range(n):
+        rtt[i][i] = inv_bw[i][i] = 0.0
     t = [[f / d.decode_flops_per_s + d.module_overhead_s for f in costs.decode_flops] for d in devices]
     tp = [[f / d.prefill_speed + d.module_overhead_s / 1.0 for f in costs.prefill_flops] for d in devices]
     usable = [int(d.memory_available_bytes * options.memory_fraction) for d in devices]
@@ -212,7 +213,6 @@ def build_instance(
         energy=[energy_factor(d) for d in devices],
     )
     if current:
-        index = {d.device_id: i for i, d in enumerate(devices)}
         for dev, (s, e) in current.items():
             if dev in index:
                 inst.current[index[dev]] = (int(s), int(e))

@@ -114,10 +114,10 @@ def dp_fixed_order(
     return best
 
 
-def heuristic_orders(inst: Instance) -> list[list[int]]:
+def heuristic_orders(inst: Instance, devices: Sequence[int] | None = None) -> list[list[int]]:
     """Device orders worth trying with the DP: fastest first, and a nearest-link chain from the fastest."""
-    n = inst.num_devices
-    by_speed = sorted(range(n), key=lambda d: (-inst.devices[d].decode_flops_per_s, -inst.usable[d], d))
+    devs = list(devices if devices is not None else range(inst.num_devices))
+    by_speed = sorted(devs, key=lambda d: (-inst.devices[d].decode_flops_per_s, -inst.usable[d], d))
     hidden = max(inst.model.out_bytes)
     chain = [by_speed[0]]
     left = set(by_speed[1:])
@@ -135,11 +135,12 @@ def heuristic_orders(inst: Instance) -> list[list[int]]:
     return [by_speed] if chain == by_speed else [by_speed, chain]
 
 
-def dp_best(inst: Instance, max_firsts: int = 6) -> Evaluation | None:
-    """The DP over each heuristic order; every position may be first for small clusters, else the top few."""
+def dp_best(inst: Instance, max_firsts: int = 6, devices: Sequence[int] | None = None) -> Evaluation | None:
+    """The DP over each heuristic order of ``devices`` (default all); every position may be first for
+    small clusters, else the top few."""
     best: Evaluation | None = None
-    orders = heuristic_orders(inst)
-    if inst.num_devices > 16:
+    orders = heuristic_orders(inst, devices)
+    if len(orders[0]) > 16:
         orders = orders[:1]  # big clusters: one pass, fastest device first (seconds, not minutes)
     for order in orders:
         firsts = None if len(order) <= max_firsts else ([0] if len(order) > 16 else [0, 1])

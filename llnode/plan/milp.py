@@ -31,6 +31,9 @@ from dataclasses import dataclass
 import pulp
 
 from llnode.plan.costs import Evaluation, Instance, evaluate
+from llnode.plan.dp import dp_fixed_order
+from llnode.plan.layers import LayerShape, layer_shape, solve_layers
+from llnode.plan.search import SearchTables, descend
 
 DISAGGREGATE = True
 DEBUG = False
@@ -67,9 +70,18 @@ class MilpResult:
     constraints: int
 
 
-def _solver(name: str, time_limit_s: float, warm: bool) -> pulp.LpSolver:
+def _solver(name: str, time_limit_s: float, warm: bool, cuts: bool = True) -> pulp.LpSolver:
+    """``cuts=False``: CBC skips its cut generators, which on the small layer-count feasibility probes
+    cost more at the root than they save (CPU time of the probes near the optimum halved)."""
     if name == "cbc":
-        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, warmStart=warm, gapRel=1e-9, gapAbs=1e-6)
+        return pulp.PULP_CBC_CMD(
+            msg=False,
+            timeLimit=time_limit_s,
+            warmStart=warm,
+            gapRel=1e-9,
+            gapAbs=1e-6,
+            options=[] if cuts else ["cuts off"],
+        )
     if name == "highs":
         if "HiGHS" in pulp.listSolvers(onlyAvailable=True):
             return pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=1e-9)
@@ -257,12 +269,45 @@ def lower_bound(inst: Instance, devs: Sequence[int]) -> float:
     return max(max(per_module), parallel)
 
 
+def probe(
+    inst: Instance,
+    devs: Sequence[int],
+    solver: str,
+    time_limit_s: float,
+    warm_start: Evaluation | None,
+    stage_cap_s: float | None,
+    feasibility: bool,
+    shape: LayerShape | None,
+) -> MilpResult:
+    """One MILP run: the layer-count formulation when the model has that shape, else the stage-arc one."""
+    if shape is None:
+        return solve_milp(inst, devs, solver, time_limit_s, warm_start, stage_cap_s, feasibility)
+    if solver not in available_solvers():
+        raise SolverUnavailable(f"MILP solver {solver!r} is not available here (found {available_solvers()})")
+    try:
+        status, proven, sol, dt, nvars, ncons = solve_layers(
+            inst,
+            devs,
+            shape,
+            _solver(solver, time_limit_s, False, cuts=not feasibility),
+            stage_cap_s,
+            feasibility,
+        )
+    except pulp.PulpSolverError as exc:
+        raise SolverUnavailable(f"{solver} failed: {exc}") from exc
+    ev = None if sol is None else evaluate(inst, *sol)
+    if ev is not None and not ev.feasible:  # cannot happen with an exact model; never hand it on
+        ev, proven, status = None, False, "NoSolution"
+    return MilpResult(ev, proven, status, dt, solver, nvars, ncons)
+
+
 def solve_exact(
     inst: Instance,
     devices: Sequence[int] | None = None,
     solver: str = "cbc",
     time_limit_s: float = 60.0,
     warm_start: Evaluation | None = None,
+    formulation: str = "auto",
 ) -> MilpResult:
     """The MILP under a stage cap, searched between a lower bound and the best known plan.
 
@@ -271,8 +316,13 @@ def solve_exact(
     pure feasibility problem (solvers prove "nothing under T" fast, while closing the gap of the minimax
     optimisation is slow): a feasible probe lowers the upper bound to that plan's value, an infeasible one
     raises the lower bound to T; bisection, then a last probe just under the best value proves it
-    optimal. With the latency objective or weighted terms, each probe optimises under the cap instead,
-    and a capped optimum at or below its cap is the global optimum.
+    optimal. A bounded search (``search.descend``) gives the first upper bound, and each ring a probe
+    finds gets the DP's best cuts for its order before the next cap is chosen. With the latency objective or
+    weighted terms, each probe optimises under the cap instead, and a capped optimum at or below its cap
+    is the global optimum.
+
+    ``formulation``: "layers" (layer counts, see ``layers.py``), "arcs" (stage ranges), or "auto": layers
+    when the model is an embedding, identical layers and a head, and no movement term is asked.
     """
     devs = list(devices if devices is not None else range(inst.num_devices))
     opts = inst.options
@@ -281,11 +331,17 @@ def solve_exact(
         and opts.energy_weight == 0
         and not (opts.movement_weight and inst.current)
     )
+    shape = layer_shape(inst, devs) if formulation in ("auto", "layers") else None
+    if formulation == "layers" and shape is None:
+        raise ValueError("the layer-count formulation does not apply to this instance")
     deadline = time.perf_counter() + time_limit_s
     t0 = time.perf_counter()
+    tables = SearchTables(inst, devs) if pure else None
     best = warm_start
-    ub = warm_start.objective_value if warm_start is not None else float("inf")
     lb = lower_bound(inst, devs)
+    if tables is not None:
+        best = descend(tables, best, lb)
+    ub = best.objective_value if best is not None else float("inf")
     last: MilpResult | None = None
     unknown = lb  # highest cap whose probe ran out of time: look between it and ub next
     for _ in range(200):
@@ -297,19 +353,22 @@ def solve_exact(
         low = max(lb, unknown)
         if ub == float("inf"):
             cap = None
-        elif pure and ub - low < 0.01 * ub:
+        elif not pure:
+            cap = ub * (1 + 1e-9)  # optimise under the best known value: its optimum is the global one
+        elif ub - low < 0.01 * ub:
             cap = ub * (1 - 1e-9)  # prove the best plan optimal
         else:
             cap = low + 0.5 * (ub - low)
         try:
-            res = solve_milp(
+            res = probe(
                 inst,
                 devs,
                 solver,
                 left if not pure or cap is None else max(0.5, left / 3),
                 None if pure or cap is None or best is None or best.objective_value > cap else best,
-                stage_cap_s=cap,
-                feasibility=pure and cap is not None,
+                cap,
+                pure and cap is not None,
+                shape,
             )
         except SolverUnavailable:
             if last is None:
@@ -322,9 +381,16 @@ def solve_exact(
                 f"{None if res.evaluation is None else res.evaluation.objective_value} {res.solve_s:.2f}s"
             )
         if res.evaluation is not None:
-            if best is None or res.evaluation.objective_value < best.objective_value:
-                best = res.evaluation
-            ub = min(ub, res.evaluation.objective_value)
+            found = res.evaluation
+            if pure and cap is not None:
+                # a feasibility probe returns any ring under the cap: the best cuts for that ring's order
+                # (exact DP) usually land well below it, which saves bisection steps
+                polished = dp_fixed_order(inst, found.order, firsts=[0])
+                if polished is not None and polished.objective_value < found.objective_value:
+                    found = polished
+            if best is None or found.objective_value < best.objective_value:
+                best = found
+            ub = min(ub, found.objective_value)
             if pure and cap is not None:
                 continue
             if res.optimal and (cap is None or res.evaluation.objective_value <= cap * (1 + 1e-12)):
@@ -333,6 +399,9 @@ def solve_exact(
                 )
             if not res.optimal:
                 break
+            # the best plan with every stage under the cap costs more than the cap, and any plan with a
+            # stage over it costs more too (the weighted terms are >= 0): the cap is a lower bound
+            lb = max(lb, cap if cap is not None else lb)
         elif res.optimal:  # proven infeasible under the cap
             if cap is None:
                 return MilpResult(None, True, "Infeasible", time.perf_counter() - t0, solver, *_size(last))
@@ -344,7 +413,7 @@ def solve_exact(
             left = deadline - time.perf_counter()
             if left > 0.2 and best is not None:
                 try:
-                    res = solve_milp(inst, devs, solver, left, best, stage_cap_s=ub * (1 + 1e-9))
+                    res = probe(inst, devs, solver, left, best, ub * (1 + 1e-9), False, shape)
                 except SolverUnavailable:
                     break
                 if res.evaluation is not None and res.evaluation.objective_value < best.objective_value:
@@ -359,4 +428,3 @@ def solve_exact(
 
 def _size(res: MilpResult | None) -> tuple[int, int]:
     return (res.variables, res.constraints) if res is not None else (0, 0)
-

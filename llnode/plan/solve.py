@@ -2,10 +2,11 @@
 
 Order of work: leave out devices that cannot take part at all (battery rule, too little memory for even
 the smallest module) and say why; check that the model fits at all and otherwise raise
-:class:`PlanInfeasible` with the missing bytes; run the DP over heuristic orders (fast, always
-available, and a warm start); then the MILP (CBC by default, HiGHS if asked and installed). Above
-``milp_max_devices`` the MILP runs over the most capable candidates only and the DP over everyone, and
-the better plan wins; the notes say which solver produced the plan and what was restricted.
+:class:`PlanInfeasible` with the missing bytes; then the MILP (CBC by default, HiGHS if asked and
+installed; ``milp.solve_exact``), warm-started by a ring search or by the DP over heuristic device
+orders, which is also the fallback where no solver runs. Above
+``milp_max_devices`` the MILP (or the DP) runs over a pool of the most promising devices
+(``pool.candidate_pool``); the notes say which solver produced the plan and what was restricted.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from llnode.plan.bruteforce import brute_force
 from llnode.plan.costs import Evaluation, Instance, ModelCosts, build_instance
 from llnode.plan.dp import dp_best
 from llnode.plan.milp import SolverUnavailable, available_solvers, solve_exact
+from llnode.plan.pool import candidate_pool
 from llnode.plan.types import DeviceProfile, LinkProfile, Plan, PlanInfeasible, PlanOptions, Stage
 
 MIB = 1024 * 1024
@@ -84,55 +86,62 @@ def solve(
         ev = brute_force(inst)
         solver_used, optimal = "brute", True
     else:
-        dp_ev = dp_best(inst)
-        if wanted in ("auto", "cbc", "highs"):
-            have = available_solvers()
-            name = (
-                ("cbc" if "cbc" in have else "highs" if "highs" in have else "")
-                if wanted == "auto"
-                else wanted
-            )
-            if name and name in have:
-                cands = _candidates(inst)
-                try:
-                    res = solve_exact(
-                        inst,
-                        cands,
-                        solver=name,
-                        time_limit_s=options.time_limit_s,
-                        warm_start=_warm(dp_ev, cands),
-                    )
-                except SolverUnavailable as exc:
-                    notes.append(f"MILP solver failed ({exc}); used the DP over a fixed device order")
-                else:
-                    restricted = len(cands) < inst.num_devices
-                    if restricted:
-                        notes.append(
-                            f"{inst.num_devices} devices exceed milp_max_devices={options.milp_max_devices}: "
-                            f"the MILP ran over the {len(cands)} fastest candidates, the DP over all devices "
-                            "in a "
-                            "heuristic order; the better plan was kept"
-                        )
-                    if res.evaluation is not None:
-                        ev, solver_used = res.evaluation, name
-                        optimal = res.optimal and not restricted
-                        if not res.optimal:
-                            notes.append(
-                                f"{name} stopped at the {options.time_limit_s:g} s time limit: best plan "
-                                "found, "
-                                "optimality not proven"
-                            )
-                    elif not restricted:
-                        # the solver proved there is no assignment at all
-                        raise PlanInfeasible(
-                            "the modules cannot be packed into contiguous ranges on these devices "
-                            f"({name}: {res.status}); at least one more device or "
-                            f"{_fmt_bytes(_packing_gap(inst))} more memory on the largest device is needed",
-                            missing_bytes=_packing_gap(inst),
-                        )
+        have = available_solvers() if wanted in ("auto", "cbc", "highs") else []
+        name = wanted if wanted != "auto" else next((x for x in ("cbc", "highs") if x in have), "")
+        use_milp = name in have
+        cands, ring = candidate_pool(inst, options.milp_max_devices)
+        restricted = len(cands) < inst.num_devices
+        pure = (
+            options.objective == "throughput"
+            and not options.energy_weight
+            and not (options.movement_weight and inst.current)
+        )
+        # the DP is the fallback without a solver, and the MILP's warm start where no ring search runs
+        dp_ev = None if use_milp and pure else dp_best(inst, devices=cands if restricted else None)
+        if use_milp:
+            try:
+                res = solve_exact(
+                    inst,
+                    cands,
+                    solver=name,
+                    time_limit_s=options.time_limit_s,
+                    warm_start=_better(ring, dp_ev),
+                )
+            except SolverUnavailable as exc:
+                notes.append(f"MILP solver failed ({exc}); used the DP over a fixed device order")
+                dp_ev = dp_ev or dp_best(inst, devices=cands if restricted else None)
             else:
-                why = f"{wanted} is not installed" if wanted != "auto" else "no MILP solver is installed here"
-                notes.append(f"{why}: used the exact DP over cut points for a fixed device order")
+                if restricted:
+                    notes.append(
+                        f"{inst.num_devices} devices exceed milp_max_devices={options.milp_max_devices}: "
+                        f"the MILP ran over a pool of {len(cands)} (the devices that could run the most "
+                        "modules within a first ring's stage time, given their links to it); exact for "
+                        "the pool, not proven for every device"
+                    )
+                if res.evaluation is not None:
+                    ev, solver_used = res.evaluation, name
+                    optimal = res.optimal and not restricted
+                    if not res.optimal:
+                        notes.append(
+                            f"{name} stopped at the {options.time_limit_s:g} s time limit: best plan found, "
+                            "optimality not proven"
+                        )
+                elif not restricted:
+                    # the solver proved there is no assignment at all
+                    raise PlanInfeasible(
+                        "the modules cannot be packed into contiguous ranges on these devices "
+                        f"({name}: {res.status}); at least one more device or "
+                        f"{_fmt_bytes(_packing_gap(inst))} more memory on the largest device is needed",
+                        missing_bytes=_packing_gap(inst),
+                    )
+        elif wanted in ("auto", "cbc", "highs"):
+            why = f"{wanted} is not installed" if wanted != "auto" else "no MILP solver is installed here"
+            notes.append(f"{why}: used the exact DP over cut points for a fixed device order")
+        if restricted and not use_milp:
+            notes.append(
+                f"{inst.num_devices} devices exceed milp_max_devices={options.milp_max_devices}: the DP ran "
+                f"over a pool of {len(cands)}"
+            )
         if dp_ev is not None and (ev is None or dp_ev.objective_value < ev.objective_value - 1e-12):
             if solver_used:
                 notes.append("the DP plan beat the restricted MILP plan")
@@ -154,17 +163,10 @@ def solve(
     return make_plan(inst, ev, solver_used, optimal, time.perf_counter() - t0, notes, left_out, epoch)
 
 
-def _warm(ev: Evaluation | None, cands: list[int]) -> Evaluation | None:
-    return ev if ev is not None and all(d in cands for d in ev.order) else None
-
-
-def _candidates(inst: Instance) -> list[int]:
-    """All devices, or the ``milp_max_devices`` fastest (ties: more usable memory) for big clusters."""
-    n = inst.num_devices
-    if n <= inst.options.milp_max_devices:
-        return list(range(n))
-    ranked = sorted(range(n), key=lambda d: (-inst.devices[d].decode_flops_per_s, -inst.usable[d], d))
-    return sorted(ranked[: inst.options.milp_max_devices])
+def _better(a: Evaluation | None, b: Evaluation | None) -> Evaluation | None:
+    if a is None or (b is not None and b.objective_value < a.objective_value):
+        return b
+    return a
 
 
 def check_fits(inst: Instance) -> None:

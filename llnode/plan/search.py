@@ -1,0 +1,145 @@
+"""A bounded depth-first search for a ring whose every stage stays under a cap: the MILP's primal heuristic.
+
+Finding *some* plan under a cap T is easy when T is loose and hard only close to the optimum, where
+proving that none exists is the MILP's job. This search builds rings stage by stage: from the device
+holding module 0, try each unused next device, giving the current device the longest range that still
+keeps compute + hop under T (a later start never hurts the devices after it), longest first, and
+return the first complete ring. It prunes when the unused devices' longest possible ranges cannot
+cover the rest, remembers failed states, and gives up after ``node_limit`` nodes (``None``: unknown).
+
+It is not a proof of anything: ``solve_exact`` calls it before each CBC probe so that the feasible
+probes of the bisection (most of them) cost milliseconds instead of a solver run, and to give CBC a
+good incumbent to start from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from llnode.plan.costs import Evaluation, Instance, evaluate
+
+
+class SearchTables:
+    """Per-device prefix sums of compute and the furthest memory-feasible end of each start."""
+
+    def __init__(self, inst: Instance, devs: Sequence[int]) -> None:
+        self.inst = inst
+        self.devs = list(devs)
+        n_m = inst.num_modules
+        self.prefix: dict[int, list[float]] = {}
+        self.mem_end: dict[int, list[int]] = {}
+        for d in self.devs:
+            acc = [0.0]
+            for x in inst.t[d]:
+                acc.append(acc[-1] + x)
+            self.prefix[d] = acc
+            ends = []
+            k = 0
+            for j in range(n_m):
+                k = max(k, j)
+                while k < n_m and inst.fits(d, j, k + 1):
+                    k += 1
+                ends.append(k)
+            self.mem_end[d] = ends
+
+
+def ring_under_cap(tables: SearchTables, cap: float, node_limit: int = 2000) -> Evaluation | None:
+    """A plan with every stage at most ``cap`` seconds, or None (none found within ``node_limit``)."""
+    inst, devs = tables.inst, tables.devs
+    n_m = inst.num_modules
+    ob = inst.model.out_bytes
+    prefix, mem_end = tables.prefix, tables.mem_end
+    rtt, inv_bw = inst.rtt, inst.inv_bw
+    index = {d: i for i, d in enumerate(devs)}
+    min_hop = {d: min((rtt[d][e] + ob[0] * inv_bw[d][e] for e in devs if e != d), default=0.0) for d in devs}
+    longest: dict[int, int] = {}
+    for d in devs:
+        best = 0
+        for j in range(n_m):
+            k = j
+            while (
+                k < mem_end[d][j]
+                and prefix[d][k + 1] - prefix[d][j] + (0.0 if k + 1 == n_m else min_hop[d]) <= cap
+            ):
+                k += 1
+            best = max(best, k - j)
+        longest[d] = best
+    useful = sorted((d for d in devs if longest[d] > 0), key=lambda d: -longest[d])
+    failed: set[tuple[int, int, int, int]] = set()
+    nodes = 0
+
+    Path = list[tuple[int, int]]
+
+    def extend(first: int, d: int, j: int, used: int, path: Path) -> Path | None:
+        nonlocal nodes
+        nodes += 1
+        if nodes > node_limit:
+            return None
+        key = (first, d, j, used)
+        if key in failed:
+            return None
+        if mem_end[d][j] >= n_m:
+            back = 0.0 if d == first else rtt[d][first] + ob[n_m - 1] * inv_bw[d][first]
+            if prefix[d][n_m] - prefix[d][j] + back <= cap:
+                return [*path, (d, j)]
+        reach = longest[d] + sum(longest[e] for e in useful if not used >> index[e] & 1)
+        if reach < n_m - j:
+            failed.add(key)
+            return None
+        options = []
+        limit = min(mem_end[d][j], n_m - 1)
+        for e in useful:
+            if used >> index[e] & 1:
+                continue
+            k = j
+            while k < limit and prefix[d][k + 1] - prefix[d][j] + rtt[d][e] + ob[k] * inv_bw[d][e] <= cap:
+                k += 1
+            if k > j:
+                options.append((k, e))
+        options.sort(key=lambda x: -x[0])
+        for k, e in options:
+            found = extend(first, e, k, used | 1 << index[e], [*path, (d, j)])
+            if found is not None:
+                return found
+            if nodes > node_limit:
+                return None
+        failed.add(key)
+        return None
+
+    for first in useful:
+        if nodes > node_limit:
+            break
+        ring = extend(first, first, 0, 1 << index[first], [])
+        if ring is not None:
+            ev = evaluate(inst, [d for d, _ in ring], [j for _, j in ring] + [n_m])
+            return ev if ev.feasible else None
+    return None
+
+
+def descend(
+    tables: SearchTables,
+    upper: Evaluation | None,
+    lower_s: float,
+    probes: int = 12,
+    node_limit: int = 2000,
+) -> Evaluation | None:
+    """Bisect a cap between ``lower_s`` and the best plan with :func:`ring_under_cap`: a good plan, fast.
+
+    A cap where the search finds nothing only *looks* infeasible (it may have given up), so this is a
+    heuristic; the MILP decides.
+    """
+    best = upper
+    hi = upper.bottleneck_s if upper is not None else None
+    lo = lower_s
+    for _ in range(probes):
+        cap = 2 * lo if hi is None else lo + 0.5 * (hi - lo)
+        ev = ring_under_cap(tables, cap, node_limit)
+        if ev is None:
+            lo = cap
+            continue
+        if best is None or ev.objective_value < best.objective_value:
+            best = ev
+        hi = ev.bottleneck_s
+        if hi - lo <= 1e-3 * hi:
+            break
+    return best

@@ -9,8 +9,10 @@ must really have formed. A long prompt is prefilled in chunks while the others d
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -19,9 +21,11 @@ from llnode.model.runner import ChainRunner, ModuleRunner
 from llnode.pipeline import protocol
 from llnode.pipeline.distributed import DistributedEngine, Route
 from llnode.pipeline.engine import GenerationParams, GenerationRequest
+from llnode.pipeline.protocol import Step
 from llnode.pipeline.stage import StageWorker
 
 TOKENS = 12
+T = TypeVar("T")
 
 
 class Wire:
@@ -48,9 +52,7 @@ class Wire:
         elif msg_type == protocol.TOKEN:
             self.engine.on_token(payload)
 
-    async def run(self, prompts: dict[str, list[int]], stop_after: int | None = None) -> dict[str, list[int]]:
-        """Generate every prompt at once, greedy, like clients calling the entry node; ``stop_after``:
-        the first prompt's client goes away after that many tokens."""
+    def start(self) -> None:
         route = Route(epoch=1, nodes=("a", "b"))
         self.engine = DistributedEngine(
             node_id="entry", model_ids=["m"], max_context=self.manifest.max_context,
@@ -58,22 +60,32 @@ class Wire:
             route=lambda: route, route_changed=asyncio.Condition(), not_ready_reason=lambda: "",
             send=self.send,
         )  # fmt: skip
-
-        async def one(i: int, prompt: list[int]) -> list[int]:
-            params = GenerationParams(max_tokens=TOKENS, temperature=0)
-            out: list[int] = []
-            gen = self.engine.generate(GenerationRequest(prompt=tuple(prompt), params=params))
-            async for token in gen:
-                out.append(token)
-                if i == 0 and len(out) == stop_after:
-                    break
-            await gen.aclose()  # type: ignore[attr-defined]  # an async generator, as the API uses it
-            return out
-
         for w in self.workers.values():
             w.start_worker()
+
+    async def generate(
+        self, prompt: list[int], tokens: int = TOKENS, stop_after: int | None = None
+    ) -> list[int]:
+        """One greedy generation, as a client calling the entry node; the client leaves after
+        ``stop_after`` tokens if given."""
+        params = GenerationParams(max_tokens=tokens, temperature=0)
+        out: list[int] = []
+        gen = self.engine.generate(GenerationRequest(prompt=tuple(prompt), params=params))
+        async for token in gen:
+            out.append(token)
+            if len(out) == stop_after:
+                break
+        await gen.aclose()  # type: ignore[attr-defined]  # an async generator, as the API uses it
+        return out
+
+    async def run(self, prompts: dict[str, list[int]], stop_after: int | None = None) -> dict[str, list[int]]:
+        """Generate every prompt at once; ``stop_after``: the first prompt's client leaves that early."""
+        self.start()
         try:
-            results = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts.values())))
+            stops = [stop_after] + [None] * (len(prompts) - 1)
+            results = await asyncio.gather(
+                *(self.generate(p, stop_after=stop) for p, stop in zip(prompts.values(), stops, strict=True))
+            )
             for w in self.workers.values():  # let the frees queued behind the last steps run
                 await asyncio.get_running_loop().run_in_executor(w._executor, lambda: None)
             self.left = {name: w.sessions for name, w in self.workers.items()}
@@ -130,3 +142,38 @@ def test_long_prompt_is_prefilled_in_chunks_between_decodes(tiny_llama_shards: P
     assert got == _reference(tiny_llama_shards, prompts)
     for w in wire.workers.values():
         assert w.prefill_chunks >= 41 // 4 + 3  # the long prompt alone took 11 chunks at each stage
+
+
+def _slowed(fn: Callable[[list[Step]], T]) -> Callable[[list[Step]], T]:
+    def slow(steps: list[Step]) -> T:
+        time.sleep(0.01)
+        return fn(steps)
+
+    return slow
+
+
+def test_a_new_session_is_not_held_back_by_others_decoding(tiny_llama_shards: Path) -> None:
+    """Four sessions decoding through two stages keep a decode step waiting at every moment; a late
+    session's prefill must still get its turn (it used to wait until they had all finished)."""
+    vocab = load_manifest(tiny_llama_shards).vocab_size
+    prompts = _prompts(vocab, [5, 7, 4, 6, 3])
+    wire = Wire(tiny_llama_shards, max_batch=1)  # no batching: one session's step at a time
+    for w in wire.workers.values():  # decode steps as slow as a real model's, next to the event loop
+        w._compute_decodes = _slowed(w._compute_decodes)  # type: ignore[method-assign,assignment]
+    finished: list[str] = []
+
+    async def one(name: str, tokens: int, delay: float) -> None:
+        await asyncio.sleep(delay)
+        await wire.generate(prompts[name], tokens=tokens)
+        finished.append(name)
+
+    async def scenario() -> None:
+        wire.start()
+        try:
+            await asyncio.gather(*(one(f"s{i}", 60, 0) for i in range(4)), one("s4", 3, 0.1))
+        finally:
+            for w in wire.workers.values():
+                await w.close()
+
+    asyncio.run(scenario())
+    assert finished[0] == "s4", finished

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 SendFn = Callable[[str, str, dict[str, Any]], Awaitable[None]]
 
+GATHER_MAX_S = 0.005  # longest wait for more decode steps to batch (see StageWorker._gather)
+
 
 @dataclass
 class _Pending:
@@ -92,6 +94,8 @@ class StageWorker:
         self.prefill_chunk = int(os.environ.get("LLNODE_PREFILL_CHUNK", PREFILL_CHUNK)) or (1 << 30)
         self.batch_sizes: Counter[int] = Counter()  # decode calls by batch size (status and tests)
         self.prefill_chunks = 0
+        self._stopping = False
+        self._last_batch_s = 0.0
         self.metrics = StageMetrics()
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
         self._samplers: dict[str, Sampler] = {}
@@ -180,36 +184,71 @@ class StageWorker:
 
     async def _run(self) -> None:
         """Decode steps waiting here run as batches; prefills run in chunks of ``prefill_chunk`` tokens,
-        alternating with the decode batches, so a long prompt delays other sessions by one chunk."""
+        taking turns with the decode batches: a long prompt delays other sessions by one chunk at a time,
+        and a new session's prompt is not held back by the others' decoding either."""
         pending: deque[_Pending] = deque()
         prefill: _Prefill | None = None
-        stopping = decode_turn = False
+        decode_turn = True
         while True:
             if not pending and prefill is None:
-                if stopping:
+                if self._stopping:
                     return
                 item = await self._queue.get()
                 if item is None:
                     return
                 pending.append(item)
-            while not self._queue.empty():
-                item = self._queue.get_nowait()
-                if item is None:
-                    stopping = True  # finish what was queued before close()
-                else:
-                    pending.append(item)
-            self.metrics.queue_length = len(pending)
-            batch = self._take_decodes(pending, None if prefill is None else prefill.step.session)
-            if batch and (prefill is None or decode_turn):
-                await self._run_decodes(batch)
+            self._pull(pending)
+            waiting_prefill = prefill is not None or any(not _is_decode(p.step) for p in pending)
+            if decode_turn or not waiting_prefill:
+                busy = None if prefill is None else prefill.step.session
+                if not waiting_prefill:
+                    await self._gather(pending)
+                batch = self._take_decodes(pending, busy)
                 decode_turn = False
-            elif prefill is not None:
-                if await self._run_chunk(prefill):
-                    prefill = None
-                decode_turn = True
+                if batch:
+                    await self._run_decodes(batch)
+                    self._expire_idle()
+                    continue
+            if prefill is None:
+                first = next(i for i, p in enumerate(pending) if not _is_decode(p.step))
+                prefill = _Prefill(pending[first].step)
+                del pending[first]
+            if await self._run_chunk(prefill):
+                prefill = None
+            decode_turn = True
+
+    def _pull(self, pending: deque[_Pending]) -> None:
+        """Move whatever is queued into ``pending`` (a close() marker: finish what came before it)."""
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is None:
+                self._stopping = True
             else:
-                prefill = _Prefill(pending.popleft().step)
-            self._expire_idle()
+                pending.append(item)
+        self.metrics.queue_length = len(pending)
+
+    async def _gather(self, pending: deque[_Pending]) -> None:
+        """Give decode steps that are on their way a moment to join the batch.
+
+        Without it two sessions fall into lockstep: each one's step arrives while the other's computes,
+        and every batch holds one. The wait is short next to a step (5 % of the last batch, at most
+        ``GATHER_MAX_S``) and only happens when this stage holds more sessions than are waiting."""
+        limit = min(self.batch_limit(), len(self.runner.sessions()))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(GATHER_MAX_S, 0.05 * self._last_batch_s)
+        while not self._stopping and sum(_is_decode(p.step) for p in pending) < limit:
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            try:
+                item = await asyncio.wait_for(self._queue.get(), left)
+            except TimeoutError:
+                return
+            if item is None:
+                self._stopping = True
+            else:
+                pending.append(item)
+                self._pull(pending)
 
     def _take_decodes(self, pending: deque[_Pending], busy: str | None) -> list[Step]:
         """Up to :meth:`batch_limit` one-token steps of distinct sessions, taken out of ``pending`` in
@@ -237,7 +276,8 @@ class StageWorker:
         except Exception as exc:  # one batch's failure must not stop the stage
             log.warning("stage %d-%d failed a batch of %d: %s", self.start, self.end, len(steps), exc)
             outs = [exc] * len(steps)
-        self.metrics.record(len(steps), time.monotonic() - began, prefill=False)
+        self._last_batch_s = time.monotonic() - began
+        self.metrics.record(len(steps), self._last_batch_s, prefill=False)
         self.batch_sizes[len(steps)] += 1
         for step, out in zip(steps, outs, strict=True):
             await self._finish(step, out)

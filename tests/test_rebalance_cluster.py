@@ -164,7 +164,12 @@ def test_node_joining_mid_run_is_taken_into_the_plan(cluster: LocalCluster) -> N
         cluster.start()
         await cluster.wait_ready(240)
         async with aiohttp.ClientSession() as session:
-            before = _plan((await _statuses(cluster, session))[0])
+            before = None
+            for _ in range(120):  # serving can start before the second node's profile reached the leader
+                before = _plan((await _statuses(cluster, session))[0])
+                if before and len(before.get("reasons", {})) + len(before.get("left_out", {})) == 2:
+                    break
+                await asyncio.sleep(1.0)
             assert before is not None
             cluster.nodes = 3
             cluster.procs.append(cluster.spawn(2))

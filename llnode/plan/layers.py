@@ -119,11 +119,8 @@ def solve_layers(
     tl = {d: inst.t[d][1] if n_l else 0.0 for d in devs}
     th = {d: inst.t[d][n_m - 1] for d in devs}
 
-    def hop(d: int, e: int) -> float:
-        return inst.hop_s(d, e, 0)
-
-    def ret(d: int, e: int) -> float:
-        return inst.hop_s(d, e, n_m - 1)
+    hops = {(d, e): inst.hop_s(d, e, 0) for d in devs for e in devs if d != e}
+    rets = {(d, e): inst.hop_s(d, e, n_m - 1) for d in devs for e in devs if d != e}
 
     def kappa(budget: float, d: int) -> int:
         if budget < 0:
@@ -147,9 +144,9 @@ def solve_layers(
         for e in devs:
             if d == e:
                 continue
-            if te[d] + hop(d, e) <= cap and kappa(cap - hop(d, e), d) >= 0:
+            if te[d] + hops[d, e] <= cap and kappa(cap - hops[d, e], d) >= 0:
                 u[d, e] = _binary(f"u{d}_{e}", True)
-            if kappa(cap - th[d] - ret(d, e), d) >= 0:
+            if kappa(cap - th[d] - rets[d, e], d) >= 0:
                 r[d, e] = _binary(f"r{d}_{e}", True)
     out_u: dict[int, list[tuple[int, pulp.LpVariable]]] = {d: [] for d in devs}
     in_u: dict[int, list[pulp.LpVariable]] = {d: [] for d in devs}
@@ -161,39 +158,55 @@ def solve_layers(
     for (d, e), var in r.items():
         out_r[d].append((e, var))
         in_r[e].append(var)
-    prob += pulp.lpSum(s.values()) == 1
-    prob += pulp.lpSum(n.values()) == n_l
+    ge, le, eq = pulp.LpConstraintGE, pulp.LpConstraintLE, pulp.LpConstraintEQ
+
+    def row(terms: list[tuple[pulp.LpVariable, float]], sense: int, rhs: float) -> None:
+        # built from (variable, coefficient) pairs: pulp's operator arithmetic made model building cost
+        # several times CBC's own time on these small probes
+        prob.addConstraint(pulp.LpConstraint(pulp.LpAffineExpression(terms), sense, rhs=rhs))
+
+    row([(v, 1.0) for v in s.values()], eq, 1)
+    row([(v, 1.0) for v in n.values()], eq, n_l)
     stage: dict[int, pulp.LpAffineExpression] = {}
     for d in devs:
-        mid = a[d] - s[d] - last[d] + g[d]  # 1 exactly when d is a middle stage
-        prob += pulp.lpSum(v for _, v in out_u[d]) + pulp.lpSum(v for _, v in out_r[d]) + g[d] == a[d]
-        prob += pulp.lpSum(in_u[d]) + pulp.lpSum(in_r[d]) + g[d] == a[d]
-        prob += last[d] == pulp.lpSum(v for _, v in out_r[d]) + g[d]
-        prob += s[d] == pulp.lpSum(in_r[d]) + g[d]
-        prob += n[d] >= mid
-        prob += (
-            n[d]
-            <= shape.middle[d] * mid
-            + max(shape.first[d], 0) * (s[d] - g[d])
-            + max(shape.last[d], 0) * (last[d] - g[d])
-            + n_l * g[d]
+        outs = [(v, 1.0) for _, v in out_u[d]] + [(v, 1.0) for _, v in out_r[d]]
+        row([*outs, (g[d], 1.0), (a[d], -1.0)], eq, 0)
+        row([*[(v, 1.0) for v in in_u[d] + in_r[d]], (g[d], 1.0), (a[d], -1.0)], eq, 0)
+        row([(last[d], 1.0), *[(v, -1.0) for _, v in out_r[d]], (g[d], -1.0)], eq, 0)
+        row([(s[d], 1.0), *[(v, -1.0) for v in in_r[d]], (g[d], -1.0)], eq, 0)
+        # mid = a - s - l + g is 1 exactly when d is a middle stage, which holds at least one layer
+        row([(n[d], 1.0), (a[d], -1.0), (s[d], 1.0), (last[d], 1.0), (g[d], -1.0)], ge, 0)
+        c_mid, c_first, c_last = shape.middle[d], max(shape.first[d], 0), max(shape.last[d], 0)
+        row(
+            [
+                (n[d], 1.0),
+                (a[d], -c_mid),
+                (s[d], c_mid - c_first),
+                (last[d], c_mid - c_last),
+                (g[d], -c_mid + c_first + c_last - n_l),
+            ],
+            le,
+            0,
         )
-        prob += pos[d] <= n_l * (1 - s[d])
+        row([(pos[d], 1.0), (s[d], float(n_l))], le, n_l)
         for e, var in out_u[d]:
-            prob += pos[e] >= pos[d] + n[d] - n_l * (1 - var)
-            prob += pos[e] <= pos[d] + n[d] + n_l * (1 - var)
-        stage[d] = SCALE * (
-            te[d] * s[d]
-            + tl[d] * n[d]
-            + th[d] * last[d]
-            + pulp.lpSum(hop(d, e) * v for e, v in out_u[d])
-            + pulp.lpSum(ret(d, e) * v for e, v in out_r[d])
+            mtz = [(pos[e], 1.0), (pos[d], -1.0), (n[d], -1.0)]
+            row([*mtz, (var, -float(n_l))], ge, -n_l)
+            row([*mtz, (var, float(n_l))], le, n_l)
+        stage[d] = pulp.LpAffineExpression(
+            [
+                (s[d], SCALE * te[d]),
+                (n[d], SCALE * tl[d]),
+                (last[d], SCALE * th[d]),
+                *[(v, SCALE * hops[d, e]) for e, v in out_u[d]],
+                *[(v, SCALE * rets[d, e]) for e, v in out_r[d]],
+            ]
         )
         if stage_cap_s is not None:
-            prob += stage[d] <= cap * SCALE
-            arcs = [max(kappa(cap - hop(d, e), d), 0) * v for e, v in out_u[d]]
-            arcs += [max(kappa(cap - th[d] - ret(d, e), d), 0) * v for e, v in out_r[d]]
-            prob += n[d] <= pulp.lpSum(arcs) + n_l * g[d]
+            prob.addConstraint(pulp.LpConstraint(stage[d], le, rhs=cap * SCALE))
+            arcs = [(v, -float(max(kappa(cap - hops[d, e], d), 0))) for e, v in out_u[d]]
+            arcs += [(v, -float(max(kappa(cap - th[d] - rets[d, e], d), 0))) for e, v in out_r[d]]
+            row([(n[d], 1.0), *arcs, (g[d], -float(n_l))], le, 0)
     energy = pulp.lpSum(
         SCALE * opts.energy_weight * inst.energy[d] * (te[d] * s[d] + tl[d] * n[d] + th[d] * last[d])
         for d in devs

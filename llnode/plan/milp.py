@@ -31,9 +31,8 @@ from dataclasses import dataclass
 import pulp
 
 from llnode.plan.costs import Evaluation, Instance, evaluate
-from llnode.plan.dp import dp_fixed_order
 from llnode.plan.layers import LayerShape, layer_shape, solve_layers
-from llnode.plan.search import SearchTables, descend
+from llnode.plan.search import SearchTables, descend, recut
 
 DISAGGREGATE = True
 DEBUG = False
@@ -317,9 +316,9 @@ def solve_exact(
     optimisation is slow): a feasible probe lowers the upper bound to that plan's value, an infeasible one
     raises the lower bound to T; bisection, then a last probe just under the best value proves it
     optimal. A bounded search (``search.descend``) gives the first upper bound, and each ring a probe
-    finds gets the DP's best cuts for its order before the next cap is chosen. With the latency objective or
-    weighted terms, each probe optimises under the cap instead, and a capped optimum at or below its cap
-    is the global optimum.
+    finds gets the best cuts for its order (``search.recut``) before the next cap is chosen. With the
+    latency objective or weighted terms, one probe optimises under the best known value (every stage of
+    a better plan is under it): its optimum is the global one.
 
     ``formulation``: "layers" (layer counts, see ``layers.py``), "arcs" (stage ranges), or "auto": layers
     when the model is an embedding, identical layers and a head, and no movement term is asked.
@@ -384,8 +383,8 @@ def solve_exact(
             found = res.evaluation
             if pure and cap is not None:
                 # a feasibility probe returns any ring under the cap: the best cuts for that ring's order
-                # (exact DP) usually land well below it, which saves bisection steps
-                polished = dp_fixed_order(inst, found.order, firsts=[0])
+                # usually land well below it, which saves bisection steps
+                polished = recut(inst, found.order)
                 if polished is not None and polished.objective_value < found.objective_value:
                     found = polished
             if best is None or found.objective_value < best.objective_value:

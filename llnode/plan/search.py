@@ -143,3 +143,51 @@ def descend(
         if hi - lo <= 1e-3 * hi:
             break
     return best
+
+
+def recut(inst: Instance, order: Sequence[int], rounds: int = 40) -> Evaluation | None:
+    """The smallest bottleneck for a ring in this device ``order`` (every device kept), by bisection.
+
+    Under a cap, giving each device in turn the longest range that keeps compute + hop within it and
+    fits in memory covers the most modules (a later start never hurts the devices after it), so a cap
+    is feasible for the order exactly when that greedy walk reaches the end and the return hop also
+    fits. Milliseconds, where the DP over order-preserving subsets takes a large part of a second.
+    """
+    order = list(order)
+    n_m = inst.num_modules
+    ob = inst.model.out_bytes
+    first = order[0]
+
+    def cuts_under(cap: float) -> list[int] | None:
+        cuts = [0]
+        for i, d in enumerate(order):
+            j = cuts[-1]
+            if i == len(order) - 1:
+                back = 0.0 if d == first else inst.rtt[d][first] + ob[n_m - 1] * inst.inv_bw[d][first]
+                ok = inst.fits(d, j, n_m) and inst.compute_s(d, j, n_m) + back <= cap
+                return [*cuts, n_m] if ok and j < n_m else None
+            e = order[i + 1]
+            k, c = j, 0.0
+            while k < n_m - (len(order) - 1 - i) and inst.fits(d, j, k + 1):
+                c += inst.t[d][k]
+                if c + inst.rtt[d][e] + ob[k] * inst.inv_bw[d][e] > cap:
+                    break
+                k += 1
+            if k == j:
+                return None
+            cuts.append(k)
+        return None
+
+    lo, hi = 0.0, sum(max(inst.t[d]) for d in order) * n_m + 1.0
+    best = cuts_under(hi)
+    if best is None:
+        return None
+    for _ in range(rounds):
+        mid = 0.5 * (lo + hi)
+        cuts = cuts_under(mid)
+        if cuts is None:
+            lo = mid
+        else:
+            hi, best = mid, cuts
+    ev = evaluate(inst, order, best)
+    return ev if ev.feasible else None

@@ -46,6 +46,11 @@ SAMPLE_EVERY_S = 5.0
 SETTLE_S = 5.0  # after the load stops: connections close, sessions are freed
 WARMUP_CAP_S = 600.0  # warm-up ends this long after its least duration even if some pair never completed
 RSS_TARGET = 0.05
+# Peer links and mDNS on loopback only: the soak measures the daemons, not the host's other interfaces.
+# With automatic addresses, two nodes linked over a veth address that a network-namespace emulation on
+# the same host deleted later: the TCP link kept accepting writes that were never delivered (Send-Q
+# 2.6 MB, the peer's frames_in frozen), and the pipeline stalled with 0 requests completed.
+LOOPBACK_ONLY = ["--advertise-host", "127.0.0.1", "--mdns-interface", "127.0.0.1"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -149,7 +154,7 @@ async def soak(
     with tempfile.TemporaryDirectory(prefix="llnode-soak-") as tmp:
         cluster = LocalCluster(
             nodes=nodes, base_port=free_base_port(nodes), model=shards.name, shards=shards.parent,
-            workdir=workdir or Path(tmp), log_level="warning",
+            workdir=workdir or Path(tmp), log_level="warning", extra_args=LOOPBACK_ONLY,
         )  # fmt: skip
         cluster.start()
         try:

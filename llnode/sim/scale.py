@@ -232,7 +232,9 @@ def spread_study(shards: Path, counts: list[int], time_limit_s: float) -> dict[s
                 except PlanInfeasible:
                     series.append((n, None, 0))
                     continue
-                tps, _ = simulate(costs, plan, devices, links, 2 * len(plan.stages))
+                tps, _ = simulate(
+                    costs, plan, devices, links, 2 * len(plan.stages), tokens=32, duration_s=40.0
+                )
                 series.append((n, tps, len(plan.stages)))
             useful = _useful(series)
             out[f"{label} / {link_name}"] = {"series": series, "useful_devices": useful}

@@ -340,9 +340,12 @@ def solve_exact(
     lb = lower_bound(inst, devs)
     if tables is not None:
         best = descend(tables, best, lb)
+        if best is not None:
+            lb = max(lb, tables.coverage_bound(lb, best.bottleneck_s))
     ub = best.objective_value if best is not None else float("inf")
     last: MilpResult | None = None
     unknown = lb  # highest cap whose probe ran out of time: look between it and ub next
+    step = 0.02
     for _ in range(200):
         left = deadline - time.perf_counter()
         if left <= 0.05:
@@ -354,10 +357,12 @@ def solve_exact(
             cap = None
         elif not pure:
             cap = ub * (1 + 1e-9)  # optimise under the best known value: its optimum is the global one
-        elif ub - low < 0.01 * ub:
-            cap = ub * (1 - 1e-9)  # prove the best plan optimal
+        elif ub - low < 0.05 * ub:
+            cap = ub * (1 - 1e-9)  # prove the best plan optimal (or find a better one and go on)
         else:
-            cap = low + 0.5 * (ub - low)
+            # galloping down from the best plan: the ring search usually lands within a few percent of
+            # the optimum, so probe just under it first and widen the step after each feasible probe
+            cap = max(low + 0.5 * (ub - low), ub * (1 - step))
         try:
             res = probe(
                 inst,
@@ -391,6 +396,7 @@ def solve_exact(
                 best = found
             ub = min(ub, found.objective_value)
             if pure and cap is not None:
+                step *= 2
                 continue
             if res.optimal and (cap is None or res.evaluation.objective_value <= cap * (1 + 1e-12)):
                 return MilpResult(

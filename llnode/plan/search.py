@@ -41,6 +41,41 @@ class SearchTables:
                     k += 1
                 ends.append(k)
             self.mem_end[d] = ends
+        ob = inst.model.out_bytes
+        self.min_hop = {
+            d: min((inst.rtt[d][e] + ob[0] * inst.inv_bw[d][e] for e in self.devs if e != d), default=0.0)
+            for d in self.devs
+        }
+
+    def longest(self, cap: float) -> dict[int, int]:
+        """Per device, the most modules one stage of it can hold under ``cap`` (with its cheapest hop)."""
+        n_m = self.inst.num_modules
+        out: dict[int, int] = {}
+        for d in self.devs:
+            prefix, mem_end, hop = self.prefix[d], self.mem_end[d], self.min_hop[d]
+            best = 0
+            for j in range(n_m):
+                k = j
+                while k < mem_end[j] and prefix[k + 1] - prefix[j] + (0.0 if k + 1 == n_m else hop) <= cap:
+                    k += 1
+                best = max(best, k - j)
+            out[d] = best
+        return out
+
+    def coverage_bound(self, lower: float, upper: float, rounds: int = 20) -> float:
+        """A cap proven infeasible by counting: each device holds one range, so if the longest ranges
+        all devices could hold under T add up to fewer than M modules, every plan has a stage over T.
+        Bisection between ``lower`` and ``upper``; returns the highest cap shown infeasible (a valid
+        lower bound on the bottleneck), which spares the MILP its first, easy probes."""
+        n_m = self.inst.num_modules
+        lo, hi = lower, upper
+        for _ in range(rounds):
+            mid = 0.5 * (lo + hi)
+            if sum(self.longest(mid).values()) < n_m:
+                lo = mid
+            else:
+                hi = mid
+        return lo
 
 
 def ring_under_cap(tables: SearchTables, cap: float, node_limit: int = 2000) -> Evaluation | None:
@@ -51,19 +86,7 @@ def ring_under_cap(tables: SearchTables, cap: float, node_limit: int = 2000) -> 
     prefix, mem_end = tables.prefix, tables.mem_end
     rtt, inv_bw = inst.rtt, inst.inv_bw
     index = {d: i for i, d in enumerate(devs)}
-    min_hop = {d: min((rtt[d][e] + ob[0] * inv_bw[d][e] for e in devs if e != d), default=0.0) for d in devs}
-    longest: dict[int, int] = {}
-    for d in devs:
-        best = 0
-        for j in range(n_m):
-            k = j
-            while (
-                k < mem_end[d][j]
-                and prefix[d][k + 1] - prefix[d][j] + (0.0 if k + 1 == n_m else min_hop[d]) <= cap
-            ):
-                k += 1
-            best = max(best, k - j)
-        longest[d] = best
+    longest = tables.longest(cap)
     useful = sorted((d for d in devs if longest[d] > 0), key=lambda d: -longest[d])
     failed: set[tuple[int, int, int, int]] = set()
     nodes = 0

@@ -1,7 +1,8 @@
 """The planner and the simulator on swarms: 16 to 1000 devices, three model sizes, Wi-Fi classes.
 
 Questions answered (printed by ``llnode bench sim``, plotted as PNG):
-- how long planning takes as the fleet grows, and which solver produced the plan;
+- how long the public planner (``llnode.plan.solve``; a pool above 16 devices) takes as the fleet grows,
+  and its plan against the DP over a fixed device order;
 - the plan's simulated tokens/s against an even split and a memory-proportional split of the same fleet;
 - how many devices a model usefully spreads over before the hops cost more than the compute they save;
 - per-token latency against link bandwidth.
@@ -22,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from llnode.emulate.profiles import DEVICES, LINKS, Fleet, LinkClass, device_profile, draw_fleet, pair_links
+from llnode.emulate.profiles import DEVICES, LINKS, LinkClass, device_profile, draw_fleet
 from llnode.model.manifest import Manifest, load_manifest
 from llnode.plan import PlanInfeasible, PlanOptions, solve
 from llnode.plan.baselines import even_split, memory_split
@@ -32,9 +33,6 @@ from llnode.plan.synthetic import synthetic_manifest
 from llnode.plan.types import DeviceProfile, Plan
 from llnode.sim.costs import TOKEN_ID_BYTES, ModuleCosts, cached_costs
 from llnode.sim.engine import Simulator, Workload, planner
-
-MILP_MAX = 16  # above this the DP over a fixed device order plans alone (the MILP's restricted run took
-# minutes at 64 devices on this loaded machine)
 
 
 def flops_costs(manifest: Manifest, reference: ModuleCosts) -> ModuleCosts:
@@ -113,29 +111,8 @@ def simulate(
 
 
 def plan_fleet(manifest: Manifest, devices: list[DeviceProfile], links: Any, time_limit_s: float) -> Plan:
-    """The public planner; above ``MILP_MAX`` devices with the DP over a fixed order only."""
-    solver = "auto" if len(devices) <= MILP_MAX else "dp"
-    return solve(manifest, devices, links, PlanOptions(solver=solver, time_limit_s=time_limit_s))
-
-
-def plan_grouped(manifest: Manifest, fleet: Fleet, k: int, time_limit_s: float) -> Plan:
-    """What large systems do: pick a small group of promising devices, then plan exactly over it.
-
-    A device is promising when a ``1/k`` share of the model plus the hop to the next stage is short on
-    it: its speed *and* its link count (``solve`` ranks candidates by speed alone, so a fast laptop on a
-    2 Mbit/s link crowds out a phone on Wi-Fi 6). The MILP then runs over the ``k`` best.
-    """
-    total = sum(m.flops.at(manifest.max_context // 2) for m in manifest.modules)
-    hidden = max(manifest.boundary_bytes(m) for m in range(manifest.num_modules - 1))
-
-    def score(d: DeviceProfile) -> float:
-        link = fleet.link[d.device_id]
-        return total / k / d.decode_flops_per_s + hidden / link.bytes_per_s + link.rtt_ms / 1e3
-
-    group = sorted(fleet.devices, key=score)[:k]
-    ids = [d.device_id for d in group]
-    links = pair_links(ids, {i: fleet.link[i] for i in ids})
-    return solve(manifest, group, links, PlanOptions(time_limit_s=time_limit_s))
+    """The public planner as the daemon calls it (above ``milp_max_devices`` it solves over a pool)."""
+    return solve(manifest, devices, links, PlanOptions(time_limit_s=time_limit_s))
 
 
 def fleet_table(shards: Path, sizes: list[int], rng: random.Random, time_limit_s: float) -> dict[str, Any]:
@@ -147,7 +124,7 @@ def fleet_table(shards: Path, sizes: list[int], rng: random.Random, time_limit_s
     )
     print(
         f"{'devices':>7} {'plan s':>7} {'solver':>6} {'stages':>6} {'tok/s':>7} {'ms/tok':>7} | "
-        f"{'DP s':>6} {'DP tok/s':>8} | {'group s':>7} {'group tok/s':>11} | {'even':>6} {'memory':>6}"
+        f"{'DP s':>6} {'DP tok/s':>8} | {'even':>6} {'memory':>6}"
     )
     plan_s: dict[str, float] = {}
     rows = []
@@ -168,9 +145,6 @@ def fleet_table(shards: Path, sizes: list[int], rng: random.Random, time_limit_s
             dt if dp is plan else time.perf_counter() - t0,
             simulate(costs, dp, fleet.devices, link, sessions)[0],
         )
-        t0 = time.perf_counter()
-        grouped = plan_grouped(manifest, fleet, min(n, MILP_MAX), time_limit_s)
-        alt["group"] = (time.perf_counter() - t0, simulate(costs, grouped, fleet.devices, link, sessions)[0])
         inst = build_instance(manifest, fleet.devices, links, PlanOptions())
         for name, ev in (("even", even_split(inst)), ("memory", memory_split(inst))):
             if not ev.feasible:
@@ -187,9 +161,6 @@ def fleet_table(shards: Path, sizes: list[int], rng: random.Random, time_limit_s
             "latency_s": lat,
             "dp_s": alt["dp"][0],
             "dp_tps": alt["dp"][1],
-            "group_s": alt["group"][0],
-            "group_tps": alt["group"][1],
-            "group_stages": len(grouped.stages),
             "even_tps": alt["even"][1],
             "memory_tps": alt["memory"][1],
             "notes": plan.notes,
@@ -197,8 +168,8 @@ def fleet_table(shards: Path, sizes: list[int], rng: random.Random, time_limit_s
         rows.append(row)
         print(
             f"{n:>7} {dt:>7.2f} {plan.solver:>6} {len(plan.stages):>6} {tps:>7.1f} {lat * 1e3:>7.1f} | "
-            f"{alt['dp'][0]:>6.2f} {_fmt(alt['dp'][1]):>8} | {alt['group'][0]:>7.2f} "
-            f"{_fmt(alt['group'][1]):>11} | {_fmt(alt['even'][1]):>6} {_fmt(alt['memory'][1]):>6}",
+            f"{alt['dp'][0]:>6.2f} {_fmt(alt['dp'][1]):>8} | {_fmt(alt['even'][1]):>6} "
+            f"{_fmt(alt['memory'][1]):>6}",
             flush=True,
         )
     return {"plan_s": plan_s, "fleet": rows}
@@ -227,7 +198,7 @@ def spread_study(shards: Path, counts: list[int], time_limit_s: float) -> dict[s
                     plan = planner(
                         manifest,
                         links,
-                        PlanOptions(solver="auto" if n <= 8 else "dp", time_limit_s=time_limit_s),
+                        PlanOptions(time_limit_s=time_limit_s),
                     )(devices)
                 except PlanInfeasible:
                     series.append((n, None, 0))

@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 REBALANCE_MSG = "plan.rebalance"
 IMPOSE_PATH = "/api/bench/impose-plan"
 SPEED_TTL_S = 300.0  # how long a measured speed outlives its last fresh measurement
-SLOW_MEMORY_S = 60.0  # a device counts at the slowest speed it settled at within this long
+SLOW_MEMORY_S = 60.0  # a device's speed comes from the heaviest range it settled on within this long
 SETTLED_STEPS = 8  # a stage's EWMA counts as a speed once it has this many steps on its plan
 
 
@@ -188,25 +188,27 @@ def measured_profiles(
     return out
 
 
-def slowest(
-    costs: ModelCosts,
-    profiles: Mapping[str, DeviceProfile],
-    measured: Mapping[str, list[tuple[int, int, float]]],
+def heaviest(
+    costs: ModelCosts, measured: Mapping[str, list[tuple[int, int, float]]]
 ) -> dict[str, tuple[int, int, float]]:
-    """Per device, the measurement (start, end, ms) that makes it slowest.
+    """Per device, the measurement (start, end, ms) taken on its heaviest range (the latest of equals;
+    entries are oldest first).
 
     Why: a device's measured speed depends on how much work it was given. Under a CPU quota (or a
     thermal or battery governor) a light stage runs in bursts at full speed, a heavy one is held to
     the quota: after a rebalance gave a throttled device less, it measured 2x faster than its quota
-    allows, was given more again, measured slow again... (the drift bench oscillated 4 times). Being
-    slow to believe a device got faster (``SLOW_MEMORY_S``) stops that.
+    allows, was given more again, measured slow again... (the drift bench oscillated 4 times). So a
+    device's speed comes from the most work it carried within ``SLOW_MEMORY_S``. (The slowest
+    measurement would also do that, but it keeps any load spike for a minute and made every device
+    look slow.)
     """
     out: dict[str, tuple[int, int, float]] = {}
     for dev, entries in measured.items():
-        speeds = [(measured_profiles(costs, profiles, {dev: e}).get(dev), e) for e in entries]
-        known = [(p.decode_flops_per_s, e) for p, e in speeds if p is not None]
-        if known:
-            out[dev] = min(known, key=lambda x: x[0])[1]
+        best = -1.0
+        for start, end, ms in entries:
+            flops = sum(costs.decode_flops[start:end])
+            if flops >= best:
+                best, out[dev] = flops, (start, end, ms)
     return out
 
 
@@ -519,11 +521,11 @@ class Rebalancer:
         # is forgotten: the start-up profile applies again, so a device that recovered gets a chance
         now = time.monotonic()
         fresh = {
-            d: [v, *((s, e, ms) for t, s, e, ms in self._settled.get(d, []) if now - t < SLOW_MEMORY_S)]
+            d: [*((s, e, ms) for t, s, e, ms in self._settled.get(d, []) if now - t < SLOW_MEMORY_S), v]
             for d, v in self.speeds.items()
             if d in profiles and now - self._speed_seen.get(d, (0, now))[1] < SPEED_TTL_S
         }
-        return measured_profiles(costs, profiles, slowest(costs, profiles, fresh))
+        return measured_profiles(costs, profiles, heaviest(costs, fresh))
 
     # ---- every tick ------------------------------------------------------------------------------
     async def tick(self) -> None:
@@ -602,7 +604,9 @@ class Rebalancer:
             log.warning("rebalance request failed: %s", exc)
             self.detector.reset()
             return
-        if not reply.get("accepted"):
+        if reply.get("cooldown"):
+            self.detector.reset()  # not a judgement on this drift: ask again after another window
+        elif not reply.get("accepted"):
             self._skew = (epoch, relative)  # the new normal for this plan: do not keep asking
             self.detector.reset()
 
@@ -628,7 +632,8 @@ class Rebalancer:
             current = Plan.from_dict(published["plan"])
             since = time.monotonic() - self._last_change
             if since < self.config.cooldown_s:
-                return {"accepted": False, "reason": f"the plan changed {since:.0f} s ago (cooldown)"}
+                return {"accepted": False, "cooldown": True,
+                        "reason": f"the plan changed {since:.0f} s ago (cooldown)"}
             self._refresh_speeds(current)
             profiles = self.adjust(svc._profiles())
             links = svc._links(list(profiles))
@@ -648,7 +653,8 @@ class Rebalancer:
                 "new_tokens_per_s": round(decision.new_tokens_per_s, 3),
             }
             if not decision.accept or decision.plan is None:
-                self._last_change = time.monotonic()  # do not re-solve for every asker right away
+                # no cooldown after a refusal: the askers re-base instead, and a real drift that
+                # follows must not wait (it cost 11 s of the drift run's recovery)
                 svc.event("rebalance-rejected", f"{decision.reason}; asked because {reason}", **data)
                 return {"accepted": False, **data, "reason": decision.reason}
             self._publish(decision.plan, why="rebalance")

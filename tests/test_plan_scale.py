@@ -15,6 +15,7 @@ from llnode.plan.dp import dp_best
 from llnode.plan.layers import layer_shape
 from llnode.plan.milp import solve_exact
 from llnode.plan.pool import candidate_pool
+from llnode.plan.search import SearchTables, recut
 from llnode.plan.synthetic import GB, random_fleet, synthetic_manifest
 
 SMOLLM2 = synthetic_manifest()  # 32 modules: embedding, 30 identical layers, head
@@ -122,3 +123,18 @@ def test_links_apply_both_ways_unless_the_reverse_is_measured() -> None:
     assert inst.rtt[2][0] == 0.005 and inst.rtt[0][2] == 0.001  # both directions measured
     assert inst.rtt[1][2] == inst.rtt[2][1] == 0.004 and inst.inv_bw[1][2] == 1 / 8e6  # defaults
     assert inst.rtt[1][1] == 0.0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_counting_bound_and_recut_bracket_the_brute_force_optimum(seed: int) -> None:
+    devices, links = _fleet(2 + seed % 4, 70 + seed)
+    inst = build_instance(SMALL, devices, links, PlanOptions())
+    brute = brute_force(inst)
+    assert brute is not None
+    tables = SearchTables(inst, range(inst.num_devices))
+    # the counting bound is a cap no plan fits under: strictly below the optimum, and not trivial
+    bound = tables.coverage_bound(0.0, 10 * brute.bottleneck_s)
+    assert 0.3 * brute.bottleneck_s < bound < brute.bottleneck_s
+    # the best cuts for the optimal ring's order are the optimum's own
+    again = recut(inst, brute.order)
+    assert again is not None and again.bottleneck_s == pytest.approx(brute.bottleneck_s, rel=1e-9)

@@ -41,9 +41,9 @@ class SearchTables:
                     k += 1
                 ends.append(k)
             self.mem_end[d] = ends
-        ob = inst.model.out_bytes
+        inner = min(inst.model.out_bytes[: n_m - 1], default=0)  # the smallest hand-over inside
         self.min_hop = {
-            d: min((inst.rtt[d][e] + ob[0] * inst.inv_bw[d][e] for e in self.devs if e != d), default=0.0)
+            d: min((inst.rtt[d][e] + inner * inst.inv_bw[d][e] for e in self.devs if e != d), default=0.0)
             for d in self.devs
         }
 
@@ -55,8 +55,11 @@ class SearchTables:
             prefix, mem_end, hop = self.prefix[d], self.mem_end[d], self.min_hop[d]
             best = 0
             for j in range(n_m):
+                if mem_end[j] == n_m and prefix[n_m] - prefix[j] <= cap:
+                    best = max(best, n_m - j)  # up to the end: no hop in a one-stage plan
+                    continue
                 k = j
-                while k < mem_end[j] and prefix[k + 1] - prefix[j] + (0.0 if k + 1 == n_m else hop) <= cap:
+                while k < min(mem_end[j], n_m - 1) and prefix[k + 1] - prefix[j] + hop <= cap:
                     k += 1
                 best = max(best, k - j)
             out[d] = best

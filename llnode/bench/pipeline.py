@@ -6,7 +6,11 @@
 2. Throughput: aggregate tokens/s with 1, 2, 4 and 8 concurrent sessions, 1 node vs 2 nodes, each node
    pinned to its own core (``taskset``) with one onnxruntime thread: the pipeline's real gain, because
    while stage 2 runs one session's step, stage 1 runs another's.
+   Both with batched decode at the stages (the default) and with it off (``LLNODE_MAX_BATCH=1``),
+   side by side, so what batching buys is measured in the same run.
 3. Time to first token, and each node's peak RSS against the bytes of the modules it holds.
+4. Prefill interference: the longest gap between two tokens of a stream while another request's long
+   prompt is prefilled, with chunked prefill (the default) and with whole prefills.
 
 Every figure comes from real daemons answering HTTP; the JSON line at the end carries
 ``latency_ratio_2``, ``latency_ratio_3`` and ``throughput_ratio_2`` (2 nodes over 1 at 4 sessions).
@@ -17,11 +21,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import shutil
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +37,7 @@ import numpy as np
 from llnode.bench.common import shard_dir
 from llnode.cluster import LocalCluster, free_base_port
 from llnode.model.manifest import load_manifest
-from llnode.model.runner import ChainRunner
+from llnode.model.runner import ChainRunner, disable_spinning
 from llnode.model.tokenizer import load_tokenizer
 
 # A raw-completion prompt the instruct model continues at length (a finished question would often get an
@@ -45,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="latency rounds (median)")
     parser.add_argument("--sessions", default="1,2,4,8", help="concurrency levels for throughput")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
+    parser.add_argument("--long-prompt", type=int, default=1500, help="tokens of the interfering prompt")
+    parser.add_argument("--no-unbatched", action="store_true", help="skip the batching-off throughput runs")
 
 
 
@@ -66,8 +74,8 @@ def chain_decode_ms(shard_dir: Path, prompt_ids: list[int], tokens: int, rounds:
     return statistics.median(runs)
 
 
-async def timed_request(url: str, model: str, prompt: str, tokens: int) -> dict[str, float]:
-    """Stream one greedy completion; returns ttft_s, decode ms/token and the token count."""
+async def timed_request(url: str, model: str, prompt: str, tokens: int) -> dict[str, Any]:
+    """Stream one greedy completion; returns ttft_s, decode ms/token, the token count, the gaps."""
     body = {
         "model": model,
         "prompt": prompt,
@@ -79,6 +87,7 @@ async def timed_request(url: str, model: str, prompt: str, tokens: int) -> dict[
     t0 = time.perf_counter()
     first = last = None
     count = 0
+    gaps: list[float] = []
     async with aiohttp.ClientSession() as s, s.post(f"{url}/v1/completions", json=body) as r:
         if r.status != 200:
             raise RuntimeError(f"{url}: {r.status} {await r.text()}")
@@ -91,6 +100,8 @@ async def timed_request(url: str, model: str, prompt: str, tokens: int) -> dict[
             if chunk.get("usage"):
                 count = int(chunk["usage"]["completion_tokens"])
             if chunk.get("choices"):
+                if last is not None:
+                    gaps.append(now - last)
                 first = first or now
                 last = now
     if first is None or last is None or count < 2:
@@ -100,21 +111,86 @@ async def timed_request(url: str, model: str, prompt: str, tokens: int) -> dict[
         "decode_ms": 1000 * (last - first) / max(count - 1, 1),
         "tokens": float(count),
         "total_s": last - t0,
+        "gaps_s": gaps,
     }
 
 
-def _rss_mb(pid: int) -> float:
+def _chain_worker(shards: str, prompt_ids: list[int], tokens: int, rounds: int, sleeping: bool) -> float:
+    if sleeping:
+        disable_spinning()
+    return chain_decode_ms(Path(shards), prompt_ids, tokens, rounds)
+
+
+def chain_in_subprocess(
+    shards: Path, prompt_ids: list[int], tokens: int, rounds: int, *, sleeping: bool
+) -> float:
+    """The chain's decode ms/token in a fresh process: onnxruntime's thread-pool kind is per process.
+
+    ``sleeping``: the per-session pools whose idle threads sleep, as the daemons use them; otherwise the
+    spinning global pool a lone process uses (faster on an idle machine: no wake-ups between ops)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_chain_worker, str(shards), prompt_ids, tokens, rounds, sleeping).result()
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds a process has used (user + system)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss_mb(pid: int, field: str = "VmHWM") -> float:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return float("nan")
 
 
+async def prefill_interference(url: str, model: str, long_prompt: str, tokens: int) -> dict[str, float]:
+    """Longest and median gap between the tokens of one stream while a long prompt is prefilled.
+
+    The long request starts once the stream is decoding; its prefill shares the stages with the stream's
+    decode steps, which wait for it whole, or for one chunk at a time when prefill is chunked."""
+    stream = asyncio.create_task(timed_request(url, model, PROMPT, tokens))
+    await asyncio.sleep(0.5)
+    long = await timed_request_any(url, model, long_prompt)
+    res = await stream
+    return {
+        "max_gap_ms": 1000 * max(res["gaps_s"]),
+        "median_gap_ms": 1000 * statistics.median(res["gaps_s"]),
+        "long_ttft_s": long,
+    }
+
+
+async def timed_request_any(url: str, model: str, prompt: str) -> float:
+    """Time to the answer of a one-token completion (the prompt's prefill, mostly)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0}
+    t0 = time.perf_counter()
+    async with aiohttp.ClientSession() as s, s.post(f"{url}/v1/completions", json=body) as r:
+        if r.status != 200:
+            raise RuntimeError(f"{url}: {r.status} {await r.text()}")
+        await r.read()
+    return time.perf_counter() - t0
+
+
+def _held_mb(shard_dir: Path, stages: list[list[Any]]) -> dict[str, float]:
+    """MB of module files each stage node holds for its range."""
+    modules = load_manifest(shard_dir).modules
+    return {name: sum(m.size_bytes for m in modules[a:b]) / 2**20 for name, a, b in stages}
+
+
 async def _cluster_run(
-    cluster: LocalCluster, model: str, tokens: int, rounds: int, sessions: list[int]
+    cluster: LocalCluster,
+    model: str,
+    tokens: int,
+    rounds: int,
+    sessions: list[int],
+    long_prompt: str | None = None,
 ) -> dict[str, Any]:
     await cluster.wait_ready(300)
     url = cluster.url(0)
@@ -124,24 +200,40 @@ async def _cluster_run(
         "decode_ms": statistics.median(r["decode_ms"] for r in lat),
         "ttft_s": statistics.median(r["ttft_s"] for r in lat),
         "throughput": {},
+        "cpu_bound": {},
     }
     for n in sessions:
+        cpu0 = [_cpu_s(p.pid) for p in cluster.procs]
         t0 = time.perf_counter()
         results = await asyncio.gather(
             *(timed_request(cluster.url(i % cluster.nodes), model, PROMPT, tokens) for i in range(n))
         )
         span = time.perf_counter() - t0
-        out["throughput"][n] = sum(r["tokens"] for r in results) / span
+        done = sum(r["tokens"] for r in results)
+        out["throughput"][n] = done / span
+        busiest = max(_cpu_s(p.pid) - c for p, c in zip(cluster.procs, cpu0, strict=True))
+        out["cpu_bound"][n] = done / busiest if busiest > 0 else float("nan")
     async with aiohttp.ClientSession() as s:
         status: dict[str, Any] = await cluster.status(0, s) or {}
     stages = status.get("pipeline", {}).get("plan", {}).get("plan", {}).get("stages", [])
     out["stages"] = [[st.get("name") or st["device_id"], st["start"], st["end"]] for st in stages]
     out["rss_mb"] = [_rss_mb(p.pid) for p in cluster.procs]
+    out["rss_now_mb"] = [_rss_mb(p.pid, "VmRSS") for p in cluster.procs]
+    if long_prompt is not None:
+        await prefill_interference(url, model, long_prompt, 8)  # warm-up: the long shapes' first run
+        out["interference"] = await prefill_interference(url, model, long_prompt, tokens)
     return out
 
 
 def _run_cluster(
-    shard_dir: Path, nodes: int, tokens: int, rounds: int, sessions: list[int], pin: bool
+    shard_dir: Path,
+    nodes: int,
+    tokens: int,
+    rounds: int,
+    sessions: list[int],
+    pin: bool,
+    env: dict[str, str] | None = None,
+    long_prompt: str | None = None,
 ) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="llnode-bench-"))
     cluster = LocalCluster(
@@ -155,13 +247,13 @@ def _run_cluster(
     # This benchmark measures the pipeline itself; plan changes belong to `bench balance`. With drift
     # detection on, contention between concurrent sessions on a pinned core was read as drift and
     # re-planned (each switch re-prefills every session): 0.52x instead of 1.68x at 4 sessions.
-    cluster.env = {"LLNODE_REBALANCE": "0"}
+    cluster.env = {"LLNODE_REBALANCE": "0", **(env or {})}
     if pin:
         cluster.env["LLNODE_THREADS"] = "1"
         cluster.cpus = [[i % (os.cpu_count() or 1)] for i in range(nodes)]
     cluster.start()
     try:
-        return asyncio.run(_cluster_run(cluster, shard_dir.name, tokens, rounds, sessions))
+        return asyncio.run(_cluster_run(cluster, shard_dir.name, tokens, rounds, sessions, long_prompt))
     finally:
         cluster.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -175,38 +267,96 @@ def run(args: argparse.Namespace) -> int:
     sessions = [int(s) for s in args.sessions.split(",") if s]
     print(f"{manifest.name}: {manifest.num_modules} modules, {args.tokens} tokens per request", flush=True)
 
-    chain_ms = chain_decode_ms(shards, prompt_ids, args.tokens, args.rounds)
-    print(f"single-process module chain: {chain_ms:.2f} ms/token", flush=True)
-    two = _run_cluster(shards, 2, args.tokens, args.rounds, [], pin=False)
+    chain_ms = chain_in_subprocess(shards, prompt_ids, args.tokens, args.rounds, sleeping=False)
+    sleeping_ms = chain_in_subprocess(shards, prompt_ids, args.tokens, args.rounds, sleeping=True)
+    print(
+        f"single-process module chain: {chain_ms:.2f} ms/token (spinning global pool), "
+        f"{sleeping_ms:.2f} ms/token (sleeping per-session pools, as in the daemons)",
+        flush=True,
+    )
+    long_prompt = long_text(tok, args.long_prompt)
+    two = _run_cluster(shards, 2, args.tokens, args.rounds, [], pin=False, long_prompt=long_prompt)
     three = _run_cluster(shards, 3, args.tokens, args.rounds, [], pin=False)
     for n, res in ((2, two), (3, three)):
+        held = _held_mb(shards, res["stages"])
         print(
             f"{n} nodes {res['stages']}: {res['decode_ms']:.2f} ms/token "
-            f"(x{res['decode_ms'] / chain_ms:.2f} of one process), TTFT {res['ttft_s'] * 1000:.0f} ms, "
-            f"peak RSS MB {[round(r) for r in res['rss_mb']]}",
+            f"(x{res['decode_ms'] / chain_ms:.2f} of one process, x{res['decode_ms'] / sleeping_ms:.2f} of "
+            f"one with the same pools), TTFT {res['ttft_s'] * 1000:.0f} ms, "
+            f"RSS MB peak {[round(r) for r in res['rss_mb']]} "
+            f"at the end {[round(r) for r in res['rss_now_mb']]} holding module MB "
+            f"{ {k: round(v) for k, v in held.items()} }",
             flush=True,
         )
-    one_pinned = _run_cluster(shards, 1, args.tokens, 1, sessions, pin=True)
-    two_pinned = _run_cluster(shards, 2, args.tokens, 1, sessions, pin=True)
-    print("aggregate tokens/s, one core and one thread per node:")
-    print("  sessions  1 node  2 nodes  ratio")
+    whole = _run_cluster(
+        shards, 2, 8, 1, [], pin=False, env={"LLNODE_PREFILL_CHUNK": "0"}, long_prompt=long_prompt
+    )
+    chunked, unchunked = two["interference"], whole["interference"]
+    print(
+        f"stream's longest token gap while a {args.long_prompt}-token prompt is prefilled (2 nodes): "
+        f"chunked {chunked['max_gap_ms']:.0f} ms, whole {unchunked['max_gap_ms']:.0f} ms "
+        f"(median gap {chunked['median_gap_ms']:.0f} / {unchunked['median_gap_ms']:.0f} ms; "
+        f"long prompt answered in {chunked['long_ttft_s']:.2f} / {unchunked['long_ttft_s']:.2f} s)",
+        flush=True,
+    )
+    modes: list[tuple[str, dict[str, str]]] = [("batched", {})]
+    if not args.no_unbatched:
+        modes.append(("unbatched", {"LLNODE_MAX_BATCH": "1"}))
+    tput: dict[str, dict[int, dict[int, float]]] = {}
+    bound: dict[str, dict[int, dict[int, float]]] = {}
+    for mode, env in modes:
+        runs = {n: _run_cluster(shards, n, args.tokens, 1, sessions, pin=True, env=env) for n in (1, 2)}
+        tput[mode] = {n: r["throughput"] for n, r in runs.items()}
+        bound[mode] = {n: r["cpu_bound"] for n, r in runs.items()}
+    print("aggregate tokens/s, one core and one onnxruntime thread per node:")
+    print("  sessions" + "".join(f"  {m[:5]} 1n  {m[:5]} 2n  ratio" for m, _ in modes))
     for n in sessions:
-        a, b = one_pinned["throughput"][n], two_pinned["throughput"][n]
-        print(f"  {n:8d}  {a:6.1f}  {b:7.1f}  {b / a if a else float('nan'):5.2f}")
+        row = f"  {n:8d}"
+        for mode, _ in modes:
+            a, b = tput[mode][1][n], tput[mode][2][n]
+            row += f"  {a:8.1f}  {b:8.1f}  {b / a if a else float('nan'):5.2f}"
+        print(row)
+    # On a machine shared with other jobs, wall-clock tokens/s mostly measures the others' load. Tokens
+    # per CPU-second of the busiest node is what the pinned cores would give if they were really
+    # dedicated and the busiest node never waited (an upper bound for the pipeline).
+    print("tokens per CPU-second of the busiest node (the dedicated-core bound):")
+    for n in sessions:
+        row = f"  {n:8d}"
+        for mode, _ in modes:
+            a, b = bound[mode][1][n], bound[mode][2][n]
+            row += f"  {a:8.1f}  {b:8.1f}  {b / a if a else float('nan'):5.2f}"
+        print(row)
+    batched = tput["batched"]
     summary = {
         "chain_decode_ms": chain_ms,
         "decode_ms_2": two["decode_ms"],
         "decode_ms_3": three["decode_ms"],
         "latency_ratio_2": two["decode_ms"] / chain_ms,
         "latency_ratio_3": three["decode_ms"] / chain_ms,
+        "chain_sleeping_ms": sleeping_ms,
+        "latency_ratio_2_same_pools": two["decode_ms"] / sleeping_ms,
         "ttft_s_2": two["ttft_s"],
         "ttft_s_3": three["ttft_s"],
         "rss_mb_3": three["rss_mb"],
-        "throughput_1": one_pinned["throughput"],
-        "throughput_2": two_pinned["throughput"],
-        "throughput_ratio_2": two_pinned["throughput"].get(4, float("nan"))
-        / one_pinned["throughput"].get(4, float("nan")),
+        "held_mb_3": _held_mb(shards, three["stages"]),
+        "throughput_1": batched[1],
+        "throughput_2": batched[2],
+        "throughput_ratio_2": batched[2].get(4, float("nan")) / batched[1].get(4, float("nan")),
+        "cpu_bound_1": bound["batched"][1],
+        "cpu_bound_2": bound["batched"][2],
+        "prefill_gap_ms": {"chunked": chunked["max_gap_ms"], "whole": unchunked["max_gap_ms"]},
     }
+    if "unbatched" in tput:
+        summary["throughput_unbatched_1"] = tput["unbatched"][1]
+        summary["throughput_unbatched_2"] = tput["unbatched"][2]
+        summary["cpu_bound_unbatched_1"] = bound["unbatched"][1]
+        summary["cpu_bound_unbatched_2"] = bound["unbatched"][2]
     if args.json:
         print(json.dumps(summary))
     return 0
+
+
+def long_text(tok: Any, tokens: int) -> str:
+    """A prompt of about ``tokens`` tokens (the story prompt repeated)."""
+    per = max(1, len(tok.encode(PROMPT + " ")))
+    return " ".join([PROMPT] * max(1, tokens // per))

@@ -197,6 +197,7 @@ class PipelineService:
             profile_device, self.store.model_dir(self.model), self.manifest, device_id=self.node.node_id,
             name=self.node.name, memory_limit=self.node.config.memory_limit,
         )
+        await asyncio.to_thread(release_memory)  # the profiling runners' memory (60 MB for SmolLM2)
         self.node.gossip.set_local(
             PROFILE_KEY, {"model": self.model, "manifest": self.manifest_sha, "device": profile.to_dict()}
         )

@@ -184,3 +184,25 @@ def test_verify_against_whole_model_onnx(
     assert (out / "reference.onnx").is_file()
     assert main(["verify", str(out), "--reference", "onnx"]) == 0
     assert main(["verify", str(out), "--reference", "transformers"]) == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_merged_whole_graph_equals_chain(
+    arch: str, prepared: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``bench modules``' single-session baseline: the module files merged into one graph compute exactly
+    what the chain computes (prefill, then decode steps over the runner-owned KV buffers)."""
+    from llnode.model.merge import cached_merge
+    from llnode.model.reference import ChainStepper, WholeOnnx
+
+    monkeypatch.setenv("LLNODE_CACHE", str(tmp_path))
+    shard = prepared[arch]
+    m = load_manifest(shard)
+    whole = WholeOnnx(cached_merge(shard, m), m.num_layers, m.num_kv_heads, m.head_dim, threads=1)
+    chain = ChainStepper(ModuleRunner(shard, m, threads=1))
+    ids, pos = np.asarray([[5, 9, 2, 7]]), np.arange(4)[None]
+    for step in range(4):
+        a, b = chain.step(ids, pos), whole.step(ids, pos)
+        assert a.shape == b.shape
+        assert np.abs(a - b).max() < 1e-5, step
+        ids, pos = np.asarray([[int(np.argmax(a[0, -1]))]]), np.asarray([[4 + step]])

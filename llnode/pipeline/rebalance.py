@@ -54,6 +54,10 @@ IMPOSE_PATH = "/api/bench/impose-plan"
 SPEED_TTL_S = 300.0  # how long a measured speed outlives its last fresh measurement
 SLOW_MEMORY_S = 60.0  # a device's speed comes from the heaviest range it settled on within this long
 SETTLED_STEPS = 8  # a stage's EWMA counts as a speed once it has this many steps on its plan
+# The MILP's time limit for a rebalance: the DP's plan is the warm start, so a limit costs at most a
+# little optimality, while a loaded 2-core machine ran CBC to its 10 s default limit mid-drift (10.9 s
+# of a 25 s recovery went into deciding).
+REBALANCE_SOLVE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -326,7 +330,8 @@ def decide(
         now_tps = now_plan.tokens_per_s
     else:
         now_tps = 0.0  # a stage node has no profile any more: anything that serves is a gain
-    opts = dataclasses.replace(options, movement_weight=max(options.movement_weight, config.movement_weight))
+    opts = dataclasses.replace(options, movement_weight=max(options.movement_weight, config.movement_weight),
+                               time_limit_s=min(options.time_limit_s, REBALANCE_SOLVE_S))
     new = solve(model, list(profiles.values()), links, opts, current=current, epoch=epoch)
     gain = new.tokens_per_s / now_tps - 1.0 if now_tps > 0 else math.inf
     if new.ranges() == current.ranges():

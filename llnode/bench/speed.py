@@ -71,6 +71,7 @@ def _worker(shard_dir: Path, threads: int) -> int:
     from llnode.model.runner import ModuleRunner
     from llnode.model.tokenizer import load_tokenizer
     from llnode.model.verify import PPL_TEXT, PROMPT, greedy
+    from llnode.process import release_memory
 
     runner = ModuleRunner(shard_dir, threads=threads)
     chain = ChainStepper(runner, "speed")
@@ -92,6 +93,7 @@ def _worker(shard_dir: Path, threads: int) -> int:
                 logits = chain.step(np.asarray([[nxt]], np.int64), np.asarray([[ctx + i]], np.int64))
             decode = time.perf_counter() - t0
             chain.reset()
+            release_memory()  # what a node does after a burst; "rss" is then the steady footprint
             reply: dict[str, Any] = {"prefill_ms": prefill * 1000, "decode_ms": decode * 1000 / steps}
         elif cmd["op"] == "quality":
             logits = chain.step(np.asarray([text], np.int64), np.arange(len(text), dtype=np.int64)[None])[0]
@@ -235,6 +237,7 @@ def run(args: argparse.Namespace) -> int:
     pre: dict[tuple[str, int, int], list[float]] = {}
     llama: dict[tuple[int, int], list[float]] = {}
     peak: dict[tuple[str, int], int] = {}
+    steady: dict[tuple[str, int], int] = {}
     try:
         for w in workers.values():  # warm-up
             w.ask(op="decode", context=8, steps=2)
@@ -249,7 +252,8 @@ def run(args: argparse.Namespace) -> int:
                     for c, ms in llama_bench(args.llama_bench, gguf, t, contexts, args.steps).items():
                         llama.setdefault((t, c), []).append(ms)
         for (p, t), w in workers.items():  # peak of the decode workload, before the quality pass
-            peak[(p, t)] = w.ask(op="decode", context=8, steps=1)["peak_rss"]
+            r = w.ask(op="decode", context=8, steps=1)
+            peak[(p, t)], steady[(p, t)] = r["peak_rss"], r["rss"]
         qual_t = 2 if 2 in threads else threads[0]
         quality = _quality({p: workers[(p, qual_t)].ask(op="quality") for p in precisions})
     finally:
@@ -272,7 +276,8 @@ def run(args: argparse.Namespace) -> int:
         cells = " ".join(f"{med[(p, t, c)]:7.2f} ms/tok {pmed[(p, t, c)]:6.0f} ms" for c in contexts)
         print(
             f"{p:9s} {t:3d} {cells}   {peak[(p, t)] / 2**20:6.0f} MiB "
-            f"({peak[(p, t)] / shard_bytes[p]:.2f}x shards {shard_bytes[p] / 2**20:.0f} MiB)"
+            f"({peak[(p, t)] / shard_bytes[p]:.2f}x shards {shard_bytes[p] / 2**20:.0f} MiB; "
+            f"steady {steady[(p, t)] / 2**20:.0f} MiB, {steady[(p, t)] / shard_bytes[p]:.2f}x)"
         )
     for (t, c), ms in sorted(lmed.items()):
         print(f"llama.cpp {t:3d} threads, context {c}: {ms:7.2f} ms/tok")
@@ -290,6 +295,7 @@ def run(args: argparse.Namespace) -> int:
         "default_precision": default,
         "decode_ms": decode_ms,
         "rss_over_shard_bytes": round(peak[(default, t2)] / shard_bytes[default], 3),
+        "steady_rss_over_shard_bytes": round(steady[(default, t2)] / shard_bytes[default], 3),
         "ppl_ratio": round(quality[default]["ppl_ratio"], 4),
         "top1_agreement": round(quality[default]["top1_agreement"], 4),
         "threads": t2,
@@ -297,6 +303,7 @@ def run(args: argparse.Namespace) -> int:
         "decode_ms_all": {f"{p}/{t}t/ctx{c}": round(v, 3) for (p, t, c), v in med.items()},
         "prefill_ms_all": {f"{p}/{t}t/ctx{c}": round(v, 1) for (p, t, c), v in pmed.items()},
         "peak_rss_mib": {f"{p}/{t}t": round(v / 2**20, 1) for (p, t), v in peak.items()},
+        "steady_rss_mib": {f"{p}/{t}t": round(v / 2**20, 1) for (p, t), v in steady.items()},
         "shard_mib": {p: round(v / 2**20, 1) for p, v in shard_bytes.items()},
         "quality": {p: {k: round(v, 4) for k, v in q.items()} for p, q in quality.items()},
     }

@@ -25,6 +25,7 @@ import onnxruntime as ort
 
 from llnode.model import names
 from llnode.model.manifest import Manifest, ManifestError, ModuleInfo, load_manifest
+from llnode.process import release_memory
 
 MIN_CAPACITY = 32
 
@@ -164,6 +165,10 @@ class ModuleRunner:
             self._input_names.append({i.name for i in sess.get_inputs()})
             self._built += 1
         self._layers = [m.layer for m in self._modules if m.kind == "layer" and m.layer is not None]
+        if self._built:
+            # Loading parses each file, copies and prepacks its weights: glibc keeps the freed copies
+            # (int4 SmolLM2, 135 MiB of shards: 295 -> 236 MiB RSS once trimmed).
+            release_memory()
         self._states: dict[str, SessionCache] = {}
         self._states_lock = threading.Lock()
 

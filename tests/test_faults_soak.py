@@ -47,3 +47,13 @@ def test_trend_ignores_a_transient_and_sees_a_slope() -> None:
     assert abs(trend_growth(ts, leak) - 0.099) < 1e-9
     leak[-1] = 1000.0  # one low last sample does not hide it (an end/start ratio would say 0 %)
     assert abs(trend_growth(ts, leak) - 0.099) < 1e-9
+
+
+def test_trend_within_plans_ignores_a_level_change_at_a_switch_but_not_a_leak() -> None:
+    ts = [float(t) for t in range(100)]
+    epochs = [1] * 50 + [2] * 50
+    moved = [1000.0] * 50 + [1400.0] * 50  # the new plan gave this node more modules
+    assert trend_growth(ts, moved, epochs) == 0.0
+    assert trend_growth(ts, moved) > 0.3  # across plans it looks like a leak
+    leak = [y + 1.0 * t for t, y in zip(ts, moved, strict=True)]
+    assert abs(trend_growth(ts, leak, epochs) - 0.099) < 1e-9

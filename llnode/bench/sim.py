@@ -25,6 +25,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -256,6 +257,8 @@ async def run_config(cfg: Config, shards: Path, args: argparse.Namespace) -> dic
     finally:
         cluster.stop()
         lan.close()
+        if cluster.workdir is not None:
+            shutil.rmtree(cluster.workdir, ignore_errors=True)
 
 
 _PROFILE = (

@@ -76,8 +76,9 @@ def _worker(shard_dir: Path, threads: int) -> int:
     runner = ModuleRunner(shard_dir, threads=threads)
     chain = ChainStepper(runner, "speed")
     tok = load_tokenizer(shard_dir, runner.manifest.tokenizer_file)
-    text = tok.encode(PPL_TEXT * 3)
+    text = tok.encode(PPL_TEXT * 3)[: runner.manifest.max_context]
     rng = np.random.default_rng(0)
+    vocab = runner.manifest.vocab_size
     print(json.dumps({"ready": True, **_rss()}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -89,7 +90,7 @@ def _worker(shard_dir: Path, threads: int) -> int:
             prefill = time.perf_counter() - t0
             t0 = time.perf_counter()
             for i in range(steps):
-                nxt = int(np.argmax(logits[0, -1])) if i % 2 else int(rng.integers(100, 40000))
+                nxt = int(np.argmax(logits[0, -1])) if i % 2 else int(rng.integers(0, vocab))
                 logits = chain.step(np.asarray([[nxt]], np.int64), np.asarray([[ctx + i]], np.int64))
             decode = time.perf_counter() - t0
             chain.reset()

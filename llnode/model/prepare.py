@@ -232,7 +232,8 @@ def ensure_prepared(spec: str = "smollm2-135m", precision: str = "fp32") -> Path
     from llnode.model.manifest import ManifestError, load_manifest
     from llnode.model.source import cache_dir
 
-    name = spec if precision == "fp32" else f"{spec}-{precision}"
+    base = Path(spec).name if Path(spec).exists() else spec  # a local folder/GGUF: not its absolute path
+    name = base if precision == "fp32" else f"{base}-{precision}"
     out = cache_dir() / "test-shards" / name
     try:
         m = load_manifest(out)

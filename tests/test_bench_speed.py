@@ -1,0 +1,41 @@
+"""``llnode bench speed`` end to end on a tiny model: a worker per precision, quality, the JSON line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llnode.bench.speed import choose_default
+from llnode.cli import main
+
+
+def test_default_is_the_fastest_precision_within_the_quality_limits() -> None:
+    ms = {"fp32": 40.0, "int8": 20.0, "int4": 15.0}
+    good = {"ppl_ratio": 1.01, "top1_agreement": 0.97}
+    assert choose_default(ms, {p: good for p in ms}) == "int4"
+    bad4 = {**{p: good for p in ms}, "int4": {"ppl_ratio": 1.07, "top1_agreement": 0.84}}
+    assert choose_default(ms, bad4) == "int8"
+    none = {p: {"ppl_ratio": 2.0, "top1_agreement": 0.1} for p in ms}
+    assert choose_default(ms, none) == "fp32"
+
+
+def test_bench_speed_json(
+    tiny_model_dirs: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("LLNODE_CACHE", str(tmp_path))
+    args = ["bench", "speed", "--model", str(tiny_model_dirs["llama"]), "--json"]
+    args += ["--rounds", "1", "--steps", "2", "--threads", "1", "--contexts", "4,40"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(out["decode_ms"]) == {"fp32", "int8", "int4"}
+    assert all(v > 0 for v in out["decode_ms_all"].values()) and len(out["decode_ms_all"]) == 6
+    assert out["default_precision"] in out["decode_ms"]
+    assert out["quality"]["fp32"]["ppl_ratio"] == 1.0 and out["quality"]["fp32"]["kl"] == 0.0
+    assert 0.0 < out["quality"]["int8"]["top1_agreement"] <= 1.0
+    assert out["rss_over_shard_bytes"] > 1.0  # a process holds more than its shard bytes
+    assert (tmp_path / "test-shards" / "llama-int4" / "manifest.json").is_file()

@@ -10,6 +10,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from llnode.model.quantize import quantize_matmuls
+from llnode.model.runner import _session_options
 
 
 def _matmul_model(path: Path, w: np.ndarray) -> None:
@@ -27,7 +28,8 @@ def _matmul_model(path: Path, w: np.ndarray) -> None:
 
 
 def _run(path: Path, x: np.ndarray) -> np.ndarray:
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    # The runner's options: a plain session fails once another test made the process-wide thread pool.
+    sess = ort.InferenceSession(str(path), _session_options(1), providers=["CPUExecutionProvider"])
     return np.asarray(sess.run(None, {"x": x})[0])
 
 

@@ -104,6 +104,20 @@ def test_reprefill_from_token_history(prepared: dict[str, Path]) -> None:
     assert int(logits[0, -1].argmax()) == tokens[6]
 
 
+@pytest.mark.parametrize("arch", ["llama", "bloom"])
+def test_prefill_last_only_logits(arch: str, prepared: dict[str, Path]) -> None:
+    """A prefill that asks only for the last token's logits gets exactly that row, and leaves the same
+    KV cache behind: the next decode step equals the one after a full-logits prefill."""
+    full, last = ModuleRunner(prepared[arch], threads=1), ModuleRunner(prepared[arch], threads=1)
+    prompt = np.asarray([[5, 9, 2, 7, 11, 3]])
+    a = full.step("s", prompt, np.arange(6)[None])
+    b = last.step("s", prompt, np.arange(6)[None], last_only=True)
+    assert a.shape[1] == 6 and b.shape[1] == 1
+    assert np.abs(a[:, -1:] - b).max() <= 1e-5
+    nxt = np.asarray([[int(b[0, -1].argmax())]])
+    assert np.array_equal(full.step("s", nxt, np.asarray([[6]])), last.step("s", nxt, np.asarray([[6]])))
+
+
 def test_long_context_crosses_buffer_growth(
     prepared: dict[str, Path], tiny_model_dirs: dict[str, Path]
 ) -> None:

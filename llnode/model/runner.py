@@ -263,8 +263,20 @@ class ModuleRunner:
     # -- the step ------------------------------------------------------------------------------------
 
     def step(
-        self, session_id: str, x: np.ndarray, positions: np.ndarray, attention_mask: np.ndarray | None = None
+        self,
+        session_id: str,
+        x: np.ndarray,
+        positions: np.ndarray,
+        attention_mask: np.ndarray | None = None,
+        *,
+        last_only: bool = False,
     ) -> np.ndarray:
+        """Run the range over ``x`` for one session and append the new tokens to its KV cache.
+
+        ``last_only``: the head runs on the last token only, so a prefill returns logits ``[B, 1, vocab]``
+        instead of ``[B, T, vocab]``: sampling needs nothing else, and a 256-token chunk's full logits are
+        50 MB and a quarter of the chunk's time spent in the LM head. Perplexity needs them all (default).
+        """
         x = np.asarray(x)
         if self.is_first:
             if x.ndim != 2 or not np.issubdtype(x.dtype, np.integer):
@@ -302,11 +314,13 @@ class ModuleRunner:
             if self._layers:
                 self.grow(st, st.length + t)
                 full_mask = np.concatenate([st.mask, new_mask], axis=1)
-            h = x
+            h, module_pos = x, pos
             for info, sess, wanted in zip(self._modules, self._sessions, self._input_names, strict=True):
                 layer = info.layer if info.kind == "layer" else None
+                if last_only and info.kind == "head" and h.shape[1] > 1:
+                    h, module_pos = h[:, -1:], pos[:, -1:]
                 feeds = module_feeds(
-                    info, wanted, h, pos,
+                    info, wanted, h, module_pos,
                     full_mask if layer is not None else None,
                     None if layer is None else st.keys[layer],
                     None if layer is None else st.values[layer],
@@ -400,7 +414,9 @@ class ChainRunner:
         out: list[int] = []
         try:
             ids = np.asarray([list(prompt)], np.int64)
-            logits = self.logits(session_id, ids, np.arange(len(prompt), dtype=np.int64)[None])
+            logits = self.runner.step(
+                session_id, ids, np.arange(len(prompt), dtype=np.int64)[None], last_only=True
+            )
             pos = len(prompt)
             for _ in range(max_new_tokens):
                 tok = int(np.argmax(logits[0, -1]))

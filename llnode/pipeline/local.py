@@ -161,7 +161,7 @@ class LocalEngine:
         """One chunk of the prompt; the last chunk (``sampler`` given) also samples the first token."""
         ids = np.asarray([chunk], dtype=np.int64)
         positions = np.arange(start, start + len(chunk), dtype=np.int64)[None, :]
-        logits = self.runner.step(session, ids, positions)
+        logits = self.runner.step(session, ids, positions, last_only=True)
         self.steps += 1
         return -1 if sampler is None else sampler.sample(logits[0, -1])
 

@@ -363,7 +363,7 @@ class StageWorker:
         a = job.chunk_start = job.done
         b = min(len(step.ids), a + self.prefill_chunk)
         positions = np.arange(step.pos0 + a, step.pos0 + b, dtype=np.int64)[None, :]
-        out = self.runner.step(step.session, self._input(step, a, b), positions)
+        out = self.runner.step(step.session, self._input(step, a, b), positions, last_only=self.last)
         job.done = b
         if not self.last:
             job.parts.append(out)

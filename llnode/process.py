@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 
-def rss_bytes(pid: int | None = None) -> int:
-    """Resident set size of a process from /proc (0 if it is gone or /proc is unreadable)."""
+def rss_bytes(pid: int | None = None, *, peak: bool = False) -> int:
+    """Resident set size of a process from /proc, now or its peak so far (``peak``: VmHWM); 0 if it is
+    gone or /proc is unreadable."""
+    field = "VmHWM:" if peak else "VmRSS:"
     try:
         for line in Path(f"/proc/{pid or os.getpid()}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass

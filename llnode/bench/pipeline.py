@@ -39,6 +39,7 @@ from llnode.cluster import LocalCluster, free_base_port
 from llnode.model.manifest import load_manifest
 from llnode.model.runner import ChainRunner, disable_spinning
 from llnode.model.tokenizer import load_tokenizer
+from llnode.process import rss_bytes
 
 # A raw-completion prompt the instruct model continues at length (a finished question would often get an
 # immediate end-of-turn, and a benchmark needs every request to decode its full token budget).
@@ -141,16 +142,6 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _rss_mb(pid: int, field: str = "VmHWM") -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
 async def prefill_interference(url: str, model: str, long_prompt: str, tokens: int) -> dict[str, float]:
     """Longest and median gap between the tokens of one stream while a long prompt is prefilled.
 
@@ -217,8 +208,8 @@ async def _cluster_run(
         status: dict[str, Any] = await cluster.status(0, s) or {}
     stages = status.get("pipeline", {}).get("plan", {}).get("plan", {}).get("stages", [])
     out["stages"] = [[st.get("name") or st["device_id"], st["start"], st["end"]] for st in stages]
-    out["rss_mb"] = [_rss_mb(p.pid) for p in cluster.procs]
-    out["rss_now_mb"] = [_rss_mb(p.pid, "VmRSS") for p in cluster.procs]
+    out["rss_mb"] = [rss_bytes(p.pid, peak=True) / 2**20 for p in cluster.procs]
+    out["rss_now_mb"] = [rss_bytes(p.pid) / 2**20 for p in cluster.procs]
     if long_prompt is not None:
         await prefill_interference(url, model, long_prompt, 8)  # warm-up: the long shapes' first run
         out["interference"] = await prefill_interference(url, model, long_prompt, tokens)

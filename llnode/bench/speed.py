@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from llnode.process import rss_bytes
+
 PRECISIONS = ("fp32", "int8", "int4")
 THREADS = (1, 2)
 CONTEXTS = (32, 512)
@@ -53,17 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _rss() -> dict[str, int]:
-    """Current and peak resident set size in bytes (Linux ``/proc``; zeros elsewhere)."""
-    out = {"rss": 0, "peak_rss": 0}
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                out["rss"] = int(line.split()[1]) * 1024
-            elif line.startswith("VmHWM:"):
-                out["peak_rss"] = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return out
+    """Current and peak resident set size of this process in bytes (zeros where /proc is missing)."""
+    return {"rss": rss_bytes(), "peak_rss": rss_bytes(peak=True)}
 
 
 def _worker(shard_dir: Path, threads: int) -> int:

@@ -658,8 +658,10 @@ class Rebalancer:
                 "new_tokens_per_s": round(decision.new_tokens_per_s, 3),
             }
             if not decision.accept or decision.plan is None:
-                # no cooldown after a refusal: the askers re-base instead, and a real drift that
-                # follows must not wait (it cost 11 s of the drift run's recovery)
+                # a refusal starts the cooldown too (without it, noisy speeds on two equal nodes got
+                # re-solved for every asker until one solve saw a "gain"); an asker refused for the
+                # cooldown asks again after another window instead of re-basing
+                self._last_change = time.monotonic()
                 svc.event("rebalance-rejected", f"{decision.reason}; asked because {reason}", **data)
                 return {"accepted": False, **data, "reason": decision.reason}
             self._publish(decision.plan, why="rebalance")

@@ -13,16 +13,24 @@ Usage (the ``Node`` owns one ``Links``; other parts register handlers on it)::
 Both nodes may dial each other at the same moment; both then keep the connection dialed by the node with
 the smaller id (a rule both sides evaluate identically), unless the peer restarted (new ``boot``), in which
 case the newest connection wins. Known peers are redialed with exponential backoff.
+
+A path can die without a reset (an address removed, a phone roaming to another access point): the kernel
+then keeps accepting writes that are never delivered, and the link would look alive for the ~15 minutes
+of TCP's default retransmission. Every link therefore sets ``TCP_USER_TIMEOUT`` (data unacknowledged for
+``dead_link_s`` drops it) and keep-alives (an idle link is probed), so the node redials or the pipeline
+routes around the peer within seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import logging
 import random
 import secrets
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -120,6 +128,7 @@ class Links:
         send_timeout: float = 10.0,
         max_backoff: float = 5.0,
         max_pending_handshakes: int = 64,
+        dead_link_s: float = 10.0,
     ) -> None:
         self.node_id = node_id
         self.boot = secrets.token_hex(8)
@@ -133,6 +142,7 @@ class Links:
         self.send_timeout = send_timeout
         self.max_backoff = max_backoff
         self.max_pending_handshakes = max_pending_handshakes
+        self.dead_link_s = dead_link_s
         self._handlers: dict[str, tuple[Handler, bool]] = {}
         self._conns: dict[str, Connection] = {}
         self._dialers: dict[str, _Dialer] = {}
@@ -312,6 +322,9 @@ class Links:
     ) -> Connection | None:
         peer = writer.get_extra_info("peername")
         where = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            detect_dead_paths(sock, self.dead_link_s)
         self._handshakes += 1
         try:
             conn = await asyncio.wait_for(
@@ -411,8 +424,9 @@ class Links:
                 body = conn.ciphers.open(header, sealed)
                 msg_type, kind, rid, payload = unpack_body(body, self.limits)
                 await self._dispatch(conn, msg_type, kind, rid, payload)
-        except (asyncio.IncompleteReadError, ConnectionError, OSError):
-            pass
+        except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
+            if isinstance(exc, OSError) and exc.errno == errno.ETIMEDOUT:
+                reason = f"path dead: nothing acknowledged for {self.dead_link_s:g} s"
         except FrameError as exc:
             reason = str(exc)
             self.rejected += 1
@@ -514,3 +528,17 @@ class Links:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+
+def detect_dead_paths(sock: socket.socket, dead_after_s: float) -> None:
+    """Make the kernel drop a connection whose path died silently: unacknowledged data for
+    ``dead_after_s`` (``TCP_USER_TIMEOUT``), or an idle link whose keep-alive probes go unanswered for
+    about as long. Options a platform lacks are skipped (they are Linux/Android ones)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        idle = max(1, int(dead_after_s / 2))
+        for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", max(1, idle // 3)), ("TCP_KEEPCNT", 3)):
+            if hasattr(socket, name):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(dead_after_s * 1000))

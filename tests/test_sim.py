@@ -157,3 +157,13 @@ def test_module_profile_on_a_real_shard_set(tiny_llama_shards: Path, tmp_path: P
     (next(tmp_path.iterdir())).write_text("{not json")
     _, cached = cached_costs(tiny_llama_shards, cache_dir=tmp_path)
     assert not cached  # a broken cache is measured again, not trusted
+
+
+def test_validation_verdict_counts_a_collapsed_run_as_a_miss() -> None:
+    """A real cluster that served nothing (0 tok/s, no latency) is a miss, not a crash of the bench."""
+    from llnode.bench.sim import _within
+
+    row = {"predicted_tps": 10.0, "predicted_latency_s": 0.1}
+    assert _within({**row, "measured_tps": 10.5, "measured_latency_s": 0.105}, 0.15)
+    assert not _within({**row, "measured_tps": 5.0, "measured_latency_s": 0.105}, 0.15)
+    assert not _within({**row, "measured_tps": 0.0, "measured_latency_s": float("nan")}, 0.15)

@@ -387,9 +387,13 @@ def validation(shards: Path, args: argparse.Namespace, log: list[str]) -> dict[s
 
 
 def _within(row: dict[str, Any], tol: float) -> bool:
+    """Both predictions within ``tol`` of the measurement; a run that served nothing (a collapsed
+    cluster: 0 tok/s, no latency) never is."""
+    tps, lat = row["measured_tps"], row["measured_latency_s"]
+    if not (tps > 0 and lat > 0):  # also false for NaN
+        return False
     return bool(
-        abs(row["predicted_tps"] / row["measured_tps"] - 1) <= tol
-        and abs(row["predicted_latency_s"] / row["measured_latency_s"] - 1) <= tol
+        abs(row["predicted_tps"] / tps - 1) <= tol and abs(row["predicted_latency_s"] / lat - 1) <= tol
     )
 
 

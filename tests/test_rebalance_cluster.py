@@ -39,14 +39,41 @@ def reference(tiny_llama_shards: Path) -> dict[str, str]:
     return greedy_texts(tiny_llama_shards, PROMPTS, MAX_TOKENS)
 
 
-async def _complete(session: aiohttp.ClientSession, url: str, model: str, prompt: str) -> str:
-    body = {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}
-    async with session.post(f"{url}/v1/completions", json=body, timeout=aiohttp.ClientTimeout(180)) as r:
+async def _complete(
+    session: aiohttp.ClientSession, url: str, model: str, prompt: str,
+    max_tokens: int = MAX_TOKENS, timeout_s: float = 180.0,
+) -> str:  # fmt: skip
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    timeout = aiohttp.ClientTimeout(timeout_s)
+    async with session.post(f"{url}/v1/completions", json=body, timeout=timeout) as r:
         data = await r.json()
         if r.status != 200:
             raise RuntimeError(f"{url} answered {r.status}: {data}")
         text: str = data["choices"][0]["text"]
         return text
+
+
+def _start_load(
+    session: aiohttp.ClientSession, cluster: LocalCluster, prompts: list[str], clients: int,
+    results: list[tuple[str, str]], errors: list[str], stop: asyncio.Event,
+    max_tokens: int = MAX_TOKENS, timeout_s: float = 180.0,
+) -> list[asyncio.Task[None]]:  # fmt: skip
+    """``clients`` greedy clients, spread over the nodes, each cycling through ``prompts`` until ``stop``;
+    every answer goes to ``results`` as (prompt, text), every failure to ``errors``."""
+
+    async def client(k: int) -> None:
+        n = 0
+        while not stop.is_set():
+            prompt = prompts[(k + n) % len(prompts)]
+            n += 1
+            url = cluster.url(k % cluster.nodes)
+            try:
+                text = await _complete(session, url, cluster.model, prompt, max_tokens, timeout_s)
+                results.append((prompt, text))
+            except Exception as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+    return [asyncio.create_task(client(k)) for k in range(clients)]
 
 
 async def _statuses(cluster: LocalCluster, session: aiohttp.ClientSession) -> list[dict[str, Any]]:
@@ -107,19 +134,7 @@ def test_quota_cut_triggers_rebalance_and_no_request_is_lost(
         errors: list[str] = []
         stop = asyncio.Event()
         async with aiohttp.ClientSession() as session:
-
-            async def client(k: int) -> None:
-                n = 0
-                while not stop.is_set():
-                    prompt = PROMPTS[(k + n) % len(PROMPTS)]
-                    n += 1
-                    try:
-                        results.append((prompt, await _complete(session, cluster.url(k % 3), cluster.model,
-                                                                prompt)))
-                    except Exception as exc:
-                        errors.append(f"{type(exc).__name__}: {exc}")
-
-            clients = [asyncio.create_task(client(k)) for k in range(4)]
+            clients = _start_load(session, cluster, PROMPTS, 4, results, errors, stop)
             # let the measurements settle under load, then slow down the busiest stage node
             await _until(lambda: len(results) >= 8 or bool(errors), 120)
             statuses = await _statuses(cluster, session)
@@ -283,24 +298,10 @@ def test_steady_load_on_balanced_nodes_does_not_replan(smollm2_shards: Path, tmp
         stop = asyncio.Event()
         async with aiohttp.ClientSession() as session:
 
-            async def client(k: int) -> None:
-                n = 0
-                while not stop.is_set():
-                    prompt = prompts[(k + n) % len(prompts)]
-                    n += 1
-                    body = {"model": cluster.model, "prompt": prompt, "max_tokens": tokens, "temperature": 0}
-                    try:
-                        async with session.post(f"{cluster.url(k % 2)}/v1/completions", json=body,
-                                                timeout=aiohttp.ClientTimeout(300)) as r:
-                            data = await r.json()
-                            results.append((prompt, data["choices"][0]["text"]))
-                    except Exception as exc:
-                        errors.append(f"{type(exc).__name__}: {exc}")
-
             async def epochs() -> list[Any]:
                 return [(s.get("pipeline") or {}).get("epoch") for s in await _statuses(cluster, session)]
 
-            clients = [asyncio.create_task(client(k)) for k in range(4)]
+            clients = _start_load(session, cluster, prompts, 4, results, errors, stop, tokens, 300.0)
             # warm-up: measurements settle; a calibration of the start-up plan may happen here
             await _until(lambda: len(results) >= 8, 240)
             await asyncio.sleep(15.0)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import aiohttp
 
+from llnode.api.sse import sse_events
 from llnode.emulate.cgroups import CgroupError, CpuGroup
 
 DEFAULT_BASE_PORT = 7700
@@ -211,11 +212,7 @@ async def stream_prompt(url: str, model: str, prompt: str, max_tokens: int) -> s
     async with aiohttp.ClientSession() as session, session.post(f"{url}/v1/chat/completions", json=body) as r:
         if r.status != 200:
             raise RuntimeError(f"{url} answered {r.status}: {await r.text()}")
-        async for raw in r.content:
-            line = raw.decode().strip()
-            if not line.startswith("data:") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[5:])
+        async for chunk in sse_events(r.content):
             for choice in chunk.get("choices", []):
                 piece = choice.get("delta", {}).get("content") or ""
                 text.append(piece)

@@ -15,7 +15,6 @@ device (the profiler reports that much memory, the planner packs by it), and it 
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import signal
 import time
@@ -26,6 +25,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from llnode.api.sse import sse_events
 from llnode.cluster import LocalCluster, free_base_port
 from llnode.model.manifest import load_manifest
 from llnode.model.reference import greedy_texts
@@ -115,14 +115,11 @@ async def stream(url: str, model: str) -> AsyncIterator[str]:
     body = {"model": model, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s, s.post(f"{url}/v1/completions", json=body) as r:
         assert r.status == 200, await r.text()
-        async for raw in r.content:
-            line = raw.decode().strip()
-            if line.startswith("data:") and line != "data: [DONE]":
-                chunk = json.loads(line[5:])
-                if "error" in chunk:
-                    raise RuntimeError(f"error in stream: {chunk['error']}")
-                for c in chunk["choices"]:
-                    yield c.get("text") or ""
+        async for chunk in sse_events(r.content):
+            if "error" in chunk:
+                raise RuntimeError(f"error in stream: {chunk['error']}")
+            for c in chunk["choices"]:
+                yield c.get("text") or ""
 
 
 async def complete(url: str, model: str, on_first: Any = None) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from llnode.api.sse import sse_events
 from llnode.cluster import LocalCluster, free_base_port
 from llnode.model.reference import greedy_texts
 
@@ -70,13 +70,10 @@ async def _complete(url: str, prompt: str, max_tokens: int = 64, stream: bool = 
         finish = None
         async with s.post(f"{url}/v1/completions", json=body) as r:
             assert r.status == 200, await r.text()
-            async for raw in r.content:
-                line = raw.decode().strip()
-                if line.startswith("data:") and line != "data: [DONE]":
-                    chunk = json.loads(line[5:])
-                    for c in chunk["choices"]:
-                        pieces.append(c.get("text") or "")
-                        finish = c.get("finish_reason") or finish
+            async for chunk in sse_events(r.content):
+                for c in chunk["choices"]:
+                    pieces.append(c.get("text") or "")
+                    finish = c.get("finish_reason") or finish
         return {"choices": [{"text": "".join(pieces), "finish_reason": finish}]}
 
 

@@ -19,6 +19,8 @@ from typing import Any, TextIO
 
 import aiohttp
 
+from llnode.api.sse import sse_events
+
 HELP = "commands: /reset forgets the conversation, /quit or Ctrl-D exits, Ctrl-C stops an answer"
 
 
@@ -92,14 +94,7 @@ class ChatClient:
         async with self.session.post(f"{self.base}/chat/completions", json=body) as resp:
             if resp.status != 200:
                 raise await _error_of(resp)
-            async for raw in resp.content:
-                line = raw.decode("utf-8", errors="replace").strip()
-                if not line.startswith("data:"):
-                    continue
-                data = line[len("data:") :].strip()
-                if data == "[DONE]":
-                    break
-                event = json.loads(data)
+            async for event in sse_events(resp.content):
                 if "error" in event:
                     raise ChatError(event["error"].get("message", "generation failed"))
                 for choice in event.get("choices", []):

@@ -39,6 +39,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
+from llnode.api.sse import sse_events
 from llnode.bench.common import shard_dir
 from llnode.cluster import LocalCluster, free_base_port
 from llnode.emulate.cgroups import unavailable_reason
@@ -98,14 +99,11 @@ class Load:
                                         timeout=aiohttp.ClientTimeout(300)) as r:
                     if r.status != 200:
                         raise RuntimeError(f"HTTP {r.status}: {(await r.text())[:200]}")
-                    async for raw in r.content:
-                        line = raw.decode().strip()
-                        if line.startswith("data:") and line != "data: [DONE]":
-                            chunk = json.loads(line[5:])
-                            if "error" in chunk:
-                                raise RuntimeError(str(chunk["error"])[:200])
-                            if any(c.get("text") for c in chunk.get("choices", [])):
-                                self.stamps.append(time.monotonic())
+                    async for chunk in sse_events(r.content):
+                        if "error" in chunk:
+                            raise RuntimeError(str(chunk["error"])[:200])
+                        if any(c.get("text") for c in chunk.get("choices", [])):
+                            self.stamps.append(time.monotonic())
                 self.completed += 1
             except Exception as exc:  # counted, reported; the benchmark goes on
                 self.failed.append(f"{type(exc).__name__}: {exc}")

@@ -25,6 +25,7 @@ from typing import Any
 
 import aiohttp
 
+from llnode.api.sse import sse_events
 from llnode.bench.common import shard_dir
 from llnode.cluster import LocalCluster, free_base_port
 from llnode.model.manifest import load_manifest
@@ -78,11 +79,7 @@ class Client:
                 if r.status != 200:
                     self.error = f"HTTP {r.status}: {(await r.text())[:200]}"
                     return
-                async for raw in r.content:
-                    line = raw.decode().strip()
-                    if not line.startswith("data:") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[5:])
+                async for chunk in sse_events(r.content):
                     if "error" in chunk:
                         self.error = str(chunk["error"])[:200]
                         return

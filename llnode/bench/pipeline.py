@@ -34,6 +34,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
+from llnode.api.sse import sse_events
 from llnode.bench.common import shard_dir
 from llnode.cluster import LocalCluster, free_base_port
 from llnode.model.manifest import load_manifest
@@ -92,11 +93,7 @@ async def timed_request(url: str, model: str, prompt: str, tokens: int) -> dict[
     async with aiohttp.ClientSession() as s, s.post(f"{url}/v1/completions", json=body) as r:
         if r.status != 200:
             raise RuntimeError(f"{url}: {r.status} {await r.text()}")
-        async for raw in r.content:
-            line = raw.decode().strip()
-            if not line.startswith("data:") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[5:])
+        async for chunk in sse_events(r.content):
             now = time.perf_counter()
             if chunk.get("usage"):
                 count = int(chunk["usage"]["completion_tokens"])

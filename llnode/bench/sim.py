@@ -37,6 +37,7 @@ from typing import Any
 
 import aiohttp
 
+from llnode.api.sse import sse_events
 from llnode.bench.common import shard_dir
 from llnode.emulate.cgroups import unavailable_reason as cgroup_reason
 from llnode.emulate.netns import Lan, NetnsCluster
@@ -109,11 +110,7 @@ async def _client(
             ) as r:
                 if r.status != 200:
                     raise RuntimeError(f"HTTP {r.status}: {(await r.text())[:200]}")
-                async for raw in r.content:
-                    line = raw.decode().strip()
-                    if not line.startswith("data:") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[5:])
+                async for chunk in sse_events(r.content):
                     if any(c.get("text") for c in chunk.get("choices", [])):
                         now = time.monotonic()
                         stamps.append((now, now - (last if last is not None else t_req), last is None))

@@ -158,8 +158,11 @@ class LocalCluster:
         return f"--- node{i} ---\n" + "\n".join(text[-lines:])
 
     def stop(self) -> None:
+        """Terminate every node gracefully (SIGTERM, SIGKILL after 10 s); a node a test or a chaos run
+        left stopped (SIGSTOP) is resumed first, or it could not act on the SIGTERM."""
         for p in self.procs:
             if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
                 p.send_signal(signal.SIGTERM)
         for p in self.procs:
             try:

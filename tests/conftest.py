@@ -11,6 +11,7 @@ Model fixtures (owned by the model-preparation part):
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import Iterator
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from llnode.cluster import LocalCluster
 
 TINY_ARCHS = ("llama", "qwen2", "mistral", "gpt2", "bloom")
 TINY_CHAT_TEMPLATE = (
@@ -152,3 +155,13 @@ def smollm2_shards() -> Iterator[Path]:
 
     out = ensure_prepared("smollm2-135m", "fp32")
     yield out
+
+
+def serving(cluster: LocalCluster, within_s: float = 240.0) -> Iterator[LocalCluster]:
+    """For a fixture: start the cluster, yield it once every node serves the same plan, stop it after."""
+    cluster.start()
+    try:
+        asyncio.run(cluster.wait_ready(within_s))
+        yield cluster
+    finally:
+        cluster.stop()

@@ -24,6 +24,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from conftest import serving
 
 from llnode.api.sse import sse_events
 from llnode.cluster import LocalCluster, free_base_port
@@ -69,16 +70,7 @@ def reference(tiny_llama_shards: Path) -> str:
 
 @pytest.fixture()
 def cluster3(tiny_llama_shards: Path, tmp_path: Path) -> Iterator[LocalCluster]:
-    cluster = make_cluster(tiny_llama_shards, tmp_path, 3)
-    cluster.start()
-    try:
-        asyncio.run(cluster.wait_ready(240))
-        yield cluster
-    finally:
-        for p in cluster.procs:  # a test may leave a node stopped
-            if p.poll() is None:
-                p.send_signal(signal.SIGCONT)
-        cluster.stop()
+    yield from serving(make_cluster(tiny_llama_shards, tmp_path, 3))
 
 
 async def status(cluster: LocalCluster, i: int) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from conftest import serving
 
 from llnode.api.sse import sse_events
 from llnode.cluster import LocalCluster, free_base_port
@@ -43,12 +44,7 @@ def cluster3(smollm2_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         workdir=tmp_path_factory.mktemp("cluster3"),
         empty_shards={2},  # node2 starts with nothing and fetches what the plan gives it from its peers
     )
-    cluster.start()
-    try:
-        asyncio.run(cluster.wait_ready(240))
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from serving(cluster)
 
 
 @pytest.fixture(scope="module")

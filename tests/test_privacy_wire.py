@@ -30,6 +30,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 import pytest
+from conftest import serving
 
 from llnode.cluster import LocalCluster, free_base_port
 from llnode.model.manifest import load_manifest
@@ -80,12 +81,7 @@ def cluster2(tiny_llama_shards: Path, tmp_path_factory: pytest.TempPathFactory) 
         workdir=tmp_path_factory.mktemp("privacy"),
         extra_args=["--memory-limit", str(two_node_limit(tiny_llama_shards))],
     )  # fmt: skip
-    cluster.start()
-    try:
-        asyncio.run(cluster.wait_ready(240))
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from serving(cluster)
 
 
 def status(cluster: LocalCluster, i: int) -> dict[str, Any]:

@@ -172,9 +172,6 @@ async def chaos(args: argparse.Namespace, shards: Path) -> dict[str, Any]:
             st = await _status(cluster, 0)
             recoveries = ((st or {}).get("pipeline") or {}).get("recoveries")
         finally:
-            for p in cluster.procs:
-                if p.poll() is None:
-                    p.send_signal(signal.SIGCONT)
             cluster.stop()
     completed = [c for c in clients if c.error is None]
     mismatched = [c for c in completed if c.text != ref[c.prompt]]

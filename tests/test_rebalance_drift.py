@@ -14,6 +14,7 @@ from llnode.pipeline.rebalance import (
     DriftDetector,
     RebalanceConfig,
     calibrated_context,
+    churn_min_gain,
     cost_context,
     decide,
     expected_ms,
@@ -25,7 +26,7 @@ from llnode.pipeline.rebalance import (
     stage_ratios,
     switch_cost_s,
 )
-from llnode.plan.costs import ModelCosts
+from llnode.plan.costs import ModelCosts, build_instance, evaluate
 from llnode.plan.solve import solve
 from llnode.plan.synthetic import synthetic_manifest
 from llnode.plan.types import DeviceProfile, Plan, PlanOptions
@@ -290,3 +291,47 @@ def test_a_throttled_device_that_looks_fast_on_less_work_keeps_its_slow_speed() 
     assert pick == {c.device_id: heavy, other: (0, 2, 1.0)}
     slow = measured_profiles(costs, profiles, pick)
     assert slow[c.device_id].decode_flops_per_s < 0.5 * profiles[c.device_id].decode_flops_per_s
+
+
+def test_a_small_cluster_is_rebalanced_exactly_and_the_slowed_device_keeps_a_sub_range() -> None:
+    """3 devices x 32 modules: decided by the exhaustive search (exact with the movement term; CBC ran
+    to its time limit and then took a plan that re-ordered the devices); the device whose speed halved
+    keeps part of its range, so it builds nothing, and nobody is moved to the other end of the model."""
+    manifest = synthetic_manifest(num_layers=30)
+    opts = PlanOptions()
+    costs = ModelCosts.from_manifest(manifest, opts)
+    profiles = _devices()
+    m = costs.num_modules
+    current = price(manifest, profiles, [], opts, [("a", 0, 11), ("b", 11, 22), ("c", 22, m)], epoch=3)
+    slow = measured_profiles(costs, profiles, {"b": (11, 22, 2000.0 * current.stages[1].compute_s)})
+    decision = decide(manifest, slow, [], opts, current, CFG, epoch=4)
+    assert decision.accept and decision.plan is not None and decision.plan.solver == "brute"
+    assert decision.solve_s > 0
+    new = decision.plan.ranges()
+    assert [s.device_id for s in decision.plan.stages] == ["a", "b", "c"]  # same order
+    assert 11 <= new["b"][0] < new["b"][1] <= 22 and new["b"][1] - new["b"][0] < 11
+    # what the re-ordering plan of the DP/CBC path cost in movement, this one does not
+    inst = build_instance(manifest, list(slow.values()), [], opts, current.ranges())
+    order = [["a", "b", "c"].index(s.device_id) for s in decision.plan.stages]
+    cuts = [s.start for s in decision.plan.stages] + [m]
+    moved = evaluate(inst, order, cuts).moved_bytes
+    swapped = evaluate(inst, [2, 0, 1], cuts).moved_bytes  # the same cuts with the devices re-ordered
+    assert moved < swapped / 2
+
+
+def test_each_recent_rebalance_doubles_the_gain_the_next_must_bring() -> None:
+    assert [churn_min_gain(0.1, k) for k in range(4)] == pytest.approx([0.1, 0.2, 0.4, 0.8])
+    manifest = synthetic_manifest(num_layers=12)
+    opts = PlanOptions()
+    costs = ModelCosts.from_manifest(manifest, opts)
+    profiles = _devices()
+    current = solve(manifest, list(profiles.values()), [], opts, epoch=3)
+    c = current.stages[-1]
+    slower = measured_profiles(costs, profiles, {"c": (c.start, c.end, 1300.0 * c.compute_s)})
+    first = decide(manifest, slower, [], opts, current, RebalanceConfig(min_gain=churn_min_gain(0.1, 0)),
+                   epoch=1)
+    assert first.accept and 0.1 < first.predicted_gain < 0.4
+    # the same modest gain right after two accepted rebalances is refused as likely noise
+    churned = decide(manifest, slower, [], opts, current, RebalanceConfig(min_gain=churn_min_gain(0.1, 2)),
+                     epoch=1)
+    assert not churned.accept and "below the 40% threshold" in churned.reason

@@ -40,6 +40,7 @@ from aiohttp import web
 
 from llnode.model.manifest import Manifest
 from llnode.pipeline.metrics import live_context
+from llnode.plan.bruteforce import brute_force_work
 from llnode.plan.costs import ModelCosts, build_instance, evaluate
 from llnode.plan.solve import make_plan, solve
 from llnode.plan.types import DeviceProfile, LinkProfile, Plan, PlanError, PlanOptions
@@ -58,6 +59,16 @@ SETTLED_STEPS = 8  # a stage's EWMA counts as a speed once it has this many step
 # little optimality, while a loaded 2-core machine ran CBC to its 10 s default limit mid-drift (10.9 s
 # of a 25 s recovery went into deciding).
 REBALANCE_SOLVE_S = 2.0
+# Up to this many assignments a rebalance is decided by the exhaustive search instead: exact *with* the
+# movement term (which the MILP's DP warm start only approximates) and fast. 3 devices x 32 modules are
+# 2,979 assignments: 0.24 s, where CBC with the movement term ran to its 2 s limit even on an idle
+# machine and then took the DP's plan, which re-ordered the devices (19 modules built instead of 4).
+REBALANCE_BRUTE_WORK = 10_000
+# Anti-flapping: every rebalance accepted within this window doubles the predicted gain the next one must
+# bring. A quota'd device measures faster on a light range than on a heavy one, so after a switch the
+# speeds move again and each re-solve finds a "gain" of 15-25 %: a drift run accepted three rebalances in
+# a minute, the third measured -57 %.
+CHURN_WINDOW_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -163,6 +174,7 @@ class Decision:
     current_tokens_per_s: float
     new_tokens_per_s: float
     plan: Plan | None
+    solve_s: float = 0.0  # wall time of the re-solve (a phase of the recovery)
 
 
 def measured_profiles(
@@ -330,17 +342,24 @@ def decide(
         now_tps = now_plan.tokens_per_s
     else:
         now_tps = 0.0  # a stage node has no profile any more: anything that serves is a gain
-    opts = dataclasses.replace(options, movement_weight=max(options.movement_weight, config.movement_weight),
-                               time_limit_s=min(options.time_limit_s, REBALANCE_SOLVE_S))
+    num_modules = model.num_modules
+    small = brute_force_work(len(profiles), num_modules) <= REBALANCE_BRUTE_WORK
+    opts = dataclasses.replace(
+        options, movement_weight=max(options.movement_weight, config.movement_weight),
+        time_limit_s=min(options.time_limit_s, REBALANCE_SOLVE_S),
+        solver="brute" if small and options.solver == "auto" else options.solver,
+    )
+    began = time.perf_counter()
     new = solve(model, list(profiles.values()), links, opts, current=current, epoch=epoch)
+    took = time.perf_counter() - began
     gain = new.tokens_per_s / now_tps - 1.0 if now_tps > 0 else math.inf
     if new.ranges() == current.ranges():
-        return Decision(False, "the best plan is the current one", 0.0, now_tps, new.tokens_per_s, None)
+        return Decision(False, "the best plan is the current one", 0.0, now_tps, new.tokens_per_s, None, took)
     if gain < config.min_gain:
         return Decision(
             False,
             f"predicted gain {gain:+.1%} is below the {config.min_gain:.0%} threshold",
-            gain, now_tps, new.tokens_per_s, None,
+            gain, now_tps, new.tokens_per_s, None, took,
         )
     costs = model if isinstance(model, ModelCosts) else ModelCosts.from_manifest(model, options)
     reprefill, load = switch_cost_s(costs, current, new, live_tokens=live_tokens,
@@ -352,10 +371,21 @@ def decide(
             False,
             f"predicted gain {gain:+.1%} does not pay for the switch within {config.horizon_s:.0f} s "
             f"(re-prefill {reprefill:.1f} s + loading {load:.1f} s need {needed:+.1%})",
-            gain, now_tps, new.tokens_per_s, None,
+            gain, now_tps, new.tokens_per_s, None, took,
         )
     return Decision(True, f"predicted gain {gain:+.1%} (switch costs ~{reprefill + load:.1f} s)", gain,
-                    now_tps, new.tokens_per_s, new)
+                    now_tps, new.tokens_per_s, new, took)
+
+
+def churn_min_gain(min_gain: float, recent: int) -> float:
+    """The predicted gain a rebalance must bring after ``recent`` accepted ones within
+    ``CHURN_WINDOW_S``: ``min_gain`` doubled for each (10 %, 20 %, 40 %, ...).
+
+    Why: speeds measured right after a switch are the least settled (a quota'd device given a light
+    range bursts, one given a heavy range is held to its quota), so a re-solve then often predicts a
+    modest gain that is mostly noise. A real change (a second device throttled) still predicts far more.
+    """
+    return min_gain * 2 ** max(recent, 0)
 
 
 def stage_ratios(
@@ -432,6 +462,7 @@ class Rebalancer:
         self._last_epoch: int | None = None
         self._asking: asyncio.Task[None] | None = None
         self._pending: _Pending | None = None
+        self._accepted_at: list[float] = []  # when recent rebalances were accepted (anti-flapping)
         self._lock = asyncio.Lock()
         self.requests = 0
         self.accepted = 0
@@ -643,9 +674,13 @@ class Rebalancer:
             profiles = self.adjust(svc._profiles())
             links = svc._links(list(profiles))
             epoch = svc._max_epoch() + 1
+            now = time.monotonic()
+            self._accepted_at = [t for t in self._accepted_at if now - t < CHURN_WINDOW_S]
+            config = dataclasses.replace(self.config, min_gain=churn_min_gain(self.config.min_gain,
+                                                                              len(self._accepted_at)))
             try:
                 decision = await asyncio.to_thread(
-                    decide, svc.manifest, profiles, links, self.options(), current, self.config,
+                    decide, svc.manifest, profiles, links, self.options(), current, config,
                     epoch=epoch, live_tokens=self.live_tokens(),
                 )
             except PlanError as exc:
@@ -656,6 +691,7 @@ class Rebalancer:
                 else None,
                 "current_tokens_per_s": round(decision.current_tokens_per_s, 3),
                 "new_tokens_per_s": round(decision.new_tokens_per_s, 3),
+                "solve_s": round(decision.solve_s, 3), "min_gain": config.min_gain,
             }
             if not decision.accept or decision.plan is None:
                 # a refusal starts the cooldown too (without it, noisy speeds on two equal nodes got
@@ -665,6 +701,7 @@ class Rebalancer:
                 svc.event("rebalance-rejected", f"{decision.reason}; asked because {reason}", **data)
                 return {"accepted": False, **data, "reason": decision.reason}
             self._publish(decision.plan, why="rebalance")
+            self._accepted_at.append(time.monotonic())
             self._pending = _Pending(decision.plan.epoch, self._measured_bottleneck_s(current) or 0.0,
                                      time.monotonic())
             self.accepted += 1

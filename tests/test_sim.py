@@ -4,6 +4,7 @@ and the per-module profile on a real (tiny) shard set. The planner in these test
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,11 @@ def costs(modules: int = 6, decode_ms: float = 10.0, batch4_ms: float | None = N
     return ModuleCosts(
         model="t", manifest_sha="x", threads=1, context=64, prompt_tokens=8,
         decode_s=[decode_ms / 1e3] * modules,
-        decode_batch_s=[(batch4_ms if batch4_ms is not None else 4 * decode_ms) / 1e3] * modules,
+        decode_batch_s=[  # linear in the batch size through the batch of 4 (default: no gain at all)
+            [(b if batch4_ms is None else 1 + (b - 1) * (batch4_ms / decode_ms - 1) / 3) * decode_ms / 1e3]
+            * modules
+            for b in (2, 4, 8)
+        ],
         prefill_s=[4 * decode_ms / 1e3] * modules,  # a prompt of 8 tokens costs 4 decode steps
         out_bytes_per_token=[HIDDEN] * (modules - 1) + [TOKEN_ID_BYTES],
         reference_flops_per_s=REF,
@@ -79,6 +84,45 @@ def test_batching_pays_off_only_as_much_as_measured() -> None:
     off = sim.run(Workload(sessions=8, duration_s=60, warmup_s=10)).tokens_per_s
     assert runs["cheap"] > 1.3 * off  # 4 rows for 1.5x the cost of one (prefills are not batched)
     assert runs["linear"] == pytest.approx(off, rel=0.1)  # rows cost as much batched as alone
+
+
+def test_batch_cost_follows_the_measured_curve() -> None:
+    """Piecewise linear between the measured batches of 1, 2, 4 and 8; beyond 8 along the last segment."""
+    c = replace(costs(modules=2), decode_batch_s=[[0.012] * 2, [0.015] * 2, [0.023] * 2])
+    ms = {b: c.decode_range_s(0, 2, REF, b) * 1e3 for b in (1, 2, 3, 4, 6, 8, 10)}
+    assert ms == pytest.approx({1: 20.0, 2: 24.0, 3: 27.0, 4: 30.0, 6: 38.0, 8: 46.0, 10: 54.0})
+    assert c.decode_range_s(0, 2, REF / 2, 4) == pytest.approx(0.060)  # half the speed: twice the time
+
+
+def test_prefill_runs_the_head_on_the_last_token_only() -> None:
+    c = costs()  # prompt of 8 tokens measured: 40 ms per module
+    assert c.prefill_range_s(0, 5, 16, REF) == pytest.approx(5 * 0.080)  # layers: linear in tokens
+    assert c.prefill_range_s(3, 6, 16, REF) == pytest.approx(2 * 0.080 + 0.040)  # the head: fixed
+
+
+def test_a_cpu_quota_throttles_sustained_work_but_not_short_bursts() -> None:
+    """CFS bandwidth control as the harness's CPU groups apply it: full speed until the period's budget
+    is spent, then a wait for the next period."""
+    plan = fixed_plan(("a", 0, 6))
+    sim = Simulator(costs(), [dev("a")], {}, no_replan, plan=plan, quotas={"a": 0.4}, period_s=0.1)
+    assert sim._cpu_done("a", 0.0, 0.030) == pytest.approx(0.030)  # within the 40 ms budget
+    assert sim._cpu_done("a", 0.030, 0.030) == pytest.approx(0.120)  # 10 ms left, throttled to 0.1
+    assert sim._cpu_done("a", 0.5, 0.100) == pytest.approx(0.5 + 0.2 + 0.02)  # 40 + 40 + 20 ms
+    # one session, 60 ms of compute per token at full speed: it overdraws the budget, so it is busy
+    # all the time and runs at 0.4 of the speed
+    one = sim.run(Workload(sessions=1, prompt_tokens=8, max_tokens=50, duration_s=30, warmup_s=5))
+    assert one.token_latency_s == pytest.approx(0.060 / 0.4, rel=0.05)
+    # two stages of 30 ms each at 0.6 of a core: one session keeps each busy half the time, its bursts
+    # fit the budget and run at full speed
+    plan = fixed_plan(("a", 0, 3), ("b", 3, 6))
+    quotas = {"a": 0.6, "b": 0.6}
+    sim = Simulator(costs(), [dev("a"), dev("b")], {}, no_replan, plan=plan, quotas=quotas)
+    two = sim.run(Workload(sessions=1, prompt_tokens=8, max_tokens=50, duration_s=30, warmup_s=5))
+    assert two.token_latency_s == pytest.approx(0.060, rel=0.1)
+    # busy all the time (6 sessions, no batching gain), each gets 0.6 of a core: 30 ms / 0.6 per step
+    sim = Simulator(costs(), [dev("a"), dev("b")], {}, no_replan, plan=plan, quotas=quotas, max_batch=1)
+    busy = sim.run(Workload(sessions=6, prompt_tokens=8, max_tokens=50, duration_s=60, warmup_s=10))
+    assert busy.tokens_per_s == pytest.approx(0.6 / 0.030, rel=0.1)
 
 
 def test_a_slow_link_slows_the_pipeline() -> None:

@@ -30,8 +30,8 @@ from llnode.model.manifest import Manifest, load_manifest
 
 CACHE_DIR = Path(os.environ.get("LLNODE_SIM_CACHE", Path.home() / ".cache" / "llnode" / "sim"))
 TOKEN_ID_BYTES = 8  # a token id between the entry and the first/last stage (int64)
-BATCH = 4  # the batch size measured besides single steps
-FORMAT = 2  # bump when the measured fields change: older caches are re-measured
+BATCH_SIZES = (2, 4, 8)  # decode batch sizes measured besides single steps (the batching curve)
+FORMAT = 4  # bump when the measured fields change: older caches are re-measured
 
 
 @dataclass(frozen=True)
@@ -44,12 +44,13 @@ class ModuleCosts:
     context: int
     prompt_tokens: int
     decode_s: list[float]  # one decode step of module m at ``context`` past tokens
-    decode_batch_s: list[float]  # one batched decode step of ``BATCH`` sessions (``model.batching``)
+    decode_batch_s: list[list[float]]  # [k][m]: a decode step of BATCH_SIZES[k] sessions (``model.batching``)
     prefill_s: list[float]  # one prefill of ``prompt_tokens`` tokens through module m
     out_bytes_per_token: list[int]  # hidden-state bytes per token after module m (the last: a token id)
     reference_flops_per_s: float  # decode FLOPs of the decoder layers / their measured seconds
     measured_at: float = 0.0
     profile_s: float = 0.0
+    batch_sizes: tuple[int, ...] = BATCH_SIZES
 
     @property
     def num_modules(self) -> int:
@@ -58,27 +59,35 @@ class ModuleCosts:
     def decode_range_s(self, start: int, end: int, flops_per_s: float, batch: int = 1) -> float:
         """One decode step of ``batch`` sessions through ``[start, end)`` on a device of ``flops_per_s``.
 
-        Batched steps cost the single step plus a measured marginal cost per extra row (linear between
-        the measured batch of 1 and of ``BATCH``: the weights are read once, the rows add arithmetic)."""
-        one = sum(self.decode_s[start:end])
-        extra = (sum(self.decode_batch_s[start:end]) - one) / (BATCH - 1)
-        return (one + (batch - 1) * max(extra, 0.0)) * self.reference_flops_per_s / flops_per_s
+        Piecewise linear between the measured batch sizes (1 and ``batch_sizes``), and beyond the largest
+        along its last segment: the curve is not a straight line (the weights are read once, but the
+        batch's KV padding and the per-row work grow), so one marginal cost from a batch of 4 priced a
+        batch of 2 too cheaply. Never cheaper than a smaller batch."""
+        sizes = [1, *self.batch_sizes]
+        times = [sum(self.decode_s[start:end])] + [sum(b[start:end]) for b in self.decode_batch_s]
+        for i in range(1, len(times)):
+            times[i] = max(times[i], times[i - 1])
+        k = next((i for i in range(1, len(sizes)) if batch <= sizes[i]), len(sizes) - 1)
+        slope = (times[k] - times[k - 1]) / (sizes[k] - sizes[k - 1])
+        t = times[k - 1] + (batch - sizes[k - 1]) * slope
+        return t * self.reference_flops_per_s / flops_per_s
 
     def prefill_range_s(self, start: int, end: int, tokens: int, flops_per_s: float) -> float:
-        """A prefill of ``tokens`` tokens through ``[start, end)``, linear in tokens from the measured one."""
-        return (
-            sum(self.prefill_s[start:end])
-            * tokens
-            / self.prompt_tokens
-            * self.reference_flops_per_s
-            / flops_per_s
-        )
+        """A prefill of ``tokens`` tokens through ``[start, end)``, linear in tokens from the measured one;
+        the head (the last module) runs on the last token only (``last_only``), so its cost is fixed."""
+        head = self.num_modules - 1
+        linear = sum(self.prefill_s[start : min(end, head)]) * tokens / self.prompt_tokens
+        fixed = self.prefill_s[head] if end > head else 0.0
+        return (linear + fixed) * self.reference_flops_per_s / flops_per_s
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> ModuleCosts:
+        data = dict(data)
+        sizes: list[int] = data.get("batch_sizes", BATCH_SIZES)  # type: ignore[assignment]
+        data["batch_sizes"] = tuple(sizes)  # JSON has lists; the dataclass compares tuples
         return cls(**data)  # type: ignore[arg-type]
 
 
@@ -86,22 +95,30 @@ def manifest_sha(shard_dir: Path) -> str:
     return hashlib.sha256((Path(shard_dir) / "manifest.json").read_bytes()).hexdigest()[:16]
 
 
-def _best_s(call: Callable[[], None], repeats: int) -> float:
-    """Fastest of ``repeats`` calls after a warm-up: on a shared machine the minimum is the module's own
-    cost, the rest is other processes' (the device's speed under load is a separate, scalar measurement)."""
+def _time_s(call: Callable[[], None], repeats: int, typical: bool) -> float:
+    """Seconds per call after a warm-up: the fastest of ``repeats`` (the module's own cost: on a shared
+    machine the rest is other processes'), or with ``typical`` their mean (what a run under the same
+    load sees: the validation's side-by-side calibration)."""
     call()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         call()
         times.append(time.perf_counter() - t0)
-    return min(times)
+    return sum(times) / len(times) if typical else min(times)
 
 
 def profile_modules(
-    shard_dir: Path, *, threads: int = 1, context: int = 64, prompt_tokens: int = 16, repeats: int = 9
+    shard_dir: Path,
+    *,
+    threads: int = 1,
+    context: int = 64,
+    prompt_tokens: int = 16,
+    repeats: int = 9,
+    typical: bool = False,
 ) -> ModuleCosts:
-    """Time every module of ``shard_dir`` alone (decode at ``context``; one prefill of the prompt)."""
+    """Time every module of ``shard_dir`` alone (decode at ``context``; one prefill of the prompt; decode
+    batches of ``BATCH_SIZES``); ``typical``: mean times instead of the fastest (see :func:`_time_s`)."""
     from llnode.model.batching import decode_batch
     from llnode.model.runner import ModuleRunner
 
@@ -109,7 +126,9 @@ def profile_modules(
     manifest: Manifest = load_manifest(shard_dir)
     rng = np.random.default_rng(0)
     hidden = manifest.hidden_size
-    decode, prefill, batched = [], [], []
+    decode: list[float] = []
+    prefill: list[float] = []
+    batched: list[list[float]] = []  # [m][k]
     for info in manifest.modules:
         m = info.index
         runner = ModuleRunner(shard_dir, manifest, m, m + 1, threads=threads)
@@ -124,10 +143,11 @@ def profile_modules(
 
         def run_prefill(r: ModuleRunner = runner, x: np.ndarray = x_prompt) -> None:
             sid = uuid.uuid4().hex
-            r.step(sid, x, np.arange(x.shape[1], dtype=np.int64)[None, :])
+            # the last stage runs the head on the last token only (``last_only``), as the stage does
+            r.step(sid, x, np.arange(x.shape[1], dtype=np.int64)[None, :], last_only=r.is_last)
             r.free(sid)
 
-        prefill.append(_best_s(run_prefill, 3))
+        prefill.append(_time_s(run_prefill, 3, typical))
         sid = "sim-profile"
         runner.step(sid, inputs(context), np.arange(context, dtype=np.int64)[None, :])
         one = inputs(1)
@@ -139,31 +159,34 @@ def profile_modules(
             r.step(sid, x, np.array([[p[0]]], dtype=np.int64))
             p[0] += 1
 
-        decode.append(_best_s(run_decode, repeats))
+        decode.append(_time_s(run_decode, repeats, typical))
         runner.free(sid)
-        sids = [f"sim-batch-{k}" for k in range(BATCH)]
-        for k in sids:
-            runner.step(k, inputs(context), np.arange(context, dtype=np.int64)[None, :])
-        xb = np.concatenate([inputs(1) for _ in sids])
-        posb = [context]
+        per_size = []
+        for size in BATCH_SIZES:
+            sids = [f"sim-batch-{k}" for k in range(size)]
+            for k in sids:
+                runner.step(k, inputs(context), np.arange(context, dtype=np.int64)[None, :])
+            xb = np.concatenate([inputs(1) for _ in sids])
+            posb = [context]
 
-        def run_batch(
-            r: ModuleRunner = runner,
-            x: np.ndarray = xb,
-            p: list[int] = posb,
-            kind: str = info.kind,
-            sids: list[str] = sids,
-        ) -> None:
-            if kind == "layer":
-                decode_batch(r, sids, x, [p[0]] * len(sids))
-            else:  # no KV cache: the module takes the rows as one batch directly
-                r.step("sim-rows", x, np.full((len(sids), 1), p[0], dtype=np.int64))
-                r.free("sim-rows")
-            p[0] += 1
+            def run_batch(
+                r: ModuleRunner = runner,
+                x: np.ndarray = xb,
+                p: list[int] = posb,
+                kind: str = info.kind,
+                sids: list[str] = sids,
+            ) -> None:
+                if kind == "layer":
+                    decode_batch(r, sids, x, [p[0]] * len(sids))
+                else:  # no KV cache: the module takes the rows as one batch directly
+                    r.step("sim-rows", x, np.full((len(sids), 1), p[0], dtype=np.int64))
+                    r.free("sim-rows")
+                p[0] += 1
 
-        batched.append(_best_s(run_batch, repeats))
-        for k in sids:
-            runner.free(k)
+            per_size.append(_time_s(run_batch, repeats, typical))
+            for k in sids:
+                runner.free(k)
+        batched.append(per_size)
     layers = [i.index for i in manifest.modules if i.kind == "layer"]
     flops = sum(manifest.modules[m].flops.at(context) for m in layers)
     out = [manifest.boundary_bytes(m) for m in range(manifest.num_modules - 1)] + [TOKEN_ID_BYTES]
@@ -174,7 +197,7 @@ def profile_modules(
         context=context,
         prompt_tokens=prompt_tokens,
         decode_s=decode,
-        decode_batch_s=batched,
+        decode_batch_s=[[b[k] for b in batched] for k in range(len(BATCH_SIZES))],
         prefill_s=prefill,
         out_bytes_per_token=out,
         reference_flops_per_s=flops / sum(decode[m] for m in layers),

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 from llnode.emulate.profiles import LinkClass, pair_links
 from llnode.model.manifest import Manifest
 from llnode.pipeline.local import PREFILL_CHUNK
+from llnode.pipeline.stage import GATHER_MAX_S
 from llnode.plan import solve
 from llnode.plan.costs import ModelCosts as ModelCosts_
 from llnode.plan.types import DeviceProfile, Plan, PlanOptions
@@ -137,6 +138,8 @@ class Simulator:
         events: Sequence[Event] = (),
         plan: Plan | None = None,
         max_batch: int = 0,
+        quotas: Mapping[str, float] | None = None,
+        period_s: float = 0.1,
     ) -> None:
         self.costs = costs
         self.profiles = {d.device_id: d for d in devices}
@@ -149,10 +152,16 @@ class Simulator:
         self.alive = set(self.profiles)
         self.slow: dict[str, float] = dict.fromkeys(self.profiles, 1.0)
         self.max_batch = max_batch
+        self.quotas = dict(quotas or {})
+        self.period_s = period_s
+        self.cfs: dict[str, tuple[int, float]] = {}  # device -> (CFS period index, CPU seconds used in it)
         self.queues: dict[str, deque[_Job]] = {}
         self.busy: set[str] = set()
         self.prefilling: dict[str, _Job] = {}
         self.decode_turn: dict[str, bool] = {}
+        self.gathering: dict[str, int] = {}  # device -> id of its wait for decode steps on their way
+        self.gathered: set[str] = set()  # devices whose wait is over: the next batch runs at once
+        self.last_batch_s: dict[str, float] = {}
         self.batches: Counter[int] = Counter()  # decode batches by size (compare: a stage's "batches")
         self.active = 0  # requests in progress (the sessions a stage holds: sizes its decode batches)
         self.link_free: dict[str, float] = {}
@@ -185,16 +194,66 @@ class Simulator:
         rtt = (a.rtt_ms if a else 0.0) + (b.rtt_ms if b else 0.0)
         return done + rtt / 2e3 + self.over.hop_s
 
+    def _cpu_done(self, dev: str, t: float, work: float) -> float:
+        """When ``work`` CPU seconds started at ``t`` finish on ``dev``.
+
+        A device with a quota (the harness's CPU groups: ``cpu.cfs_quota_us`` per ``cfs_period_us``) runs
+        at full speed until it has used ``quota * period`` in the current period, then waits for the next
+        one (CFS bandwidth control). Why model it: a stage that computes in short bursts never hits its
+        quota, so a node at 0.4 core serving one session runs at full speed, while the same node busy all
+        the time runs at 0.4; a constant ``0.4 x`` speed got both wrong (-33 % and +50 % on a quiet
+        machine). ``decode_flops_per_s`` of a device with a quota is therefore its unthrottled speed."""
+        q = self.quotas.get(dev)
+        if q is None:
+            return t + work
+        period, budget = self.period_s, self.quotas[dev] * self.period_s
+        k, used = self.cfs.get(dev, (-1, 0.0))
+        while True:
+            now_k = math.floor(t / period + 1e-9)
+            if now_k != k:
+                k, used = now_k, 0.0
+            end = (k + 1) * period
+            run = min(work, budget - used, end - t)
+            if run > 0:
+                t, used, work = t + run, used + run, work - run
+            if work <= 1e-12:
+                break
+            if t < end - 1e-12 and used < budget - 1e-12:
+                continue
+            t = end  # throttled (or the period ran out): the next period refills the budget
+        self.cfs[dev] = (k, used)
+        return t
+
     def _submit(self, dev: str, job: _Job) -> None:
-        self.queues.setdefault(dev, deque()).append(job)
-        if dev not in self.busy:
+        queue = self.queues.setdefault(dev, deque())
+        queue.append(job)
+        if dev in self.gathering and sum(not j.prefill for j in queue) >= self._gather_target(dev):
+            self._end_gather(dev, self.gathering[dev])  # the batch is full: no need to wait longer
+        elif dev not in self.busy:
             self._serve(dev)
+
+    def _limit(self) -> int:
+        """Decode batch limit (``StageWorker.batch_limit``): the sessions held, split over the stages."""
+        stages = len(self.plan.stages) if self.plan is not None else 1
+        return self.max_batch or max(1, math.ceil(max(self.active, 1) / stages))
+
+    def _gather_target(self, dev: str) -> int:
+        return min(self._limit(), max(self.active, 1))
+
+    def _end_gather(self, dev: str, token: int) -> None:
+        if self.gathering.get(dev) != token:
+            return  # that wait already ended (the batch filled up earlier)
+        del self.gathering[dev]
+        self.gathered.add(dev)
+        self.busy.discard(dev)
+        self._serve(dev)
 
     def _serve(self, dev: str) -> None:
         """The stage worker's loop (``StageWorker._run``): decode steps waiting here run as one batch, a
         prefill runs in chunks of ``PREFILL_CHUNK`` tokens, and while a prefill waits the two take turns
         (a new session's prompt is not held back by the others' decoding). Not modelled: the worker's
-        short wait for decode steps on their way (at most 5 % of a batch)."""
+        short wait for decode steps on their way (``StageWorker._gather``: 5 % of the last batch, at most
+        ``GATHER_MAX_S``, while fewer steps wait than the batch could hold and no prefill waits)."""
         queue = self.queues.setdefault(dev, deque())
         stale = [j for j in queue if j.epoch != self.epoch]  # a plan switch drops them: they re-prefill
         if stale:
@@ -209,10 +268,18 @@ class Simulator:
         if prefill is None and not queue:
             return
         speed = self.profiles[dev].decode_flops_per_s
-        stages = len(self.plan.stages) if self.plan is not None else 1
-        limit = self.max_batch or max(1, math.ceil(max(self.active, 1) / stages))
+        limit = self._limit()
         waiting_prefill = prefill is not None or any(j.prefill for j in queue)
         batch: list[_Job] = []
+        if not waiting_prefill and dev not in self.gathered:
+            wait = min(GATHER_MAX_S, 0.05 * self.last_batch_s.get(dev, 0.0))
+            if wait > 0 and sum(not j.prefill for j in queue) < self._gather_target(dev):
+                self._seq += 1
+                token = self.gathering[dev] = self._seq
+                self.busy.add(dev)  # the worker waits: arrivals queue up (or end the wait when full)
+                self.at(self.now + wait, lambda: self._end_gather(dev, token))
+                return
+        self.gathered.discard(dev)
         if self.decode_turn.get(dev, True) or not waiting_prefill:
             self.decode_turn[dev] = False
             keep: deque[_Job] = deque()
@@ -228,6 +295,7 @@ class Simulator:
         if batch:
             a, b = batch[0].start, batch[0].end
             work = self.costs.decode_range_s(a, b, speed, len(batch))
+            decode = True
             self.batches[len(batch)] += 1
             done_jobs = batch
         elif waiting_prefill:
@@ -243,12 +311,18 @@ class Simulator:
                 done_jobs = [prefill]
                 del self.prefilling[dev]
             self.decode_turn[dev] = True
+            decode = False
         else:
             return
         self.busy.add(dev)
-        finish = self.now + work * self.slow[dev] + self.over.step_s
+        # the daemon's per-step work (tensor decode/encode, hand-off, sampling) is CPU like the modules
+        step = self.over.step_s * self.costs.reference_flops_per_s / speed
+        began = self.now
+        finish = self._cpu_done(dev, self.now, (work + step) * self.slow[dev])
 
         def complete() -> None:
+            if decode:
+                self.last_batch_s[dev] = self.now - began
             self.busy.discard(dev)
             for job in done_jobs:
                 job.then()

@@ -31,7 +31,7 @@ from llnode.plan.costs import build_instance
 from llnode.plan.solve import make_plan
 from llnode.plan.synthetic import synthetic_manifest
 from llnode.plan.types import DeviceProfile, Plan
-from llnode.sim.costs import TOKEN_ID_BYTES, ModuleCosts, cached_costs
+from llnode.sim.costs import BATCH_SIZES, TOKEN_ID_BYTES, ModuleCosts, cached_costs
 from llnode.sim.engine import Simulator, Workload, planner
 
 
@@ -50,7 +50,7 @@ def flops_costs(manifest: Manifest, reference: ModuleCosts) -> ModuleCosts:
         context=ctx,
         prompt_tokens=p,
         decode_s=[m.flops.at(ctx) / rate for m in manifest.modules],
-        decode_batch_s=[m.flops.at(ctx) / rate for m in manifest.modules],  # batching priced as free
+        decode_batch_s=[[m.flops.at(ctx) / rate for m in manifest.modules]] * len(BATCH_SIZES),  # free
         prefill_s=[p * m.flops.at(p // 2) / prefill_rate for m in manifest.modules],
         out_bytes_per_token=[manifest.boundary_bytes(m) for m in range(manifest.num_modules - 1)]
         + [TOKEN_ID_BYTES],

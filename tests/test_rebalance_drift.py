@@ -335,3 +335,18 @@ def test_each_recent_rebalance_doubles_the_gain_the_next_must_bring() -> None:
     churned = decide(manifest, slower, [], opts, current, RebalanceConfig(min_gain=churn_min_gain(0.1, 2)),
                      epoch=1)
     assert not churned.accept and "below the 40% threshold" in churned.reason
+
+
+def test_recovery_is_timed_against_the_fresh_plan_over_a_sustained_window() -> None:
+    from llnode.bench.balance import recovery_time
+
+    def stamps(t0: float, t1: float, rate: float) -> list[float]:
+        return list(np.arange(t0, t1, 1.0 / rate))
+
+    # 10 tok/s, the cut at 20 s drops it to 3, one lucky 2 s burst at 24 s, back at 9.5 from 30 s
+    series = (stamps(0, 20, 10) + stamps(20, 24, 3) + stamps(24, 26, 12) + stamps(26, 30, 3)
+              + stamps(30, 60, 9.5))
+    assert recovery_time(series, 20.0, 60.0, reference=10.0) == pytest.approx(10.0, abs=1.0)
+    # a fresh plan that measures far better is never reached; nor is anything without a reference
+    assert recovery_time(series, 20.0, 60.0, reference=20.0) is None
+    assert recovery_time(series, 20.0, 60.0, reference=0.0) is None

@@ -11,7 +11,9 @@ share of one core (:mod:`llnode.emulate.cgroups`); never sleeps.
    rebalancing off so that nothing moves while a plan is measured.
 2. Drift: 3 equal nodes, then the busiest stage node's quota is cut to 30 % mid-run. Tokens/s over time
    with and without rebalancing (fresh clusters), recovery time and where it went (detection, decision,
-   loading, re-prefill, back to speed), failed requests; a timeline PNG.
+   loading, re-prefill, back to speed), failed requests; a timeline PNG. Recovered means within 10 % of
+   what a fresh cluster measures when it starts with the cut quota (its leader's plan knows from the
+   outset), measured in the same run.
 3. Steady: 2 equal nodes, rebalancing on, 4 concurrent sessions: after a warm-up, how many times the
    plan changes (it should not: concurrency is not drift).
 
@@ -65,6 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cut-at-s", type=float, default=25.0, help="when the quota is cut")
     parser.add_argument("--drift-quota", type=float, default=0.6, help="everyone's quota before the cut")
     parser.add_argument("--cut-to", type=float, default=0.3, help="the cut node's quota after the cut")
+    parser.add_argument("--reference-s", type=float, default=40.0,
+                        help="drift part: seconds measured on a fresh cluster started with the cut quota")
     parser.add_argument("--png", type=Path, default=Path("balance-timeline.png"), help="timeline plot")
     parser.add_argument("--steady-s", type=float, default=45.0, help="steady part: seconds after warm-up")
     parser.add_argument("--skip-static", action="store_true")
@@ -284,7 +288,55 @@ async def static_part(args: argparse.Namespace, shards: Path, log: list[str]) ->
     return out
 
 
-async def drift_run(args: argparse.Namespace, shards: Path, rebalance: bool) -> dict[str, Any]:
+RECOVERED_WITHIN = 0.10  # recovered: within 10 % of the fresh plan's tokens/s ...
+RECOVERED_FOR_S = 6.0  # ... on average over this long (2 s buckets swing by +-30 % under load)
+
+
+def recovery_time(stamps: list[float], t_cut: float, t_end: float, reference: float) -> float | None:
+    """Seconds from the cut until the throughput, averaged over the next ``RECOVERED_FOR_S``, is first
+    within ``RECOVERED_WITHIN`` of ``reference`` (what a fresh cluster measured with the cut quota from
+    the start, rebalancing off: the plan the leader makes when it knows from the outset). None: never."""
+    if reference <= 0:
+        return None
+    ordered = sorted(stamps)
+    t = t_cut
+    while t + RECOVERED_FOR_S <= t_end:
+        lo = np.searchsorted(ordered, t)
+        hi = np.searchsorted(ordered, t + RECOVERED_FOR_S)
+        if (hi - lo) / RECOVERED_FOR_S >= (1.0 - RECOVERED_WITHIN) * reference:
+            return round(t - t_cut, 1)
+        t += 0.5
+    return None
+
+
+async def reference_run(args: argparse.Namespace, shards: Path, slow: int) -> dict[str, Any]:
+    """A fresh cluster whose node ``slow`` has the cut quota from the start, rebalancing off: the
+    leader's plan from profiles taken under that quota, measured with the same load. What a rebalance
+    after the cut should get back to (issue 6: within 10 % of a fresh optimal plan)."""
+    quotas = [args.drift_quota] * 3
+    quotas[slow] = args.cut_to
+    cluster = LocalCluster(
+        nodes=3, base_port=free_base_port(3), model=shards.name, shards=shards.parent,
+        workdir=Path(tempfile.mkdtemp(prefix="llnode-fresh-")), quotas=quotas,
+        env={"LLNODE_THREADS": "1", "LLNODE_REBALANCE": "0"},
+    )
+    cluster.start()
+    try:
+        await cluster.wait_ready(600)
+        async with aiohttp.ClientSession() as session:
+            leader = await _leader(cluster, session)
+            plan = ((await _status(cluster, session, leader))["pipeline"]["plan"] or {})["plan"]
+            names = {(await _status(cluster, session, i)).get("id", ""): f"node{i}" for i in range(3)}
+            load = Load(cluster, args.sessions, args.tokens)
+            rate = await _measure(load, session, args.reference_s)
+    finally:
+        cluster.stop()
+    return {"quotas": quotas, "plan": _ranges(plan, names), "tokens_per_s": round(rate, 3),
+            "failed_requests": len(load.failed), "failures": load.failed[:5]}
+
+
+async def drift_run(args: argparse.Namespace, shards: Path, rebalance: bool,
+                    reference: dict[str, Any] | None = None) -> dict[str, Any]:
     env = {"LLNODE_THREADS": "1", "LLNODE_REBALANCE": "1" if rebalance else "0",
            "LLNODE_REBALANCE_WINDOW_S": "4", "LLNODE_REBALANCE_COOLDOWN_S": "8"}
     cluster = LocalCluster(
@@ -324,21 +376,21 @@ async def drift_run(args: argparse.Namespace, shards: Path, rebalance: bool) -> 
     before = load.rate(t0 + 8.0, t_cut)
     after = load.rate(t_cut, t_end)
     tail = load.rate(t_end - (t_end - t_cut) / 3, t_end)
-    recovery = None
-    for b, r in zip(times, rates, strict=True):
-        if t0 + b >= t_cut and r >= 0.9 * tail:
-            recovery = round(t0 + b + bucket - t_cut, 1)
-            break
+    fresh = reference["tokens_per_s"] if reference else 0.0
+    recovery = recovery_time(load.stamps, t_cut, t_end, fresh)
     phases = recovery_phases(events, wall_cut, recovery)
     return {
         "rebalance": rebalance, "slowed": f"node{slow}", "phases": phases, "plan_before": plan["stages"] and [
             (s.get("name") or s["device_id"], s["start"], s["end"]) for s in plan["stages"]],
         "tokens_per_s_before": round(before, 3), "tokens_per_s_after": round(after, 3),
         "tokens_per_s_tail": round(tail, 3), "recovery_s": recovery,
+        "after_over_fresh": round(after / fresh, 3) if fresh else None,
+        "tail_over_fresh": round(tail / fresh, 3) if fresh else None,
         "timeline": {"t": [float(t) for t in times], "tokens_per_s": [round(r, 3) for r in rates]},
         "cut_at_s": round(t_cut - t0, 1), "failed_requests": len(load.failed), "failures": load.failed[:5],
         "completed": load.completed,
-        "events": [{k: ev.get(k) for k in ("kind", "node", "message", "predicted_gain", "measured_gain")}
+        "events": [{k: ev.get(k) for k in ("kind", "node", "message", "predicted_gain", "measured_gain",
+                                           "solve_s")}
                    | {"t_after_cut": round(ev.get("t", wall_cut) - wall_cut, 1)}
                    for ev in events if ev["kind"] not in ("stage", "route")],
     }
@@ -347,18 +399,20 @@ async def drift_run(args: argparse.Namespace, shards: Path, rebalance: bool) -> 
 def recovery_phases(events: list[dict[str, Any]], cut: float, recovery_s: float | None) -> dict[str, Any]:
     """Where the time from the quota cut to full speed went, from the nodes' own events (wall clock).
 
-    detection: cut -> the first ``drift`` event; decision: -> the leader's ``rebalance``; loading: ->
-    the last stage node running the new plan (with each node's own load time); serving: -> the last
-    entry routing over it (sessions then re-prefill); back to speed: -> the 2 s throughput within 10 %
-    of the last third's (``recovery_s``).
+    detection: cut -> the first ``drift`` event; decision: -> the leader's ``rebalance`` (``solve_s``:
+    the re-solve's share of it, the rest is the request's trip and the leader's queue); loading: -> the
+    last stage node running the new plan (with each node's own load time and modules built); serving:
+    -> the last entry routing over it (sessions then re-prefill); back to speed: -> recovered
+    (``recovery_s``: throughput within 10 % of the fresh plan's; negative when that came first).
     """
     after = [ev for ev in events if ev.get("t", 0.0) >= cut]
     drift = next((ev for ev in after if ev["kind"] == "drift"), None)
     rebalance = next((ev for ev in after if ev["kind"] == "rebalance"), None)
-    out: dict[str, Any] = {"detection_s": None, "decision_s": None, "loading_s": None, "serving_s": None,
-                           "back_to_speed_s": None, "load_s": {}}
+    out: dict[str, Any] = {"detection_s": None, "decision_s": None, "solve_s": None, "loading_s": None,
+                           "serving_s": None, "back_to_speed_s": None, "load_s": {}}
     if drift is None or rebalance is None:
         return out
+    out["solve_s"] = rebalance.get("solve_s")
     epoch = rebalance.get("epoch")
     stages = [ev for ev in after if ev["kind"] == "stage" and ev.get("epoch") == epoch]
     routes = [ev for ev in after if ev["kind"] == "route" and f"epoch {epoch} " in ev.get("message", "")]
@@ -488,16 +542,23 @@ def run(args: argparse.Namespace) -> int:
                   f"over memory x{static['milp_over_memory']:.2f}, over best brute force "
                   f"x{static['milp_over_best']:.2f} ({static['best']})", flush=True)
         if not args.skip_drift:
-            without = await drift_run(args, shards, rebalance=False)
+            # the slowed node is the busiest stage's; with equal quotas that is node 0 or 1 whatever the
+            # run, and the fresh plan does not depend on which equal node is slow: measure it first
+            reference = await reference_run(args, shards, slow=0)
+            print(f"fresh plan with the cut quota from the start {reference['plan']}: "
+                  f"{reference['tokens_per_s']:.2f} tok/s", flush=True)
+            without = await drift_run(args, shards, rebalance=False, reference=reference)
             print(f"drift without rebalancing: {without['tokens_per_s_before']:.2f} -> "
-                  f"{without['tokens_per_s_after']:.2f} tok/s", flush=True)
-            with_rb = await drift_run(args, shards, rebalance=True)
+                  f"{without['tokens_per_s_after']:.2f} tok/s ({without['after_over_fresh']} of the fresh "
+                  f"plan), recovered {without['recovery_s']} s", flush=True)
+            with_rb = await drift_run(args, shards, rebalance=True, reference=reference)
             print(f"drift with rebalancing: {with_rb['tokens_per_s_before']:.2f} -> "
-                  f"{with_rb['tokens_per_s_after']:.2f} tok/s (tail {with_rb['tokens_per_s_tail']:.2f}), "
+                  f"{with_rb['tokens_per_s_after']:.2f} tok/s (tail {with_rb['tokens_per_s_tail']:.2f}; "
+                  f"{with_rb['after_over_fresh']} / {with_rb['tail_over_fresh']} of the fresh plan), "
                   f"recovery {with_rb['recovery_s']} s", flush=True)
             for ev in with_rb["events"]:
                 print(f"  event {ev['kind']}: {ev['message']}")
-            summary["drift"] = {"without": without, "with": with_rb}
+            summary["drift"] = {"without": without, "with": with_rb, "fresh": reference}
             write_timeline_png(
                 args.png,
                 [(without["timeline"]["t"], without["timeline"]["tokens_per_s"], (200, 40, 40)),
@@ -507,7 +568,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"timeline: {args.png} (red: without rebalancing, blue: with; grey: the quota cut)")
             ph = with_rb["phases"]
             print(f"recovery {with_rb['recovery_s']} s after the cut: detection {ph['detection_s']} s, "
-                  f"decision {ph['decision_s']} s, loading {ph['loading_s']} s {ph['load_s']}, "
+                  f"decision {ph['decision_s']} s (solve {ph['solve_s']} s), loading {ph['loading_s']} s "
+                  f"{ph['load_s']}, "
                   f"serving (route switch) {ph['serving_s']} s, back to speed {ph['back_to_speed_s']} s",
                   flush=True)
         if not args.skip_steady:
@@ -530,11 +592,14 @@ def run(args: argparse.Namespace) -> int:
         "rebalance_gain": _ratio(drift, "tokens_per_s_after"),
         "rebalance_gain_tail": _ratio(drift, "tokens_per_s_tail"),
         "recovery_s": drift["with"]["recovery_s"] if drift else None,
+        "fresh_tokens_per_s": drift["fresh"]["tokens_per_s"] if drift else None,
+        "after_over_fresh": drift["with"]["after_over_fresh"] if drift else None,
         "recovery_phases": {k: v for k, v in drift["with"]["phases"].items() if k != "load_s"} if drift
         else None,
         "steady_replans": summary["steady"]["steady_replans"] if "steady" in summary else None,
         "failed_requests": static.get("failed_requests", 0)
-        + (drift["with"]["failed_requests"] + drift["without"]["failed_requests"] if drift else 0)
+        + (drift["with"]["failed_requests"] + drift["without"]["failed_requests"]
+           + drift["fresh"]["failed_requests"] if drift else 0)
         + summary.get("steady", {}).get("failed_requests", 0),
         "tokens_per_s": static.get("tokens_per_s"),
     }

@@ -3,6 +3,7 @@ and the per-module profile on a real (tiny) shard set. The planner in these test
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -211,3 +212,18 @@ def test_validation_verdict_counts_a_collapsed_run_as_a_miss() -> None:
     assert _within({**row, "measured_tps": 10.5, "measured_latency_s": 0.105}, 0.15)
     assert not _within({**row, "measured_tps": 5.0, "measured_latency_s": 0.105}, 0.15)
     assert not _within({**row, "measured_tps": 0.0, "measured_latency_s": float("nan")}, 0.15)
+
+
+def test_bench_measures_module_costs_inside_a_cpu_group(tiny_llama_shards: Path) -> None:
+    """The validation's side-by-side calibration: the batching curve measured now, in a CPU group at
+    100 % of a core (mean times: what a run under the same load sees), and the group removed after."""
+    from llnode.bench.sim import measure_costs
+    from llnode.emulate.cgroups import CPU_ROOT, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(f"needs a cgroup v1 CPU controller: {reason}")
+    c = measure_costs(tiny_llama_shards)
+    assert c.num_modules == 4 and c.batch_sizes == (2, 4, 8)
+    assert len(c.decode_batch_s) == 3 and all(len(b) == 4 and min(b) > 0 for b in c.decode_batch_s)
+    assert not (CPU_ROOT / f"llnode-simcal-{os.getpid()}").exists()  # the calibration group is gone

@@ -109,6 +109,11 @@ def test_a_cpu_quota_throttles_sustained_work_but_not_short_bursts() -> None:
     assert sim._cpu_done("a", 0.0, 0.030) == pytest.approx(0.030)  # within the 40 ms budget
     assert sim._cpu_done("a", 0.030, 0.030) == pytest.approx(0.120)  # 10 ms left, throttled to 0.1
     assert sim._cpu_done("a", 0.5, 0.100) == pytest.approx(0.5 + 0.2 + 0.02)  # 40 + 40 + 20 ms
+    # on a loaded host with half a core left, wall time doubles but the quota counts CPU time
+    loaded = Simulator(costs(), [dev("a")], {}, no_replan, plan=plan, quotas={"a": 0.4}, cpu_share=0.5)
+    assert loaded._cpu_done("a", 0.0, 0.030) == pytest.approx(0.060)  # 30 of the 40 ms budget
+    assert loaded._cpu_done("a", 0.060, 0.020) == pytest.approx(0.120)  # 10 ms to 0.08, wait, 10 ms
+    assert loaded._cpu_done("b", 0.0, 0.030) == pytest.approx(0.060)  # no quota: the share alone
     # one session, 60 ms of compute per token at full speed: it overdraws the budget, so it is busy
     # all the time and runs at 0.4 of the speed
     one = sim.run(Workload(sessions=1, prompt_tokens=8, max_tokens=50, duration_s=30, warmup_s=5))

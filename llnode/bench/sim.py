@@ -160,6 +160,7 @@ def predict(
     plan: Plan,
     speeds: dict[str, float],
     quotas: dict[str, float] | None,
+    cpu_share: float,
     mbit: float | None,
     entry: str,
     overheads: Overheads,
@@ -192,6 +193,7 @@ def predict(
         plan=plan,
         quotas=quotas,
         period_s=PERIOD_US / 1e6,
+        cpu_share=cpu_share,
     )
     res = sim.run(
         Workload(
@@ -270,7 +272,7 @@ async def run_config(cfg: Config, shards: Path, args: argparse.Namespace) -> dic
 
 _PROFILE = (
     "import json, sys; from llnode.sim.costs import profile_modules; "
-    "print(json.dumps(profile_modules(sys.argv[1], threads=1, typical=True).to_dict()))"
+    "print(json.dumps(profile_modules(sys.argv[1], threads=1).to_dict()))"
 )
 
 
@@ -279,8 +281,9 @@ def measure_costs(shards: Path) -> ModuleCosts:
 
     Why not the cache: costs cached under one load and used under another made every prediction start
     from the wrong speed (81.2 ms/token cached under load vs 59.4 measured quietly). Measured right
-    before the real runs, under the same quota mechanism and as mean times (not the fastest), load
-    affects both sides alike. Not cached: these figures are this minute's, not the machine's."""
+    before the real runs, under the same quota mechanism, with the load of this minute measured
+    alongside (``load_slowdown``: the simulator's ``cpu_share``), load affects both sides alike. Not
+    cached: the load is this minute's, not the machine's."""
     group = CpuGroup(f"llnode-simcal-{os.getpid()}", 1.0)
     try:
         procs_file = str(group.path / "cgroup.procs")
@@ -306,7 +309,8 @@ def measure_costs(shards: Path) -> ModuleCosts:
 
 def validation(shards: Path, args: argparse.Namespace, log: list[str]) -> dict[str, Any]:
     costs = measure_costs(shards)
-    full = costs.reference_flops_per_s  # one full core now: each node's speed before its quota
+    full = costs.reference_flops_per_s  # one full core: each node's speed before its quota
+    share = min(1.0, 1 / costs.load_slowdown)  # of a core, what other processes leave a busy one now
     manifest = load_manifest(shards)
     prompt_tokens = len(load_tokenizer(shards, manifest.tokenizer_file).encode(PROMPT))
     curve = " ".join(
@@ -315,7 +319,8 @@ def validation(shards: Path, args: argparse.Namespace, log: list[str]) -> dict[s
     print(
         f"module costs measured in {costs.profile_s:.1f} s (CPU group at 100 %): "
         f"{sum(costs.decode_s) * 1e3:.1f} ms per token on one core "
-        f"({full / 1e9:.2f} GFLOP/s on the layers); ms per step by batch size: {curve}",
+        f"({full / 1e9:.2f} GFLOP/s on the layers); ms per step by batch size: {curve}; "
+        f"the machine's load left {share:.0%} of a core",
         flush=True,
     )
     configs = [Config.parse(c) for c in args.configs.split(";") if c]
@@ -327,6 +332,7 @@ def validation(shards: Path, args: argparse.Namespace, log: list[str]) -> dict[s
             r["_plan"],
             speeds,
             None if startup else r["_quotas"],
+            1.0 if startup else share,
             r["mbit"],
             r["entry"],
             over,
@@ -374,6 +380,8 @@ def validation(shards: Path, args: argparse.Namespace, log: list[str]) -> dict[s
             row = {
                 "config": r["config"],
                 "plan": r["plan"],
+                "quotas": r["quotas"],
+                "mbit": r["mbit"],
                 "sessions": s,
                 "predicted_tps": round(p["tokens_per_s"], 3),
                 "measured_tps": round(m["tokens_per_s"], 3),
@@ -400,6 +408,8 @@ def validation(shards: Path, args: argparse.Namespace, log: list[str]) -> dict[s
         "step_s": step_s,
         "hop_s": hop_s,
         "batch_curve_s": {b: costs.decode_range_s(0, costs.num_modules, full, b) for b in (1, 2, 4, 8)},
+        "cpu_share": share,
+        "costs": costs.to_dict(),  # with the rows' plans and quotas: enough to re-predict offline
         "calibration": [{k: v for k, v in c.items() if not k.startswith("_")} for c in (calib, calib2)],
         "within_15pct": within,
     }
@@ -447,7 +457,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             val = validation(shards, args, log)
             summary["validation"] = val["rows"]
-            for key in ("step_s", "hop_s", "batch_curve_s"):
+            for key in ("step_s", "hop_s", "batch_curve_s", "cpu_share", "costs"):
                 summary[key] = val[key]
             summary["within_15pct"] = val["within_15pct"]
     if not args.skip_scale:

@@ -51,6 +51,9 @@ class ModuleCosts:
     measured_at: float = 0.0
     profile_s: float = 0.0
     batch_sizes: tuple[int, ...] = BATCH_SIZES
+    # mean / fastest decode step while profiling: > 1 when other processes took part of the core (a
+    # loaded machine); the simulator's ``cpu_share`` for runs at the same time is its inverse
+    load_slowdown: float = 1.0
 
     @property
     def num_modules(self) -> int:
@@ -95,17 +98,17 @@ def manifest_sha(shard_dir: Path) -> str:
     return hashlib.sha256((Path(shard_dir) / "manifest.json").read_bytes()).hexdigest()[:16]
 
 
-def _time_s(call: Callable[[], None], repeats: int, typical: bool) -> float:
-    """Seconds per call after a warm-up: the fastest of ``repeats`` (the module's own cost: on a shared
-    machine the rest is other processes'), or with ``typical`` their mean (what a run under the same
-    load sees: the validation's side-by-side calibration)."""
+def _time_s(call: Callable[[], None], repeats: int) -> tuple[float, float]:
+    """(fastest, mean) seconds of ``repeats`` calls after a warm-up. The fastest is the module's own CPU
+    cost (on a shared machine the rest is other processes'); the mean is what a run under the same load
+    sees, so their ratio says how much of a core this process gets now (``ModuleCosts.load_slowdown``)."""
     call()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         call()
         times.append(time.perf_counter() - t0)
-    return sum(times) / len(times) if typical else min(times)
+    return min(times), sum(times) / len(times)
 
 
 def profile_modules(
@@ -115,10 +118,9 @@ def profile_modules(
     context: int = 64,
     prompt_tokens: int = 16,
     repeats: int = 9,
-    typical: bool = False,
 ) -> ModuleCosts:
     """Time every module of ``shard_dir`` alone (decode at ``context``; one prefill of the prompt; decode
-    batches of ``BATCH_SIZES``); ``typical``: mean times instead of the fastest (see :func:`_time_s`)."""
+    batches of ``BATCH_SIZES``)."""
     from llnode.model.batching import decode_batch
     from llnode.model.runner import ModuleRunner
 
@@ -127,6 +129,7 @@ def profile_modules(
     rng = np.random.default_rng(0)
     hidden = manifest.hidden_size
     decode: list[float] = []
+    decode_mean: list[float] = []
     prefill: list[float] = []
     batched: list[list[float]] = []  # [m][k]
     for info in manifest.modules:
@@ -147,7 +150,7 @@ def profile_modules(
             r.step(sid, x, np.arange(x.shape[1], dtype=np.int64)[None, :], last_only=r.is_last)
             r.free(sid)
 
-        prefill.append(_time_s(run_prefill, 3, typical))
+        prefill.append(_time_s(run_prefill, 3)[0])
         sid = "sim-profile"
         runner.step(sid, inputs(context), np.arange(context, dtype=np.int64)[None, :])
         one = inputs(1)
@@ -159,7 +162,9 @@ def profile_modules(
             r.step(sid, x, np.array([[p[0]]], dtype=np.int64))
             p[0] += 1
 
-        decode.append(_time_s(run_decode, repeats, typical))
+        fastest, mean = _time_s(run_decode, repeats)
+        decode.append(fastest)
+        decode_mean.append(mean)
         runner.free(sid)
         per_size = []
         for size in BATCH_SIZES:
@@ -183,7 +188,7 @@ def profile_modules(
                     r.free("sim-rows")
                 p[0] += 1
 
-            per_size.append(_time_s(run_batch, repeats, typical))
+            per_size.append(_time_s(run_batch, repeats)[0])
             for k in sids:
                 runner.free(k)
         batched.append(per_size)
@@ -203,6 +208,7 @@ def profile_modules(
         reference_flops_per_s=flops / sum(decode[m] for m in layers),
         measured_at=time.time(),
         profile_s=time.perf_counter() - t_start,
+        load_slowdown=sum(decode_mean) / sum(decode),
     )
 
 

@@ -140,6 +140,7 @@ class Simulator:
         max_batch: int = 0,
         quotas: Mapping[str, float] | None = None,
         period_s: float = 0.1,
+        cpu_share: float = 1.0,
     ) -> None:
         self.costs = costs
         self.profiles = {d.device_id: d for d in devices}
@@ -154,6 +155,9 @@ class Simulator:
         self.max_batch = max_batch
         self.quotas = dict(quotas or {})
         self.period_s = period_s
+        if not 0 < cpu_share <= 1:
+            raise ValueError(f"cpu_share is the fraction of a core a busy process gets, got {cpu_share}")
+        self.cpu_share = cpu_share
         self.cfs: dict[str, tuple[int, float]] = {}  # device -> (CFS period index, CPU seconds used in it)
         self.queues: dict[str, deque[_Job]] = {}
         self.busy: set[str] = set()
@@ -197,25 +201,28 @@ class Simulator:
     def _cpu_done(self, dev: str, t: float, work: float) -> float:
         """When ``work`` CPU seconds started at ``t`` finish on ``dev``.
 
-        A device with a quota (the harness's CPU groups: ``cpu.cfs_quota_us`` per ``cfs_period_us``) runs
-        at full speed until it has used ``quota * period`` in the current period, then waits for the next
-        one (CFS bandwidth control). Why model it: a stage that computes in short bursts never hits its
-        quota, so a node at 0.4 core serving one session runs at full speed, while the same node busy all
-        the time runs at 0.4; a constant ``0.4 x`` speed got both wrong (-33 % and +50 % on a quiet
-        machine). ``decode_flops_per_s`` of a device with a quota is therefore its unthrottled speed."""
+        Other processes on the host leave a busy process ``cpu_share`` of a core, so work progresses
+        at that rate. A device with a quota (the harness's CPU groups: ``cpu.cfs_quota_us`` per
+        ``cfs_period_us``) runs until it has *used* ``quota * period`` CPU seconds in the current
+        period, then waits for the next one (CFS bandwidth control counts CPU time, not wall time).
+        Why model it: a stage that computes in short bursts never hits its quota, so a node at 0.4
+        core serving one session runs at full speed while the same node busy all the time runs at
+        0.4; a constant ``0.4 x`` speed got both wrong (-33 % and +50 % on a quiet machine).
+        ``decode_flops_per_s`` of a device with a quota is therefore its unthrottled speed."""
+        rate = self.cpu_share
         q = self.quotas.get(dev)
         if q is None:
-            return t + work
-        period, budget = self.period_s, self.quotas[dev] * self.period_s
+            return t + work / rate
+        period, budget = self.period_s, q * self.period_s
         k, used = self.cfs.get(dev, (-1, 0.0))
         while True:
             now_k = math.floor(t / period + 1e-9)
             if now_k != k:
                 k, used = now_k, 0.0
             end = (k + 1) * period
-            run = min(work, budget - used, end - t)
-            if run > 0:
-                t, used, work = t + run, used + run, work - run
+            cpu = min(work, budget - used, (end - t) * rate)  # CPU seconds this period still allows
+            if cpu > 0:
+                t, used, work = t + cpu / rate, used + cpu, work - cpu
             if work <= 1e-12:
                 break
             if t < end - 1e-12 and used < budget - 1e-12:

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -25,6 +26,7 @@ from llnode.pipeline import protocol
 from llnode.pipeline.engine import EngineUnavailable, GenerationRequest, Tokenizer
 from llnode.pipeline.local import PREFILL_CHUNK
 from llnode.pipeline.protocol import Step
+from llnode.pipeline.trace import HopProfile, Trace, mark, parse_trace
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,8 @@ class _Live:
     waiter: asyncio.Future[int] | None = None
     timeout_s: float = 30.0  # of the step in flight
     stages_used: set[str] = field(default_factory=set)
+    trace: Trace | None = None  # of the step in flight, if it is traced
+    woke_at: float | None = None  # when the generator last had its token (time.time)
 
 
 class DistributedEngine:
@@ -92,6 +96,10 @@ class DistributedEngine:
         self.recoveries = 0
         self.completed = 0
         self.longest_pause_s = 0.0
+        # Per-hop timing of every n-th decode step (trace.py); 0 turns it off.
+        self.trace_every = int(os.environ.get("LLNODE_TRACE_EVERY", "16"))
+        self.hops = HopProfile()
+        self._decode_steps = 0
 
     # ---- Engine protocol --------------------------------------------------------------------------
     @property
@@ -199,6 +207,13 @@ class DistributedEngine:
         # A long prompt's prefill on a slow device may take minutes; a lost step must still be noticed.
         live.timeout_s = route.step_timeout_s * math.ceil(len(step.ids) / PREFILL_CHUNK)
         live.stages_used.update(route.nodes)
+        live.trace = None
+        if not reset and self.trace_every > 0:
+            self._decode_steps += 1
+            if self._decode_steps % self.trace_every == 0:
+                # From the previous token's arrival, so the entry's own work between tokens shows too.
+                step.trace = live.trace = [] if live.woke_at is None else [["entry.wake", live.woke_at]]
+                mark(step.trace, "entry.send")
         try:
             await self._send(route.nodes[0], protocol.STEP, step.to_wire(None))
         except Exception as exc:
@@ -209,11 +224,17 @@ class DistributedEngine:
     async def _wait(self, live: _Live, waiter: asyncio.Future[int]) -> int:
         timeout = live.timeout_s
         try:
-            return await asyncio.wait_for(asyncio.shield(waiter), timeout)
+            token = await asyncio.wait_for(asyncio.shield(waiter), timeout)
         except TimeoutError as exc:
             raise StepFailed(f"no token within {timeout:.0f} s") from exc
         finally:
             live.waiter = None
+        live.woke_at = time.time()
+        if live.trace is not None:
+            mark(live.trace, "entry.wake")
+            self.hops.add(live.trace)
+            live.trace = None
+        return token
 
     def on_token(self, payload: Any) -> None:
         """A ``pipe.token`` from a last stage (or a stage's error report) for one of our sessions."""
@@ -230,6 +251,12 @@ class DistributedEngine:
         token = payload.get("token")
         if seq != live.seq or not isinstance(token, int) or not 0 <= token < self._vocab_size:
             return
+        if live.trace is not None:
+            try:
+                live.trace = parse_trace(payload.get("trace"))
+                mark(live.trace, "entry.token")
+            except ValueError:
+                live.trace = None  # a stage that does not trace: no profile for this step
         live.waiter.set_result(token)
 
     def on_route_lost(self, dead: set[str]) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from llnode.pipeline.sampling import SamplingConfig
+from llnode.pipeline.trace import Trace, parse_trace
 
 STEP = "pipe.step"
 TOKEN = "pipe.token"
@@ -71,7 +72,7 @@ class Step:
     after a failover or a plan switch, whose ``ids`` are then the whole token history (so the last stage
     sees every token the repetition penalty must know) and ``generated`` says how many of them the model
     produced, so the sampler resumes its random stream exactly where it was. ``hidden`` is absent only at
-    stage 0.
+    stage 0. ``trace``, on some decode steps, collects timestamps of every hand-off (``trace.py``).
     """
 
     session: str
@@ -84,6 +85,7 @@ class Step:
     hidden: np.ndarray | None = None
     sampling: SamplingConfig | None = None
     generated: int = 0
+    trace: Trace | None = None
 
     def to_wire(self, hidden: dict[str, Any] | None) -> dict[str, Any]:
         payload: dict[str, Any] = {
@@ -101,6 +103,8 @@ class Step:
             payload["sampling"] = sampling_to_wire(self.sampling)
         if self.generated:
             payload["generated"] = self.generated
+        if self.trace is not None:
+            payload["trace"] = self.trace
         return payload
 
 
@@ -142,6 +146,10 @@ def parse_step(payload: Any, vocab_size: int) -> Step:
     generated = payload.get("generated", 0)
     if not isinstance(generated, int) or isinstance(generated, bool) or not 0 <= generated <= len(ids):
         raise ProtocolError("generated must count tokens of this step")
+    try:
+        trace = parse_trace(payload["trace"]) if "trace" in payload else None
+    except ValueError as exc:
+        raise ProtocolError(str(exc)) from None
     return Step(
         session=session,
         epoch=epoch,
@@ -152,4 +160,5 @@ def parse_step(payload: Any, vocab_size: int) -> Step:
         reset=reset,
         sampling=sampling,
         generated=generated,
+        trace=trace,
     )

@@ -544,6 +544,7 @@ class PipelineService:
             },
             "sessions": self.engine.active_sessions if self.engine else 0,
             "recoveries": self.engine.recoveries if self.engine else 0,
+            "hops": self.engine.hops.snapshot() if self.engine else None,  # per-hop decode timing
             "fetch": self.fetcher.snapshot(),
             "events": self.events[-20:],
         }

@@ -35,6 +35,7 @@ from llnode.pipeline.local import PREFILL_CHUNK
 from llnode.pipeline.metrics import StageMetrics
 from llnode.pipeline.protocol import ProtocolError, Step
 from llnode.pipeline.sampling import Sampler
+from llnode.pipeline.trace import mark
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ class StageWorker:
         self._last_used: dict[str, float] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{self.start}")
         self._task: asyncio.Task[None] | None = None
+        self._mark = f"s{self.start}."  # prefix of this stage's trace labels
         if not self.last and next_node is None:
             raise ValueError("a stage that is not the last needs a next node")
 
@@ -129,6 +131,7 @@ class StageWorker:
         """Validate one ``pipe.step`` payload and queue it; a bad one is answered to its entry node."""
         try:
             step = protocol.parse_step(payload, self.manifest.vocab_size)
+            mark(step.trace, self._mark + "recv")
         except ProtocolError as exc:
             entry = payload.get("entry") if isinstance(payload, dict) else None
             session = payload.get("session") if isinstance(payload, dict) else None
@@ -144,6 +147,7 @@ class StageWorker:
             )
             await self._fail(step.entry, step.session, step.seq, str(exc))
             return
+        mark(step.trace, self._mark + "queued")
         self._queue.put_nowait(_Pending(step))
         self.metrics.queue_length = self._queue.qsize()
 
@@ -271,11 +275,15 @@ class StageWorker:
     async def _run_decodes(self, steps: list[Step]) -> None:
         loop = asyncio.get_running_loop()
         began = time.monotonic()
+        for step in steps:
+            mark(step.trace, self._mark + "take")
         try:
             outs = await loop.run_in_executor(self._executor, self._compute_decodes, steps)
         except Exception as exc:  # one batch's failure must not stop the stage
             log.warning("stage %d-%d failed a batch of %d: %s", self.start, self.end, len(steps), exc)
             outs = [exc] * len(steps)
+        for step in steps:
+            mark(step.trace, self._mark + "back")
         self._last_batch_s = time.monotonic() - began
         self.metrics.record(len(steps), self._last_batch_s, prefill=False)
         self.batch_sizes[len(steps)] += 1
@@ -329,6 +337,7 @@ class StageWorker:
         outs: list[np.ndarray | int | Exception] = []
         ok: list[int] = []
         for i, step in enumerate(steps):
+            mark(step.trace, self._mark + "run")
             try:
                 self._check_position(step)
                 if self.last and step.session not in self._samplers:
@@ -347,7 +356,9 @@ class StageWorker:
         else:
             h = decode_batch(self.runner, sessions, x, positions)
         for row, i in enumerate(ok):
+            mark(steps[i].trace, self._mark + "ort")
             outs[i] = self._samplers[sessions[row]].sample(h[row, -1]) if self.last else h[row : row + 1]
+            mark(steps[i].trace, self._mark + "done")
         return outs
 
     def _compute_chunk(self, job: _Prefill) -> np.ndarray | int | None:
@@ -380,9 +391,12 @@ class StageWorker:
         return sampler.sample(out[0, -1])
 
     async def _forward(self, step: Step, out: np.ndarray | int) -> None:
+        mark(step.trace, self._mark + "send")
         if self.last:
             assert isinstance(out, int)
-            reply = {"session": step.session, "seq": step.seq, "token": out}
+            reply: dict[str, Any] = {"session": step.session, "seq": step.seq, "token": out}
+            if step.trace is not None:
+                reply["trace"] = step.trace
             await self.send(step.entry, protocol.TOKEN, reply)
             return
         assert isinstance(out, np.ndarray) and self.next_node is not None

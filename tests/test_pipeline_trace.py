@@ -1,0 +1,130 @@
+"""Per-hop tracing of decode steps, and what it shows: micro-batches keep both stages busy at once.
+
+Real StageWorkers of the tiny Llama wired on one loop (``Wire`` of test_pipeline_stage) with the real
+entry; the entry traces every decode step and the last stage returns the marks with the token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_pipeline_stage import Wire, _prompts, _reference, _slowed
+
+from llnode.model.manifest import load_manifest
+from llnode.pipeline import protocol
+from llnode.pipeline.protocol import ProtocolError, parse_step
+from llnode.pipeline.trace import HopProfile, parse_trace
+
+STAGE_MARKS = ["recv", "queued", "take", "run", "ort", "done", "back", "send"]
+
+
+class TracingWire(Wire):
+    """Traces every decode step and keeps the traces the last stage sends back with the tokens."""
+
+    def __init__(self, shards: Path, **kw: Any) -> None:
+        super().__init__(shards, **kw)
+        self.traces: list[list[list[Any]]] = []
+
+    def start(self) -> None:
+        super().start()
+        self.engine.trace_every = 1
+
+    async def send(self, peer: str, msg_type: str, payload: dict[str, Any]) -> None:
+        if msg_type == protocol.TOKEN and "trace" in payload:
+            self.traces.append([list(m) for m in payload["trace"]])
+        await super().send(peer, msg_type, payload)
+
+
+def test_every_decode_step_is_traced_through_every_stage(tiny_llama_shards: Path) -> None:
+    manifest = load_manifest(tiny_llama_shards)
+    prompts = _prompts(manifest.vocab_size, [5, 9])
+    wire = TracingWire(tiny_llama_shards)
+    got = asyncio.run(wire.run(prompts))
+    assert got == _reference(tiny_llama_shards, prompts)  # tracing changes nothing in the answers
+    cut = manifest.num_modules // 2
+    want = ["entry.send", *(f"s0.{m}" for m in STAGE_MARKS), *(f"s{cut}.{m}" for m in STAGE_MARKS)]
+    # every decode step of both sessions (the prefills are not traced); the first has no previous wake
+    assert len(wire.traces) == 2 * (len(next(iter(got.values()))) - 1)
+    for trace in wire.traces:
+        labels = [label for label, _ in trace]
+        assert labels[-len(want):] == want
+        assert labels[0] in ("entry.wake", "entry.send")
+        times = [t for _, t in trace]
+        assert times == sorted(times)
+    profile = wire.engine.hops.snapshot()
+    assert profile["steps"] == len(wire.traces)
+    names = [row[0] for row in profile["segments"]]
+    assert names[0] == "entry.wake -> entry.send" and names[-1] == "entry.token -> entry.wake"
+    assert f"s0.send -> s{cut}.recv" in names  # the hop between the stages
+    assert profile["mean_ms"] > 0
+    # the segments' means add up to the mean step (what a client sees per token)
+    assert sum(row[1] for row in profile["segments"]) == pytest.approx(profile["mean_ms"], rel=0.05)
+
+
+def test_micro_batches_keep_both_stages_busy_at_once(tiny_llama_shards: Path) -> None:
+    """Four sessions through two stages form two groups of two: while stage a runs one group, stage b
+    runs the other, so the stages' compute intervals intersect (one group of four would alternate)."""
+    prompts = _prompts(load_manifest(tiny_llama_shards).vocab_size, [4, 6, 3, 5])
+    wire = TracingWire(tiny_llama_shards)
+    for w in wire.workers.values():  # compute as slow as a real model's next to the event loop
+        w._compute_decodes = _slowed(w._compute_decodes)  # type: ignore[method-assign,assignment]
+    got = asyncio.run(wire.run(prompts))
+    assert got == _reference(tiny_llama_shards, prompts)
+    cut = load_manifest(tiny_llama_shards).num_modules // 2
+
+    def busy(trace: list[list[Any]], stage: int) -> tuple[float, float]:
+        marks = dict((label, t) for label, t in trace)
+        return marks[f"s{stage}.take"], marks[f"s{stage}.back"]
+
+    a = {busy(t, 0) for t in wire.traces}
+    b = {busy(t, cut) for t in wire.traces}
+    overlaps = sum(1 for a0, a1 in a for b0, b1 in b if a0 < b1 and b0 < a1)
+    assert overlaps >= len(a) // 2, (overlaps, len(a))
+    for w in wire.workers.values():
+        assert max(w.batch_sizes) == 2, w.batch_sizes  # ceil(4 sessions / 2 stages)
+
+
+def test_hop_profile_reports_means_medians_and_order() -> None:
+    profile = HopProfile()
+    assert profile.snapshot() == {"steps": 0, "mean_ms": None, "median_ms": None, "segments": []}
+    profile.add([["a", 1.000], ["b", 1.001], ["c", 1.004]])
+    profile.add([["a", 2.000], ["b", 2.003], ["c", 2.004]])
+    snap = profile.snapshot()
+    assert snap["steps"] == 2
+    assert [row[0] for row in snap["segments"]] == ["a -> b", "b -> c"]
+    assert snap["segments"][0][1] == pytest.approx(2.0)  # mean ms of 1 and 3
+    assert snap["mean_ms"] == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize(
+    "trace",
+    [
+        "x",
+        [["a"]],
+        [["a", "late"]],
+        [[1, 2.0]],
+        [["", 2.0]],
+        [["a", True]],
+        [["a", 1.0]] * 65,
+        [["x" * 41, 1.0]],
+    ],
+)
+def test_a_malformed_trace_is_rejected_with_a_reason(trace: Any) -> None:
+    payload = {"session": "s", "epoch": 1, "seq": 1, "entry": "e", "pos0": 0, "ids": [1], "trace": trace}
+    with pytest.raises(ProtocolError, match="trace"):
+        parse_step(payload, 100)
+    with pytest.raises(ValueError, match="trace"):
+        parse_trace(trace)
+
+
+def test_a_trace_travels_with_the_step() -> None:
+    payload = {"session": "s", "epoch": 1, "seq": 1, "entry": "e", "pos0": 0, "ids": [1],
+               "trace": [["entry.send", 12.5]]}  # fmt: skip
+    step = parse_step(payload, 100)
+    assert step.trace == [["entry.send", 12.5]]
+    assert step.to_wire(None)["trace"] == [["entry.send", 12.5]]
+    untraced = {k: v for k, v in payload.items() if k != "trace"}
+    assert "trace" not in parse_step(untraced, 100).to_wire(None)

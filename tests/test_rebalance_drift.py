@@ -10,6 +10,7 @@ import pytest
 
 from llnode.model.manifest import Manifest
 from llnode.model.runner import ModuleRunner
+from llnode.pipeline.metrics import RECENT_STEPS, StageMetrics
 from llnode.pipeline.rebalance import (
     DriftDetector,
     RebalanceConfig,
@@ -350,3 +351,20 @@ def test_recovery_is_timed_against_the_fresh_plan_over_a_sustained_window() -> N
     # a fresh plan that measures far better is never reached; nor is anything without a reference
     assert recovery_time(series, 20.0, 60.0, reference=20.0) is None
     assert recovery_time(series, 20.0, 60.0, reference=0.0) is None
+
+
+def test_a_stage_reports_a_recent_speed_that_follows_a_step_change_and_ignores_spikes() -> None:
+    """The median of the latest steps (what the leader prices a device by) follows a cut within half
+    its window, where the EWMA (what drift detection judges) still shows half the change."""
+    m = StageMetrics()
+    assert m.recent_decode_ms() is None and m.snapshot()["decode_ms_recent"] is None
+    for _ in range(20):
+        m.record(1, 0.010, prefill=False)
+    m.record(1, 0.050, prefill=False)  # one spike
+    m.record(4, 0.400, prefill=True)  # prefill steps are not decode speed
+    assert m.recent_decode_ms() == pytest.approx(10.0)
+    for _ in range(RECENT_STEPS // 2 + 1):  # the device is cut to a third of its speed
+        m.record(2, 0.060, prefill=False)  # a batch of two sessions: 30 ms per token
+    assert m.recent_decode_ms() == pytest.approx(30.0)
+    assert m.decode_ms is not None and m.decode_ms < 0.9 * 30.0  # the EWMA still lags
+    assert m.snapshot()["decode_ms_recent"] == pytest.approx(30.0)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 BUSY_WINDOW_S = 30.0  # busy fraction over this recent window (a cumulative one hides a slowdown)
+RECENT_STEPS = 7  # decode_ms_recent: the median of this many latest decode steps
 
 
 class _Sessions(Protocol):
@@ -45,6 +46,7 @@ class StageMetrics:
     _busy_s: float = 0.0
     _since: float = field(default_factory=time.monotonic)
     _marks: deque[tuple[float, float]] = field(default_factory=deque)  # (when, busy seconds so far)
+    _recent: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
 
     def record(self, tokens: int, seconds: float, *, prefill: bool) -> None:
         per_token_ms = 1000.0 * seconds / max(tokens, 1)
@@ -52,6 +54,7 @@ class StageMetrics:
             self.prefill_ms_per_token = _ewma(self.prefill_ms_per_token, per_token_ms, self.alpha)
         else:
             self.decode_ms = _ewma(self.decode_ms, per_token_ms, self.alpha)
+            self._recent.append(per_token_ms)
         self.tokens += tokens
         self.steps += 1
         self._busy_s += seconds
@@ -74,9 +77,25 @@ class StageMetrics:
         span = now - t0
         return min(1.0, (self._busy_s - busy0) / span) if span > 0 else 0.0
 
+    def recent_decode_ms(self) -> float | None:
+        """The median ms per token of the last ``RECENT_STEPS`` decode steps (None before any).
+
+        Why beside the EWMA: the EWMA (what drift detection judges, smooth so that noise never fires)
+        lags a step change: after a device is cut to a tenth of a core it still showed 2x when the truth
+        was 3x, and the leader, pricing the device from it, gave it too much work twice (two rebalances
+        measured -15 % and -27 % before a third left it out). A median follows a step change within
+        half its window and ignores one- to three-step spikes: what a *speed* should be taken from.
+        """
+        if not self._recent:
+            return None
+        ordered = sorted(self._recent)
+        mid = len(ordered) // 2
+        return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
     def snapshot(self) -> dict[str, Any]:
         return {
             "decode_ms": self.decode_ms,
+            "decode_ms_recent": self.recent_decode_ms(),
             "prefill_ms_per_token": self.prefill_ms_per_token,
             "queue": self.queue_length,
             "tokens": self.tokens,

@@ -498,10 +498,22 @@ class Rebalancer:
                 out[n] = m
         return out
 
-    def _refresh_speeds(self, plan: Plan) -> None:
+    def _refresh_speeds(self, plan: Plan, fresh: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        """Take every stage's measured speed on ``plan`` from the gossiped metrics, or from ``fresh``
+        ones (an asker's own, sent with its request: gossip lags by up to ``METRICS_EVERY_S`` + a round).
+
+        The speed is the median of the latest steps where a stage reports it (``decode_ms_recent``),
+        else the EWMA: see :meth:`StageMetrics.recent_decode_ms`."""
         ranges = plan.ranges()
-        for dev, m in self._metrics().items():
-            ms, rng = m.get("decode_ms"), m.get("range")
+        metrics: dict[str, Mapping[str, Any]] = dict(self._metrics())
+        for dev, m in (fresh or {}).items():
+            steps, known = m.get("steps"), metrics.get(dev, {}).get("steps")
+            if isinstance(steps, int) and (not isinstance(known, int) or steps >= known):
+                metrics[dev] = m
+        for dev, m in metrics.items():
+            ms, rng = m.get("decode_ms_recent"), m.get("range")
+            if not isinstance(ms, (int, float)) or ms <= 0:
+                ms = m.get("decode_ms")
             if not isinstance(ms, (int, float)) or not isinstance(rng, list) or len(rng) != 2:
                 continue
             if m.get("epoch") != plan.epoch or tuple(rng) != ranges.get(dev):
@@ -623,18 +635,30 @@ class Rebalancer:
             if self._asking is None or self._asking.done():
                 self._asking = asyncio.create_task(self._ask(reason, plan.epoch, own / rest))
 
+    def _own_metrics(self) -> dict[str, Any] | None:
+        """This node's stage measurements now, as gossiped under ``metrics`` (sent with a request)."""
+        worker = self.service.worker
+        if worker is None:
+            return None
+        ctx = live_context(worker.runner)
+        return {**worker.metrics.snapshot(), "epoch": worker.epoch, "range": [worker.start, worker.end],
+                "context": None if ctx is None else round(ctx, 1)}
+
     async def _ask(self, reason: str, epoch: int, relative: float) -> None:
-        """Ask the leader (or ourselves) for a rebalance; a refusal makes this skew the new normal."""
+        """Ask the leader (or ourselves) for a rebalance, with this stage's measurements as of now; a
+        refusal makes this skew the new normal."""
         self.service.event("drift", reason)
         node = self.service.node
         leader = node.leader_id
         if leader is None:
             return
+        measured = self._own_metrics()
         try:
             if leader == node.node_id:
-                reply = await self.handle(reason, node.node_id)
+                reply = await self.handle(reason, node.node_id, measured)
             else:
-                raw = await node.links.request(leader, REBALANCE_MSG, {"reason": reason}, timeout=60.0)
+                raw = await node.links.request(leader, REBALANCE_MSG, {"reason": reason, "metrics": measured},
+                                               timeout=60.0)
                 reply = raw if isinstance(raw, dict) else {"accepted": False, "reason": "bad reply"}
         except Exception as exc:  # the leader may be dying; the detector fires again on the next episode
             log.warning("rebalance request failed: %s", exc)
@@ -651,10 +675,15 @@ class Rebalancer:
         reason = payload.get("reason") if isinstance(payload, dict) else None
         if not isinstance(reason, str) or not reason or len(reason) > 1000:
             return {"accepted": False, "reason": "a rebalance request needs a reason (a string)"}
-        return await self.handle(reason, peer)
+        measured = payload.get("metrics")
+        return await self.handle(reason, peer, measured if isinstance(measured, dict) else None)
 
-    async def handle(self, reason: str, asker: str) -> dict[str, Any]:
-        """Leader: decide on one rebalance request and publish the new plan if it is worth it."""
+    async def handle(
+        self, reason: str, asker: str, measured: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Leader: decide on one rebalance request and publish the new plan if it is worth it.
+
+        ``measured``: the asker's stage metrics as of its request, fresher than what gossip has."""
         svc = self.service
         self.requests += 1
         if not svc.node.is_leader:
@@ -670,7 +699,7 @@ class Rebalancer:
             if since < self.config.cooldown_s:
                 return {"accepted": False, "cooldown": True,
                         "reason": f"the plan changed {since:.0f} s ago (cooldown)"}
-            self._refresh_speeds(current)
+            self._refresh_speeds(current, {asker: measured} if measured else None)
             profiles = self.adjust(svc._profiles())
             links = svc._links(list(profiles))
             epoch = svc._max_epoch() + 1

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -76,8 +78,11 @@ def chain_decode_ms(shard_dir: Path, prompt_ids: list[int], tokens: int, rounds:
     return statistics.median(runs)
 
 
-async def timed_request(url: str, model: str, prompt: str, tokens: int) -> dict[str, Any]:
-    """Stream one greedy completion; returns ttft_s, decode ms/token, the token count, the gaps."""
+async def timed_request(
+    url: str, model: str, prompt: str, tokens: int, arrivals: list[float] | None = None
+) -> dict[str, Any]:
+    """Stream one greedy completion; returns ttft_s, decode ms/token, the token count, the gaps.
+    ``arrivals`` collects each token's arrival time as it comes (for a caller watching a live stream)."""
     body = {
         "model": model,
         "prompt": prompt,
@@ -98,6 +103,8 @@ async def timed_request(url: str, model: str, prompt: str, tokens: int) -> dict[
             if chunk.get("usage"):
                 count = int(chunk["usage"]["completion_tokens"])
             if chunk.get("choices"):
+                if arrivals is not None:
+                    arrivals.append(now)
                 if last is not None:
                     gaps.append(now - last)
                 first = first or now
@@ -139,18 +146,39 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def prefill_interference(url: str, model: str, long_prompt: str, tokens: int) -> dict[str, float]:
-    """Longest and median gap between the tokens of one stream while a long prompt is prefilled.
+async def prefill_interference(url: str, model: str, long_prompt: str) -> dict[str, float]:
+    """Longest gap between the tokens of a live stream while a long prompt is prefilled, and the
+    stream's median gap before it.
 
-    The long request starts once the stream is decoding; its prefill shares the stages with the stream's
-    decode steps, which wait for it whole, or for one chunk at a time when prefill is chunked."""
-    stream = asyncio.create_task(timed_request(url, model, PROMPT, tokens))
-    await asyncio.sleep(0.5)
-    long = await timed_request_any(url, model, long_prompt)
-    res = await stream
+    The long request starts once the stream has produced a few tokens; its prefill shares the stages
+    with the stream's decode steps, which wait for it whole, or for one chunk at a time when prefill is
+    chunked. The stream asks for far more tokens than it will get the time for and is closed once the
+    long answer is in, so it is alive during the whole prefill: only gaps that overlap the prefill count.
+    (An earlier version streamed a fixed number of tokens, which ran out before a slow prefill started
+    and reported a 53 ms "longest gap" for whole prefills.)"""
+    arrivals: list[float] = []
+    stream = asyncio.create_task(timed_request(url, model, PROMPT, 4096, arrivals))
+    try:
+        while len(arrivals) < 5:
+            if stream.done():
+                stream.result()  # raises what went wrong
+                raise RuntimeError("the stream ended before the long prompt could be sent")
+            await asyncio.sleep(0.01)
+        began = time.perf_counter()
+        long = await timed_request_any(url, model, long_prompt)
+        ended = time.perf_counter()
+        await asyncio.sleep(0.2)  # the stream's first token after the prefill closes the last gap
+    finally:
+        stream.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await stream
+    before = [b - a for a, b in itertools.pairwise(arrivals) if b <= began]
+    during = [b - a for a, b in itertools.pairwise(arrivals) if b > began and a < ended]
+    if not during or arrivals[-1] < ended:
+        raise RuntimeError("the stream did not outlast the long prompt's prefill")
     return {
-        "max_gap_ms": 1000 * max(res["gaps_s"]),
-        "median_gap_ms": 1000 * statistics.median(res["gaps_s"]),
+        "max_gap_ms": 1000 * max(during),
+        "median_gap_ms": 1000 * statistics.median(before),
         "long_ttft_s": long,
     }
 
@@ -164,6 +192,41 @@ async def timed_request_any(url: str, model: str, prompt: str) -> float:
             raise RuntimeError(f"{url}: {r.status} {await r.text()}")
         await r.read()
     return time.perf_counter() - t0
+
+
+def hop_summary(hops: dict[str, Any]) -> dict[str, float]:
+    """A traced step's mean ms by kind: onnxruntime, sampling, thread hand-offs, links, the rest."""
+    kinds = {"onnxruntime": 0.0, "sampling": 0.0, "thread hand-offs": 0.0, "links": 0.0, "rest": 0.0}
+    for name, mean_ms, _median, _p90 in hops.get("segments", []):
+        a, b = (part.rsplit(".", 1)[-1] for part in name.split(" -> "))
+        if (a, b) == ("run", "ort"):
+            kind = "onnxruntime"
+        elif (a, b) == ("ort", "done"):
+            kind = "sampling"
+        elif (a, b) in (("take", "run"), ("done", "back")):
+            kind = "thread hand-offs"
+        elif a == "send" and b in ("recv", "token"):
+            kind = "links"
+        else:
+            kind = "rest"
+        kinds[kind] += mean_ms
+    return kinds
+
+
+def _print_hops(nodes: int, hops: dict[str, Any], full: bool) -> None:
+    if not hops.get("steps"):
+        return
+    kinds = hop_summary(hops)
+    print(
+        f"  {nodes} nodes, where a token's {hops['mean_ms']:.2f} ms go "
+        f"(mean of {hops['steps']} traced steps): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in kinds.items()),
+        flush=True,
+    )
+    if full:
+        print(f"    {'segment':34s} {'mean':>7s} {'median':>7s} {'p90':>7s}")
+        for name, mean_ms, median_ms, p90 in hops["segments"]:
+            print(f"    {name:34s} {mean_ms:7.2f} {median_ms:7.2f} {p90:7.2f}")
 
 
 def _held_mb(shard_dir: Path, stages: list[list[Any]]) -> dict[str, float]:
@@ -190,6 +253,9 @@ async def _cluster_run(
         "throughput": {},
         "cpu_bound": {},
     }
+    async with aiohttp.ClientSession() as s:  # the latency rounds' per-hop profile (every step traced)
+        entry: dict[str, Any] = await cluster.status(0, s) or {}
+    out["hops"] = entry.get("pipeline", {}).get("hops") or {}
     for n in sessions:
         cpu0 = [_cpu_s(p.pid) for p in cluster.procs]
         t0 = time.perf_counter()
@@ -208,8 +274,8 @@ async def _cluster_run(
     out["rss_mb"] = [rss_bytes(p.pid, peak=True) / 2**20 for p in cluster.procs]
     out["rss_now_mb"] = [rss_bytes(p.pid) / 2**20 for p in cluster.procs]
     if long_prompt is not None:
-        await prefill_interference(url, model, long_prompt, 8)  # warm-up: the long shapes' first run
-        out["interference"] = await prefill_interference(url, model, long_prompt, tokens)
+        await prefill_interference(url, model, long_prompt)  # warm-up: the long shapes' first run
+        out["interference"] = await prefill_interference(url, model, long_prompt)
     return out
 
 
@@ -235,7 +301,7 @@ def _run_cluster(
     # This benchmark measures the pipeline itself; plan changes belong to `bench balance`. With drift
     # detection on, contention between concurrent sessions on a pinned core was read as drift and
     # re-planned (each switch re-prefills every session): 0.52x instead of 1.68x at 4 sessions.
-    cluster.env = {"LLNODE_REBALANCE": "0", **(env or {})}
+    cluster.env = {"LLNODE_REBALANCE": "0", "LLNODE_TRACE_EVERY": "1", **(env or {})}
     if pin:
         cluster.env["LLNODE_THREADS"] = "1"
         cluster.cpus = [[i % (os.cpu_count() or 1)] for i in range(nodes)]
@@ -276,6 +342,7 @@ def run(args: argparse.Namespace) -> int:
             f"{ {k: round(v) for k, v in held.items()} }",
             flush=True,
         )
+        _print_hops(n, res["hops"], full=n == 2)
     whole = _run_cluster(
         shards, 2, 8, 1, [], pin=False, env={"LLNODE_PREFILL_CHUNK": "0"}, long_prompt=long_prompt
     )
@@ -296,13 +363,20 @@ def run(args: argparse.Namespace) -> int:
         runs = {n: _run_cluster(shards, n, args.tokens, 1, sessions, pin=True, env=env) for n in (1, 2)}
         tput[mode] = {n: r["throughput"] for n, r in runs.items()}
         bound[mode] = {n: r["cpu_bound"] for n, r in runs.items()}
+    # With batching, two stages each batch half the sessions (two groups keep both busy), so two
+    # nodes can serve at most what one node serves to half the sessions, twice: 2 * T1(n/2). On a
+    # memory-bound CPU a batch of n costs little more than one of n/2, so this bound is close to T1(n).
+    limit2 = {n: 2 * tput["batched"][1][n // 2] for n in sessions if n % 2 == 0 and n // 2 in sessions}
     print("aggregate tokens/s, one core and one onnxruntime thread per node:")
-    print("  sessions" + "".join(f"  {m[:5]} 1n  {m[:5]} 2n  ratio" for m, _ in modes))
+    header = "".join(f"  {m[:5]} 1n  {m[:5]} 2n  ratio" for m, _ in modes)
+    print(f"  sessions{header}  batched bound 2n (ratio)")
     for n in sessions:
         row = f"  {n:8d}"
         for mode, _ in modes:
             a, b = tput[mode][1][n], tput[mode][2][n]
             row += f"  {a:8.1f}  {b:8.1f}  {b / a if a else float('nan'):5.2f}"
+        if n in limit2:
+            row += f"  {limit2[n]:8.1f} ({limit2[n] / tput['batched'][1][n]:.2f})"
         print(row)
     # On a machine shared with other jobs, wall-clock tokens/s mostly measures the others' load. Tokens
     # per CPU-second of the busiest node is what the pinned cores would give if they were really
@@ -330,9 +404,19 @@ def run(args: argparse.Namespace) -> int:
         "throughput_1": batched[1],
         "throughput_2": batched[2],
         "throughput_ratio_2": batched[2].get(4, float("nan")) / batched[1].get(4, float("nan")),
+        "throughput_ratio_2_mode": "batched",  # throughput_ratio_2 is 2 over 1 node at 4 sessions, batched
+        "throughput_ratios_2": {
+            mode: {n: t[2][n] / t[1][n] if t[1][n] else float("nan") for n in sessions}
+            for mode, t in tput.items()
+        },
+        "throughput_bound_2_batched": limit2,  # 2 * one node's batched tokens/s at half the sessions
         "cpu_bound_1": bound["batched"][1],
         "cpu_bound_2": bound["batched"][2],
         "prefill_gap_ms": {"chunked": chunked["max_gap_ms"], "whole": unchunked["max_gap_ms"]},
+        "prefill_long_s": {"chunked": chunked["long_ttft_s"], "whole": unchunked["long_ttft_s"]},
+        "hops_2": hop_summary(two["hops"]),
+        "hops_3": hop_summary(three["hops"]),
+        "hop_mean_ms_2": two["hops"].get("mean_ms"),
     }
     if "unbatched" in tput:
         summary["throughput_unbatched_1"] = tput["unbatched"][1]

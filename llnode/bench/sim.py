@@ -126,14 +126,37 @@ async def _client(
             await asyncio.sleep(1.0)
 
 
+_SHARE_PROBE = """
+import sys, time
+time.sleep(float(sys.argv[1]))
+end = time.perf_counter() + float(sys.argv[2])
+cpu = wall = 0.0
+while time.perf_counter() < end:
+    w0, c0 = time.perf_counter(), time.thread_time()
+    while time.thread_time() - c0 < 0.002:
+        pass
+    cpu += time.thread_time() - c0
+    wall += time.perf_counter() - w0
+    time.sleep(0.02)
+print(cpu / wall if wall else 1.0)
+"""
+
+
 async def measure_load(
     cluster: NetnsCluster, sessions: int, tokens: int, warm_s: float, measure_s: float
 ) -> dict[str, float]:
-    """Tokens/s and mean per-token gap with ``sessions`` clients on node 0, over the window only."""
+    """Tokens/s and mean per-token gap with ``sessions`` clients on node 0, over the window only; and
+    ``cpu_share``: the share of a core a process got meanwhile (a probe computing 2 ms at a time and
+    timing it). Why: on a shared machine the load changes by the minute; the share measured during the
+    window itself is what the simulator needs to price compute like the run experienced it (1.0 on
+    a quiet machine; it also catches the nodes' own contention for the host's cores)."""
     body = {"model": cluster.model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "stream": True}
     stamps: list[tuple[float, float | None, bool]] = []
     failures: list[str] = []
     stop = asyncio.Event()
+    probe = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _SHARE_PROBE, str(warm_s), str(measure_s), stdout=subprocess.PIPE
+    )
     async with aiohttp.ClientSession(headers=cluster.headers) as session:
         t_start = time.monotonic()
         tasks = [
@@ -143,6 +166,7 @@ async def measure_load(
         await asyncio.sleep(warm_s + measure_s)
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 300)
+    out, _ = await asyncio.wait_for(probe.communicate(), 60)
     t0, t1 = t_start + warm_s, t_start + warm_s + measure_s
     inside = [s for s in stamps if t0 <= s[0] < t1]
     gaps = [g for _, g, first in inside if not first and g is not None]
@@ -152,6 +176,7 @@ async def measure_load(
         "ttft_s": statistics.fmean(firsts) if firsts else float("nan"),
         "token_latency_s": statistics.fmean(gaps) if gaps else float("nan"),
         "failures": float(len(failures)),
+        "cpu_share": min(1.0, float(out.decode().strip() or 1.0)),
     }
 
 
@@ -281,9 +306,8 @@ def measure_costs(shards: Path) -> ModuleCosts:
 
     Why not the cache: costs cached under one load and used under another made every prediction start
     from the wrong speed (81.2 ms/token cached under load vs 59.4 measured quietly). Measured right
-    before the real runs, under the same quota mechanism, with the load of this minute measured
-    alongside (``load_slowdown``: the simulator's ``cpu_share``), load affects both sides alike. Not
-    cached: the load is this minute's, not the machine's."""
+    before the real runs, under the same quota mechanism (the fastest of several steps: the modules' own
+    CPU cost; the load is measured during each run, see :func:`measure_load`). Not cached."""
     group = CpuGroup(f"llnode-simcal-{os.getpid()}", 1.0)
     try:
         procs_file = str(group.path / "cgroup.procs")
@@ -310,7 +334,6 @@ def measure_costs(shards: Path) -> ModuleCosts:
 def validation(shards: Path, args: argparse.Namespace, log: list[str]) -> dict[str, Any]:
     costs = measure_costs(shards)
     full = costs.reference_flops_per_s  # one full core: each node's speed before its quota
-    share = min(1.0, 1 / costs.load_slowdown)  # of a core, what other processes leave a busy one now
     manifest = load_manifest(shards)
     prompt_tokens = len(load_tokenizer(shards, manifest.tokenizer_file).encode(PROMPT))
     curve = " ".join(
@@ -320,13 +343,14 @@ def validation(shards: Path, args: argparse.Namespace, log: list[str]) -> dict[s
         f"module costs measured in {costs.profile_s:.1f} s (CPU group at 100 %): "
         f"{sum(costs.decode_s) * 1e3:.1f} ms per token on one core "
         f"({full / 1e9:.2f} GFLOP/s on the layers); ms per step by batch size: {curve}; "
-        f"the machine's load left {share:.0%} of a core",
+        f"the machine's load left {1 / costs.load_slowdown:.0%} of a core meanwhile",
         flush=True,
     )
     configs = [Config.parse(c) for c in args.configs.split(";") if c]
 
     def sim(r: dict[str, Any], over: Overheads, sessions: int, startup: bool = False) -> dict[str, Any]:
         speeds = r["_speeds"] if startup else dict.fromkeys(r["_quotas"], full)
+        share = r[f"measured_{sessions}"]["cpu_share"]
         return predict(
             costs,
             r["_plan"],
@@ -347,7 +371,9 @@ def validation(shards: Path, args: argparse.Namespace, log: list[str]) -> dict[s
     # per step at each stage, as CPU of that node (tensor decode/encode, thread hand-off, sampling).
     calib = asyncio.run(run_config(Config([1.0], None), shards, args))
     bare = sim(calib, Overheads(), 1)
-    step_s = max(0.0, calib["measured_1"]["token_latency_s"] - bare["token_latency_s"])
+    m1 = calib["measured_1"]
+    # the gap is wall time at that window's CPU share; the simulator charges the step as CPU time
+    step_s = max(0.0, (m1["token_latency_s"] - bare["token_latency_s"]) * m1["cpu_share"])
     # Calibration 2: two nodes at one core each, unshaped: what a hop between daemons adds (framing,
     # encryption, two event loops, the kernel's bridge) beyond the modules and the per-step cost.
     calib2 = asyncio.run(run_config(Config([1.0, 1.0], None), shards, args))
@@ -358,10 +384,12 @@ def validation(shards: Path, args: argparse.Namespace, log: list[str]) -> dict[s
     print(
         f"calibration 1 (1 node, 1 core): measured "
         f"{calib['measured_1']['token_latency_s'] * 1e3:.1f} ms/token, modules alone "
-        f"{bare['token_latency_s'] * 1e3:.1f}: {step_s * 1e3:.1f} ms per stage step\n"
+        f"{bare['token_latency_s'] * 1e3:.1f} (CPU share {m1['cpu_share']:.2f}): "
+        f"{step_s * 1e3:.1f} ms of CPU per stage step\n"
         f"calibration 2 (2 nodes, 1 core each): measured "
         f"{calib2['measured_1']['token_latency_s'] * 1e3:.1f} ms/token, modules and steps "
-        f"{chain['token_latency_s'] * 1e3:.1f}: {hop_s * 1e3:.1f} ms per hop",
+        f"{chain['token_latency_s'] * 1e3:.1f} (CPU share {calib2['measured_1']['cpu_share']:.2f}): "
+        f"{hop_s * 1e3:.1f} ms per hop",
         flush=True,
     )
     rows = []
@@ -392,6 +420,7 @@ def validation(shards: Path, args: argparse.Namespace, log: list[str]) -> dict[s
                 "planner_tps": round(r["planner_tps"], 3),
                 "failures": m["failures"],
                 "speeds_gflops": r["speeds_gflops"],
+                "cpu_share": round(m["cpu_share"], 3),
                 "predicted_ttft_s": round(p["ttft_s"], 3),
                 "measured_ttft_s": round(m["ttft_s"], 3),
                 "predicted_batches": p["batches"],
@@ -408,7 +437,6 @@ def validation(shards: Path, args: argparse.Namespace, log: list[str]) -> dict[s
         "step_s": step_s,
         "hop_s": hop_s,
         "batch_curve_s": {b: costs.decode_range_s(0, costs.num_modules, full, b) for b in (1, 2, 4, 8)},
-        "cpu_share": share,
         "costs": costs.to_dict(),  # with the rows' plans and quotas: enough to re-predict offline
         "calibration": [{k: v for k, v in c.items() if not k.startswith("_")} for c in (calib, calib2)],
         "within_15pct": within,
@@ -457,7 +485,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             val = validation(shards, args, log)
             summary["validation"] = val["rows"]
-            for key in ("step_s", "hop_s", "batch_curve_s", "cpu_share", "costs"):
+            for key in ("step_s", "hop_s", "batch_curve_s", "costs", "calibration"):
                 summary[key] = val[key]
             summary["within_15pct"] = val["within_15pct"]
     if not args.skip_scale:

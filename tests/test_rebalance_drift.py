@@ -253,11 +253,12 @@ def test_a_gain_that_does_not_pay_for_the_switch_is_refused() -> None:
 
 
 def test_a_switch_shares_the_sessions_of_modules_the_node_already_runs(tiny_llama_shards: Path) -> None:
-    """A rebalance that gives a (throttled) node a sub-range of what it ran builds nothing new."""
-    old = ModuleRunner(tiny_llama_shards, start=0, end=3)
-    new = ModuleRunner(tiny_llama_shards, start=1, end=4, reuse=old)
-    fresh = ModuleRunner(tiny_llama_shards, start=1, end=4)
-    assert (old.built, new.built, fresh.built) == (3, 1, 3)  # only the head was built
+    """A rebalance that gives a (throttled) node a sub-range of what it ran builds nothing new (runners
+    fuse blocks of modules aligned to module indices, 2 here; a shared block is a shared session)."""
+    old = ModuleRunner(tiny_llama_shards, start=0, end=4, fuse=2)
+    new = ModuleRunner(tiny_llama_shards, start=2, end=4, reuse=old, fuse=2)
+    fresh = ModuleRunner(tiny_llama_shards, start=2, end=4, fuse=2)
+    assert (old.built, new.built, fresh.built) == (4, 0, 2)  # nothing was built
     hidden = old.manifest.hidden_size
     x = np.random.default_rng(0).standard_normal((1, 5, hidden), dtype=np.float32)
     pos = np.arange(5, dtype=np.int64)[None, :]

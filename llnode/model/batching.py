@@ -1,4 +1,5 @@
-"""Batched decode: one new token for each of several sessions, in one onnxruntime call per module.
+"""Batched decode: one new token for each of several sessions, in one onnxruntime call per runner unit
+(normally one for the runner's whole range, fused; see ``ModuleRunner``).
 
 WHY: decode is memory-bound. A decode step of one session reads every weight of the modules to multiply
 them by one vector; a step of B sessions reads them once for all B rows. Measured on the SmolLM2 chain,
@@ -23,7 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from llnode.model.runner import ModuleRunner, RunnerError, module_feeds
+from llnode.model.runner import ModuleRunner, RunnerError
 
 
 def decode_batch(
@@ -64,23 +65,23 @@ def decode_batch(
             mask[i, : c.length] = c.mask[0, : c.length]
             past_pos[i, : c.length] = c.positions[0, : c.length]
         mask[:, cap] = 1
-        for info, sess, wanted in runner.modules():
-            past_k = past_v = None
-            if info.kind == "layer":
-                assert info.layer is not None
-                past_k = np.zeros((b, m.num_kv_heads, cap, m.head_dim), np.float32)
-                past_v = np.zeros_like(past_k)
+        for unit in runner.units():
+            # Gather the rows' past K/V per layer of the unit: with a fused unit, all of its layers' at
+            # once (transiently about the batch's own KV bytes again).
+            past_k: dict[int, np.ndarray] = {}
+            past_v: dict[int, np.ndarray] = {}
+            for layer, _, _ in unit.kv_outputs:
+                past_k[layer] = np.zeros((b, m.num_kv_heads, cap, m.head_dim), np.float32)
+                past_v[layer] = np.zeros_like(past_k[layer])
                 for i, c in enumerate(caches):
-                    past_k[i, :, : c.length] = c.keys[info.layer][0, :, : c.length]
-                    past_v[i, :, : c.length] = c.values[info.layer][0, :, : c.length]
-            feeds = module_feeds(info, wanted, h, pos, mask, past_k, past_v, past_pos)
-            outs = sess.run(None, feeds)
+                    past_k[layer][i, :, : c.length] = c.keys[layer][0, :, : c.length]
+                    past_v[layer][i, :, : c.length] = c.values[layer][0, :, : c.length]
+            outs = unit.session.run(None, unit.feeds(h, pos, mask, past_k, past_v, past_pos))
             h = outs[0]
-            if info.kind == "layer":
-                assert info.layer is not None
+            for layer, k, v in unit.kv_outputs:
                 for i, c in enumerate(caches):
-                    c.keys[info.layer][0, :, c.length] = outs[1][i, :, 0]
-                    c.values[info.layer][0, :, c.length] = outs[2][i, :, 0]
+                    c.keys[layer][0, :, c.length] = outs[k][i, :, 0]
+                    c.values[layer][0, :, c.length] = outs[v][i, :, 0]
         for i, c in enumerate(caches):
             if layers:
                 c.mask[0, c.length] = 1

@@ -10,24 +10,37 @@ Threading: one onnxruntime *global* thread pool per process (``use_per_session_t
 many small sessions do not fight over the cores with their own spinning pools. ``step`` is meant to be
 called from a worker thread. Different sessions may be stepped concurrently from different threads;
 steps of the *same* session are serialised by a per-session lock (a pipeline never overlaps them anyway).
+
+Fusion: a runner runs its range as blocks of up to 8 modules, each ONE onnxruntime session (the module
+graphs concatenated by ``llnode.model.fuse``, which needs no ``onnx`` package), not one session per
+module: a ``session.run`` has a fixed cost paid per session per token. ``LLNODE_FUSE=0`` restores one
+session per module.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from llnode.model import names
+from llnode.model import fuse, names
 from llnode.model.manifest import Manifest, ManifestError, ModuleInfo, load_manifest
 from llnode.process import release_memory
 
 MIN_CAPACITY = 32
+# Modules fused into one session. WHY not the whole range: onnxruntime's session build grows faster than
+# linearly with the graph (int4 SmolLM2, CPU s: 4 layers 0.18, 8: 0.36, 16: 1.02, 30: 3.07; as 30 files
+# 1.44), and a plan switch can share only whole sessions; 4 runs per token instead of 1 cost ~0.4 ms of
+# ~23 (measured side by side; 32 runs cost ~3 ms). See docs/model.md.
+FUSE_BLOCK = 8
+
+log = logging.getLogger(__name__)
 
 _pool_lock = threading.Lock()
 _pool_mode: str | None = None  # "global" | "per-session"
@@ -101,6 +114,81 @@ class SessionCache:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+_HEAD_ALL = np.zeros(1, np.int64)  # ``head_from`` of a fused graph: the head runs on every token
+_HEAD_LAST = np.full(1, -1, np.int64)  # ... or on the last one only (``last_only``)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One onnxruntime session running consecutive modules of a runner's range (one ``session.run`` per
+    step): a single module file, or several fused into one graph (``llnode.model.fuse``)."""
+
+    modules: tuple[ModuleInfo, ...]
+    session: ort.InferenceSession
+    inputs: frozenset[str]
+    kv_outputs: tuple[tuple[int, int, int], ...]  # (layer, output index of key.l, output index of value.l)
+
+    @classmethod
+    def of(cls, modules: Sequence[ModuleInfo], session: ort.InferenceSession) -> Unit:
+        outs = [o.name for o in session.get_outputs()]
+        layers = [m.layer for m in modules if m.kind == "layer" and m.layer is not None]
+        kv = tuple((layer, outs.index(names.key(layer)), outs.index(names.value(layer))) for layer in layers)
+        return cls(tuple(modules), session, frozenset(i.name for i in session.get_inputs()), kv)
+
+    @property
+    def start(self) -> int:
+        return self.modules[0].index
+
+    @property
+    def end(self) -> int:
+        return self.modules[-1].index + 1
+
+    @property
+    def has_head(self) -> bool:
+        return self.modules[-1].kind == "head"
+
+    @property
+    def slices_head(self) -> bool:
+        """The head sits behind a ``head_from`` slice inside the graph (fused with other modules)."""
+        return fuse.HEAD_FROM in self.inputs
+
+    def feeds(
+        self,
+        h: np.ndarray,
+        positions: np.ndarray,
+        mask: np.ndarray | None,
+        keys: Mapping[int, np.ndarray],
+        values: Mapping[int, np.ndarray],
+        past_positions: np.ndarray,
+        last_only: bool = False,
+    ) -> dict[str, np.ndarray]:
+        """The inputs its graph declares: ids or hidden state, positions, and for decoder layers the
+        attention mask over past + new slots, each layer's past K/V and the past slots' positions."""
+        first = self.modules[0]
+        feeds = {names.INPUT_IDS if first.kind == "embed" else names.hidden(first.index): h}
+        feeds[names.POSITION_IDS] = positions
+        if self.kv_outputs:
+            assert mask is not None
+            feeds[names.ATTENTION_MASK] = mask
+            feeds[names.PAST_POSITIONS] = past_positions
+            for layer, _, _ in self.kv_outputs:
+                feeds[names.past_key(layer)] = keys[layer]
+                feeds[names.past_value(layer)] = values[layer]
+        feeds[fuse.HEAD_FROM] = _HEAD_LAST if last_only else _HEAD_ALL
+        return {k: v for k, v in feeds.items() if k in self.inputs}
+
+
+def fuse_block() -> int:
+    """Modules per fused session: ``$LLNODE_FUSE`` (0 or 1: one session per module), default
+    :data:`FUSE_BLOCK`."""
+    raw = os.environ.get("LLNODE_FUSE", "").strip()
+    try:
+        return max(1, int(raw)) if raw else FUSE_BLOCK
+    except ValueError:
+        msg = f"LLNODE_FUSE must be a number of modules per session (0: off), got {raw!r}"
+        raise RunnerError(msg) from None
+
+
 class ModuleRunner:
     """Modules ``[start, end)`` of a shard set, stepped per session.
 
@@ -112,6 +200,11 @@ class ModuleRunner:
         The runner remembers it for later steps of the session.
     Returns the hidden state ``[B, T, hidden]``, or the logits ``[B, T, vocab]`` if ``end`` is the last
     module. The batch size of a session is fixed by its first step.
+
+    The range runs as a few :class:`Unit` s: blocks of up to ``fuse`` modules (default
+    :data:`FUSE_BLOCK`, or ``$LLNODE_FUSE``; 0 or 1: one session per module), each block's graphs fused
+    into one onnxruntime session. WHY: each ``session.run`` has a fixed cost (~0.1 ms of CPU on the build
+    machine), paid per session per token; the KV contract and the numbers are the same either way.
     """
 
     def __init__(
@@ -122,10 +215,12 @@ class ModuleRunner:
         end: int | None = None,
         threads: int | None = None,
         reuse: ModuleRunner | None = None,
+        fuse: int | None = None,
     ) -> None:
-        """``reuse``: a runner of the same shard set whose onnxruntime sessions are shared for the modules
-        both hold (a plan switch then builds only what is new: building is the slow part, and on a
-        throttled device it took seconds; sessions are thread-safe and hold no KV, which is per runner).
+        """``reuse``: a runner of the same shard set whose sessions are shared for the blocks both run
+        (a plan switch then builds only the blocks that changed: building is the slow part, and on a
+        throttled device it took seconds; a fused session cannot be cut, hence blocks aligned to module
+        indices). Sessions are thread-safe and hold no KV, which is per runner.
         """
         self.shard_dir = Path(shard_dir)
         self.manifest = manifest if manifest is not None else load_manifest(self.shard_dir)
@@ -133,37 +228,23 @@ class ModuleRunner:
         self.start, self.end = start, n if end is None else end
         if not 0 <= self.start < self.end <= n:
             raise RunnerError(f"module range [{start}, {end}) is not inside [0, {n})")
-        so = _session_options(threads)
+        self.block = max(1, fuse_block() if fuse is None else fuse)
+        self._so = _session_options(threads)
         self._modules = self.manifest.modules[self.start : self.end]
-        self._sessions: list[ort.InferenceSession] = []
-        self._input_names: list[set[str]] = []
-        self._built = 0
         missing = [self.shard_dir / m.file for m in self._modules if not (self.shard_dir / m.file).is_file()]
         if missing and reuse is None:  # say "missing" before any other file fails to parse
             raise ManifestError(
                 f"module file {missing[0]} is missing (re-run 'llnode prepare' or copy the shard)"
             )
-        for info in self._modules:
-            shared = reuse._shared(self.shard_dir, info.index) if reuse is not None else None
-            if shared is not None:
-                self._sessions.append(shared)
-                self._input_names.append({i.name for i in shared.get_inputs()})
-                continue
-            path = self.shard_dir / info.file
-            if not path.is_file():
-                raise ManifestError(
-                    f"module file {path} is missing (re-run 'llnode prepare' or copy the shard)"
-                )
-            try:
-                sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-            except Exception as exc:  # onnxruntime raises its own classes (InvalidProtobuf, Fail, ...)
-                raise ManifestError(
-                    f"module file {path} cannot be loaded, corrupted? (re-run 'llnode prepare' or copy "
-                    f"the shard again): {exc}"
-                ) from exc
-            self._sessions.append(sess)
-            self._input_names.append({i.name for i in sess.get_inputs()})
-            self._built += 1
+        plan = self._plan_units(reuse)
+        self._built = 0
+        self._units: list[Unit] = []
+        for item in plan:
+            if isinstance(item, Unit):
+                self._units.append(item)
+            else:
+                self._units += self._build(item)
+                self._built += len(item)
         self._layers = [m.layer for m in self._modules if m.kind == "layer" and m.layer is not None]
         if self._built:
             # Loading parses each file, copies and prepacks its weights: glibc keeps the freed copies
@@ -172,15 +253,65 @@ class ModuleRunner:
         self._states: dict[str, SessionCache] = {}
         self._states_lock = threading.Lock()
 
-    def _shared(self, shard_dir: Path, index: int) -> ort.InferenceSession | None:
-        if shard_dir != self.shard_dir or not self.start <= index < self.end:
-            return None
-        return self._sessions[index - self.start]
+    def _plan_units(self, reuse: ModuleRunner | None) -> list[Unit | list[ModuleInfo]]:
+        """The range cut into its blocks (``self.block`` modules, aligned to absolute module indices, so
+        that two runners over overlapping ranges cut them alike); a block the ``reuse`` runner already
+        runs as one unit is shared, the others are to be built."""
+        same = reuse is not None and reuse.shard_dir == self.shard_dir
+        reusable = {(u.start, u.end): u for u in reuse._units} if reuse is not None and same else {}
+        plan: list[Unit | list[ModuleInfo]] = []
+        a = self.start
+        while a < self.end:
+            z = min(self.end, (a // self.block + 1) * self.block)
+            u = reusable.get((a, z))
+            plan.append(u if u is not None else list(self.manifest.modules[a:z]))
+            a = z
+        return plan
+
+    def _build(self, modules: list[ModuleInfo]) -> list[Unit]:
+        """Sessions for a block: one fused unit, or one unit per module (a single module, or a fusion
+        that failed: the per-file loading then names the file that is bad)."""
+        if len(modules) > 1:
+            try:
+                return [self._build_fused(modules)]
+            except Exception as exc:
+                log.warning("modules [%d, %d): fusing failed, one session per module: %s",
+                            modules[0].index, modules[-1].index + 1, exc)  # fmt: skip
+        return [self._build_one(m) for m in modules]
+
+    def _build_fused(self, modules: list[ModuleInfo]) -> Unit:
+        head = self.manifest.num_modules - 1
+        model = fuse.fuse_files(self.shard_dir, [(m.index, m.file) for m in modules], head_index=head)
+        sess = ort.InferenceSession(model, self._so, providers=["CPUExecutionProvider"])
+        # onnxruntime's Python wrapper keeps the model bytes for good (its own TODO says so), i.e. the
+        # block's weights a second time (fp32 SmolLM2: 1326 instead of 705 MiB RSS). They only serve to
+        # re-create the session on a provider change, which a runner never asks for.
+        sess._model_bytes = None
+        del model
+        return Unit.of(modules, sess)
+
+    def _build_one(self, info: ModuleInfo) -> Unit:
+        path = self.shard_dir / info.file
+        if not path.is_file():
+            raise ManifestError(f"module file {path} is missing (re-run 'llnode prepare' or copy the shard)")
+        try:
+            sess = ort.InferenceSession(str(path), self._so, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own classes (InvalidProtobuf, Fail, ...)
+            raise ManifestError(
+                f"module file {path} cannot be loaded, corrupted? (re-run 'llnode prepare' or copy "
+                f"the shard again): {exc}"
+            ) from exc
+        return Unit.of([info], sess)
 
     @property
     def built(self) -> int:
-        """How many of this runner's modules got a session of their own (the rest were reused)."""
+        """How many of this runner's modules were loaded by it (the rest are in reused sessions)."""
         return self._built
+
+    def units(self) -> list[Unit]:
+        """The sessions that run the range, in order: for callers that run them on caches from
+        :meth:`cache` (``llnode.model.batching``)."""
+        return list(self._units)
 
     # -- session bookkeeping -------------------------------------------------------------------------
 
@@ -219,11 +350,6 @@ class ModuleRunner:
     def layers(self) -> list[int]:
         """The decoder layers among this runner's modules (whose K/V it keeps)."""
         return self._layers
-
-    def modules(self) -> list[tuple[ModuleInfo, ort.InferenceSession, set[str]]]:
-        """Each module in order with its onnxruntime session and input names: for callers that run the
-        modules themselves on caches from :meth:`cache` (``llnode.model.batching``)."""
-        return list(zip(self._modules, self._sessions, self._input_names, strict=True))
 
     def cache(self, session_id: str, batch: int) -> SessionCache:
         """The session's cache, created empty if new; hold its ``lock`` while using it."""
@@ -311,55 +437,26 @@ class ModuleRunner:
 
         st = self.cache(session_id, b)
         with st.lock:
+            full_mask = None
             if self._layers:
                 self.grow(st, st.length + t)
                 full_mask = np.concatenate([st.mask, new_mask], axis=1)
-            h, module_pos = x, pos
-            for info, sess, wanted in zip(self._modules, self._sessions, self._input_names, strict=True):
-                layer = info.layer if info.kind == "layer" else None
-                if last_only and info.kind == "head" and h.shape[1] > 1:
-                    h, module_pos = h[:, -1:], pos[:, -1:]
-                feeds = module_feeds(
-                    info, wanted, h, module_pos,
-                    full_mask if layer is not None else None,
-                    None if layer is None else st.keys[layer],
-                    None if layer is None else st.values[layer],
-                    st.positions,
-                )  # fmt: skip
-                outs = sess.run(None, feeds)
+            h, unit_pos = x, pos
+            cut = last_only and t > 1
+            for unit in self._units:
+                if cut and unit.has_head and not unit.slices_head:
+                    h, unit_pos = h[:, -1:], pos[:, -1:]
+                feeds = unit.feeds(h, unit_pos, full_mask, st.keys, st.values, st.positions, last_only=cut)
+                outs = unit.session.run(None, feeds)
                 h = outs[0]
-                if info.kind == "layer":
-                    assert info.layer is not None
-                    st.keys[info.layer][:, :, st.length : st.length + t] = outs[1]
-                    st.values[info.layer][:, :, st.length : st.length + t] = outs[2]
+                for layer, k, v in unit.kv_outputs:
+                    st.keys[layer][:, :, st.length : st.length + t] = outs[k]
+                    st.values[layer][:, :, st.length : st.length + t] = outs[v]
             if self._layers:
                 st.mask[:, st.length : st.length + t] = new_mask
                 st.positions[:, st.length : st.length + t] = pos
             st.length += t
         return np.asarray(h)
-
-
-def module_feeds(
-    info: ModuleInfo,
-    wanted: set[str],
-    h: np.ndarray,
-    positions: np.ndarray,
-    mask: np.ndarray | None,
-    past_key: np.ndarray | None,
-    past_value: np.ndarray | None,
-    past_positions: np.ndarray,
-) -> dict[str, np.ndarray]:
-    """The inputs of one module (those its graph declares): ids or hidden state, positions, and for a
-    decoder layer the attention mask over past + new slots, its past K/V and the past slots' positions."""
-    feeds = {names.INPUT_IDS if info.kind == "embed" else names.hidden(info.index): h}
-    feeds[names.POSITION_IDS] = positions
-    if info.kind == "layer":
-        assert info.layer is not None and mask is not None and past_key is not None and past_value is not None
-        feeds[names.ATTENTION_MASK] = mask
-        feeds[names.past_key(info.layer)] = past_key
-        feeds[names.past_value(info.layer)] = past_value
-        feeds[names.PAST_POSITIONS] = past_positions
-    return {k: v for k, v in feeds.items() if k in wanted}
 
 
 def positions_for(attention_mask: np.ndarray, past_tokens: np.ndarray | None = None) -> np.ndarray:

@@ -1,0 +1,169 @@
+"""Fused sessions (``llnode.model.fuse``): the wire-level concatenation equals ``merge.py``'s onnx-based
+merge, and a runner running fused blocks gives what one session per module gives, for every architecture.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import TINY_ARCHS, prepare_with_cache
+
+from llnode.model import names
+from llnode.model.fuse import HEAD_FROM, FuseError, fuse_files, fuse_models
+from llnode.model.manifest import ManifestError, load_manifest
+from llnode.model.merge import merge_modules
+from llnode.model.runner import FUSE_BLOCK, ModuleRunner, RunnerError, _session_options, fuse_block
+
+TOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def prepared(
+    tiny_model_dirs: dict[str, Path], tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("fuse-shards")
+    return {a: prepare_with_cache(str(tiny_model_dirs[a]), base / a, tiny_cache) for a in TINY_ARCHS}
+
+
+def _feeds(
+    sess: ort.InferenceSession, manifest_dir: Path, t: int = 3, past: int = 4
+) -> dict[str, np.ndarray]:
+    m = load_manifest(manifest_dir)
+    rng = np.random.default_rng(1)
+    feeds: dict[str, np.ndarray] = {}
+    for i in sess.get_inputs():
+        if i.name == names.INPUT_IDS:
+            feeds[i.name] = rng.integers(0, m.vocab_size, (1, t))
+        elif i.name == names.POSITION_IDS:
+            feeds[i.name] = np.arange(past, past + t)[None]
+        elif i.name == names.ATTENTION_MASK:
+            feeds[i.name] = np.ones((1, past + t), np.int64)
+        elif i.name == names.PAST_POSITIONS:
+            feeds[i.name] = np.arange(past)[None]
+        elif i.name == HEAD_FROM:
+            feeds[i.name] = np.zeros(1, np.int64)
+        else:  # past K/V
+            feeds[i.name] = rng.standard_normal((1, m.num_kv_heads, past, m.head_dim), dtype=np.float32)
+    return feeds
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_wire_fusion_equals_the_onnx_merge(arch: str, prepared: dict[str, Path]) -> None:
+    shard = prepared[arch]
+    m = load_manifest(shard)
+    fused_bytes = fuse_files(shard, [(x.index, x.file) for x in m.modules], head_index=m.num_modules - 1)
+    merged = merge_modules(shard, m)
+    fused = onnx.load_from_string(fused_bytes)
+    onnx.checker.check_model(fused)
+    # The same operators and weights; the fusion adds the head's Slice and its two constants.
+    assert sorted(n.op_type for n in fused.graph.node) == sorted(
+        [*(n.op_type for n in merged.graph.node), "Slice"]
+    )
+    assert len(fused.graph.initializer) == len(merged.graph.initializer) + 2
+    assert {o.name for o in fused.graph.output} == {o.name for o in merged.graph.output}
+    assert {i.name for i in fused.graph.input} == {i.name for i in merged.graph.input} | {HEAD_FROM}
+    so = _session_options(1)
+    a = ort.InferenceSession(fused_bytes, so, providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(merged.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    feeds = _feeds(a, shard)
+    out_a = dict(zip([o.name for o in a.get_outputs()], a.run(None, feeds), strict=True))
+    out_b = dict(
+        zip(
+            [o.name for o in b.get_outputs()],
+            b.run(None, {k: v for k, v in feeds.items() if k != HEAD_FROM}),
+            strict=True,
+        )
+    )
+    assert out_a.keys() == out_b.keys()
+    for k in out_a:
+        assert np.abs(out_a[k] - out_b[k]).max() <= TOL, k
+    # head_from = [-1]: the head on the last token only, the K/V unchanged.
+    last = a.run(None, {**feeds, HEAD_FROM: np.full(1, -1, np.int64)})
+    np.testing.assert_allclose(last[0], out_a[names.LOGITS][:, -1:], atol=TOL, rtol=0)
+
+
+def _greedy(runner: ModuleRunner, prompt: list[int], steps: int) -> tuple[list[int], list[np.ndarray]]:
+    logits = runner.step("g", np.asarray([prompt]), np.arange(len(prompt))[None])
+    seen, toks = [logits], []
+    for i in range(steps):
+        tok = int(logits[0, -1].argmax())
+        toks.append(tok)
+        logits = runner.step("g", np.asarray([[tok]]), np.asarray([[len(prompt) + i]]))
+        seen.append(logits)
+    runner.free("g")
+    return toks, seen
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("block", [2, FUSE_BLOCK])
+def test_fused_runner_equals_one_session_per_module(arch: str, block: int, prepared: dict[str, Path]) -> None:
+    shard = prepared[arch]
+    per_module = ModuleRunner(shard, threads=1, fuse=1)
+    fused = ModuleRunner(shard, threads=1, fuse=block)
+    n = per_module.manifest.num_modules
+    assert len(per_module.units()) == n
+    assert len(fused.units()) == -(-n // block)
+    prompt = [5, 17, 42, 99, 7, 3]  # crosses no growth; 40 decode steps below cross the first doubling
+    toks_a, seen_a = _greedy(per_module, prompt, 40)
+    toks_b, seen_b = _greedy(fused, prompt, 40)
+    assert toks_a == toks_b
+    assert max(float(np.abs(x - y).max()) for x, y in zip(seen_a, seen_b, strict=True)) <= TOL
+    # last_only inside a fused block (the head's Slice) = the last row of the full logits.
+    ids, pos = np.asarray([prompt]), np.arange(len(prompt))[None]
+    full = per_module.step("a", ids, pos)
+    last = fused.step("b", ids, pos, last_only=True)
+    assert last.shape == (1, 1, per_module.manifest.vocab_size)
+    np.testing.assert_allclose(last, full[:, -1:], atol=TOL, rtol=0)
+    # A stage cut inside a block (hidden state in, hidden state out) fuses too.
+    mid = ModuleRunner(shard, start=1, end=n - 1, threads=1, fuse=block)
+    mid_ref = ModuleRunner(shard, start=1, end=n - 1, threads=1, fuse=1)
+    x = np.random.default_rng(0).standard_normal((2, 3, mid.manifest.hidden_size), dtype=np.float32)
+    p = np.tile(np.arange(3), (2, 1))
+    np.testing.assert_allclose(mid.step("m", x, p), mid_ref.step("m", x, p), atol=TOL, rtol=0)
+
+
+def test_blocks_are_aligned_and_shared_across_plan_switches(tiny_llama_shards: Path) -> None:
+    old = ModuleRunner(tiny_llama_shards, start=0, end=4, fuse=2)
+    assert [(u.start, u.end) for u in old.units()] == [(0, 2), (2, 4)] and old.built == 4
+    sub = ModuleRunner(tiny_llama_shards, start=2, end=4, fuse=2, reuse=old)
+    assert sub.built == 0 and sub.units()[0].session is old.units()[1].session
+    shifted = ModuleRunner(tiny_llama_shards, start=1, end=4, fuse=2, reuse=old)
+    assert [(u.start, u.end) for u in shifted.units()] == [(1, 2), (2, 4)] and shifted.built == 1
+    fresh = ModuleRunner(tiny_llama_shards, start=1, end=4, fuse=2)
+    x = np.random.default_rng(0).standard_normal((1, 5, old.manifest.hidden_size), dtype=np.float32)
+    pos = np.arange(5)[None]
+    np.testing.assert_array_equal(shifted.step("s", x, pos), fresh.step("s", x, pos))
+    # The Python wrapper would otherwise keep each fused block's model bytes (its weights) for good.
+    assert all(getattr(u.session, "_model_bytes", None) is None for u in old.units())
+
+
+def test_fuse_setting_and_bad_input(
+    tiny_llama_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LLNODE_FUSE", "0")
+    assert fuse_block() == 1 and len(ModuleRunner(tiny_llama_shards).units()) == 4
+    monkeypatch.setenv("LLNODE_FUSE", "lots")
+    with pytest.raises(RunnerError, match="LLNODE_FUSE"):
+        fuse_block()
+    monkeypatch.delenv("LLNODE_FUSE")
+    assert fuse_block() == FUSE_BLOCK
+    m = load_manifest(tiny_llama_shards)
+    with pytest.raises(FuseError, match="contiguous"):
+        fuse_files(tiny_llama_shards, [(0, m.modules[0].file), (2, m.modules[2].file)])
+    with pytest.raises(FuseError):
+        fuse_models([(0, b"\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01")])
+    # A corrupted file inside a fused block: the runner's error names that file, as without fusion.
+    shard = tmp_path / "shard"
+    shard.mkdir()
+    for f in tiny_llama_shards.iterdir():
+        (shard / f.name).write_bytes(f.read_bytes())
+    bad = shard / m.modules[1].file
+    data = bytearray(bad.read_bytes())
+    data[5:40] = b"\xff" * 35
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match=f"{m.modules[1].file}.*corrupted"):
+        ModuleRunner(shard, start=0, end=3)

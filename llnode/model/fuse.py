@@ -23,6 +23,8 @@ the runner falls back to one session per module if one ever does).
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -224,7 +226,7 @@ def _int64_input(name: str) -> bytes:
     return b"".join(_str_field(_VALUE_INFO_NAME, name) + _len_field(2, type_proto))
 
 
-def fuse_models(models: Sequence[tuple[int, bytes]], head_index: int | None = None) -> bytes:
+def fuse_models(models: Sequence[tuple[int, bytes | mmap.mmap]], head_index: int | None = None) -> bytes:
     """One serialized ModelProto running modules ``models`` (``(module index, file bytes)``, contiguous,
     in order) as one graph. ``head_index``: the LM head's module index, which gets the ``head_from``
     slice when it is not the only module."""
@@ -317,5 +319,18 @@ def fuse_models(models: Sequence[tuple[int, bytes]], head_index: int | None = No
 
 
 def fuse_files(shard_dir: Path, files: Sequence[tuple[int, str]], head_index: int | None = None) -> bytes:
-    """:func:`fuse_models` over module files of a shard set (``(module index, file name)``)."""
-    return fuse_models([(i, (shard_dir / f).read_bytes()) for i, f in files], head_index)
+    """:func:`fuse_models` over module files of a shard set (``(module index, file name)``).
+
+    The files are memory-mapped, not read: the weights are then copied once, into the fused model
+    (reading them first made the load peak ~1.3x higher for fp32 SmolLM2)."""
+    maps: list[mmap.mmap] = []
+    try:
+        for _, f in files:
+            with open(shard_dir / f, "rb") as fh:
+                maps.append(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ))
+        return fuse_models([(i, mm) for (i, _), mm in zip(files, maps, strict=True)], head_index)
+    finally:
+        for mm in maps:
+            # A view still referenced (by an exception's traceback) keeps its map open: the GC closes it.
+            with contextlib.suppress(BufferError):
+                mm.close()

@@ -1,9 +1,14 @@
 """``llnode bench modules``: what cutting the model into per-layer modules costs, measured side by side.
 
-On SmolLM2-135M (32 modules) in one process: greedy decode ms/token of the chained modules vs one
-whole-model onnxruntime session holding the very same module graphs merged (``model.merge``) (target
-ratio <= 1.05), the int8 and int4 shard sets vs fp32, and decode cost at growing context (the KV format
-never copies the past).
+On SmolLM2-135M (32 modules) in one process, greedy decode ms/token of, against one whole-model
+onnxruntime session holding the very same module graphs merged (``model.merge``):
+  * ``chained``: a ModuleRunner over all 32 modules as daemons run it (fused blocks; target <= 1.05);
+  * ``per_module``: one session per module (``LLNODE_FUSE=0``, what runners did before fusion);
+  * ``cut2`` / ``cut3``: the 32 modules as 2 / 3 runners one after the other in one process, i.e. what
+    the sessions of a 2- / 3-stage pipeline cost without the network;
+the int8 and int4 shard sets vs fp32, decode cost at growing context (the KV format never copies the
+past), and in fresh processes the build time and RSS of a runner loading all modules, fused vs not, and
+of a plan switch reusing a runner's sessions.
 Rounds alternate between the contenders and the median is reported. Needs the [export] extra the first
 time (to build the shard sets and the whole-model graph; all cached afterwards).
 """
@@ -14,10 +19,13 @@ import argparse
 import json
 import statistics
 import time
+from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from llnode.model.manifest import Manifest
 from llnode.model.reference import ChainStepper, Stepper, WholeOnnx
 from llnode.model.runner import ModuleRunner
 
@@ -29,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=64, help="decode steps per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-quant", action="store_true", help="skip the int8/int4 shard sets")
+    parser.add_argument("--no-load", action="store_true", help="skip the build time / RSS figures")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
 
 
@@ -36,6 +45,62 @@ def _shards(spec: str, precision: str) -> Path:
     from llnode.model.prepare import ensure_prepared
 
     return ensure_prepared(spec, precision)
+
+
+class RangesStepper:
+    """The model as consecutive runners (what the stages of a pipeline hold), stepped one after another."""
+
+    def __init__(self, runners: list[ModuleRunner], session_id: str = "bench") -> None:
+        self.runners, self.sid = runners, session_id
+
+    def step(self, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        x = ids
+        for r in self.runners:
+            x = r.step(self.sid, x, positions, mask)
+        return x
+
+    def reset(self) -> None:
+        for r in self.runners:
+            r.free(self.sid)
+
+
+def _cut(shard_dir: Path, manifest: Manifest, parts: int, threads: int | None) -> RangesStepper:
+    n = manifest.num_modules
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    return RangesStepper(
+        [ModuleRunner(shard_dir, manifest, a, z, threads=threads) for a, z in pairwise(bounds)]
+    )
+
+
+_LOAD_SCRIPT = """
+import json, sys, time
+from llnode.model.runner import ModuleRunner
+from llnode.process import rss_bytes
+shards, fuse, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) or None
+t = time.perf_counter(); c = time.process_time()
+r = ModuleRunner(shards, fuse=fuse or None, threads=threads)
+out = {"build_s": time.perf_counter() - t, "build_cpu_s": time.process_time() - c,
+       "rss_mib": rss_bytes() / 2**20, "peak_rss_mib": rss_bytes(peak=True) / 2**20, "units": len(r.units())}
+n = r.manifest.num_modules
+half = ModuleRunner(shards, start=0, end=n // 2, fuse=fuse or None, threads=threads)
+for name, a, z in (("switch_aligned", 8, n // 2 + 8), ("switch_unaligned", 4, n // 2 + 4)):
+    c = time.process_time()
+    new = ModuleRunner(shards, start=a, end=z, fuse=fuse or None, threads=threads, reuse=half)
+    out[name] = {"range": [a, z], "built": new.built, "cpu_s": time.process_time() - c}
+print(json.dumps(out))
+"""
+
+
+def load_figures(shard_dir: Path, fuse: int, threads: int | None) -> dict[str, Any]:
+    """Build time and RSS of a runner over every module in a fresh process (RSS means nothing in a
+    process holding the other contenders), and the cost of switching from modules [0, n/2) to a range
+    shifted by one block (8) and by half a block (4), reusing the first runner's sessions."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-c", _LOAD_SCRIPT, str(shard_dir), str(fuse), str(threads or 0)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return dict(json.loads(res.stdout.strip().splitlines()[-1]))
 
 
 def decode_run(
@@ -65,9 +130,14 @@ def run(args: argparse.Namespace) -> int:
     whole_path = cached_merge(fp32, manifest)  # the same module graphs in one session: only the cuts differ
     chain = ChainStepper(ModuleRunner(fp32, manifest, threads=args.threads))
     whole = WholeOnnx(whole_path, manifest.num_layers, manifest.num_kv_heads, manifest.head_dim, args.threads)
+    per_module = ChainStepper(ModuleRunner(fp32, manifest, threads=args.threads, fuse=1))
+    cut2, cut3 = _cut(fp32, manifest, 2, args.threads), _cut(fp32, manifest, 3, args.threads)
     contenders: dict[str, tuple[Stepper, object]] = {
         "chained_fp32": (chain, chain.reset),
         "whole_fp32": (whole, whole.reset),
+        "per_module_fp32": (per_module, per_module.reset),
+        "cut2_fp32": (cut2, cut2.reset),
+        "cut3_fp32": (cut3, cut3.reset),
     }
     if not args.no_quant:
         for prec in ("int8", "int4"):
@@ -90,10 +160,13 @@ def run(args: argparse.Namespace) -> int:
             times[k].append(ms)
             tokens[k], logits[k] = toks, seen
     med = {k: statistics.median(v) for k, v in times.items()}
-    diff = max(
-        float(np.abs(a - b).max()) for a, b in zip(logits["chained_fp32"], logits["whole_fp32"], strict=True)
-    )
-    greedy = tokens["chained_fp32"] == tokens["whole_fp32"]
+    fp32_keys = ("chained_fp32", "per_module_fp32", "cut2_fp32", "cut3_fp32")
+    diffs = {
+        k: max(float(np.abs(a - b).max()) for a, b in zip(logits[k], logits["whole_fp32"], strict=True))
+        for k in fp32_keys
+    }
+    diff = max(diffs.values())
+    greedy = all(tokens[k] == tokens["whole_fp32"] for k in fp32_keys)
     # Decode cost against context: one step at growing past lengths (chained fp32).
     ctx_ms: dict[int, float] = {}
     for ctx in (32, 256, 1024):
@@ -115,10 +188,17 @@ def run(args: argparse.Namespace) -> int:
     )
     for k, v in med.items():
         print(f"  {k:14s} {v:7.2f} ms/token   (rounds: {', '.join(f'{x:.2f}' for x in times[k])})")
-    ratio = med["chained_fp32"] / med["whole_fp32"]
-    print(f"chained / whole: {ratio:.3f} (target <= 1.05)")
+    ratios = {k.removesuffix("_fp32"): med[k] / med["whole_fp32"] for k in fp32_keys}
+    ratio = ratios["chained"]
     print(
-        f"max |logit diff| chained vs whole over {args.steps + 1} steps: {diff:.3g}; greedy match: {greedy}"
+        f"over the whole session: chained (runner over all modules, fused blocks of {chain.runner.block}, "
+        f"{len(chain.runner.units())} sessions) {ratio:.3f} (target <= 1.05); one session per module "
+        f"{ratios['per_module']:.3f}; cut in 2 runners {ratios['cut2']:.3f}; in 3 {ratios['cut3']:.3f}"
+    )
+    print(
+        f"max |logit diff| vs whole over {args.steps + 1} steps: "
+        + ", ".join(f"{k.removesuffix('_fp32')} {v:.3g}" for k, v in diffs.items())
+        + f"; greedy match: {greedy}"
     )
     for prec in ("int8", "int4"):
         k = f"chained_{prec}"
@@ -130,11 +210,32 @@ def run(args: argparse.Namespace) -> int:
     print(
         "decode ms/token vs context (chained fp32): " + ", ".join(f"{c}: {m:.2f}" for c, m in ctx_ms.items())
     )
+    loads: dict[str, dict[str, Any]] = {}
+    if not args.no_load:
+        sets = {"fp32": fp32} if args.no_quant else {"fp32": fp32, "int4": _shards(args.model, "int4")}
+        for prec, path in sets.items():
+            for label, fuse in (("per_module", 1), ("fused", 0)):
+                loads[f"{label}_{prec}"] = fig = load_figures(path, fuse, args.threads)
+                sw = ", ".join(
+                    f"{fig[k]['range']}: {fig[k]['built']} built, {fig[k]['cpu_s']:.2f} s CPU"
+                    for k in ("switch_aligned", "switch_unaligned")
+                )
+                print(
+                    f"load {label:10s} {prec}: build {fig['build_s']:.2f} s "
+                    f"({fig['build_cpu_s']:.2f} s CPU), {fig['units']} sessions, RSS {fig['rss_mib']:.0f} "
+                    f"MiB (peak {fig['peak_rss_mib']:.0f}); switch [0,{manifest.num_modules // 2}) -> {sw}"
+                )
     if args.json:
         print(
             json.dumps(
                 {
                     "chained_over_whole": round(ratio, 4),
+                    "per_module_over_whole": round(ratios["per_module"], 4),
+                    "cut2_over_whole": round(ratios["cut2"], 4),
+                    "cut3_over_whole": round(ratios["cut3"], 4),
+                    "max_abs_diff_by_contender": diffs,
+                    "fuse_block": chain.runner.block,
+                    "load": loads,
                     "max_abs_diff": diff,
                     "greedy_match": greedy,
                     "decode_ms": {k: round(v, 3) for k, v in med.items()},

@@ -36,12 +36,13 @@ def _inputs(runner: ModuleRunner, b: int, seed: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("where", ["first", "middle", "whole"])
-def test_batched_decode_equals_single_steps(tiny_llama_shards: Path, where: str) -> None:
+@pytest.mark.parametrize("fuse", [None, 2, 1])  # default blocks (one here), blocks of 2, one per module
+def test_batched_decode_equals_single_steps(tiny_llama_shards: Path, where: str, fuse: int | None) -> None:
     manifest = load_manifest(tiny_llama_shards)
     n = manifest.num_modules
     start, end = {"first": (0, n // 2), "middle": (1, n - 1), "whole": (0, n)}[where]
-    batched = ModuleRunner(tiny_llama_shards, manifest, start, end)
-    alone = ModuleRunner(tiny_llama_shards, manifest, start, end)
+    batched = ModuleRunner(tiny_llama_shards, manifest, start, end, fuse=fuse)
+    alone = ModuleRunner(tiny_llama_shards, manifest, start, end, fuse=fuse)
     sessions = [f"s{i}" for i in range(len(LENGTHS))]
     for i, (s, length) in enumerate(zip(sessions, LENGTHS, strict=True)):
         _prefill(batched, s, length, seed=i)

@@ -384,6 +384,7 @@ async def drift_run(args: argparse.Namespace, shards: Path, rebalance: bool,
             (s.get("name") or s["device_id"], s["start"], s["end"]) for s in plan["stages"]],
         "tokens_per_s_before": round(before, 3), "tokens_per_s_after": round(after, 3),
         "tokens_per_s_tail": round(tail, 3), "recovery_s": recovery,
+        "before_over_fresh": round(before / fresh, 3) if fresh else None,
         "after_over_fresh": round(after / fresh, 3) if fresh else None,
         "tail_over_fresh": round(tail / fresh, 3) if fresh else None,
         "timeline": {"t": [float(t) for t in times], "tokens_per_s": [round(r, 3) for r in rates]},
@@ -554,8 +555,8 @@ def run(args: argparse.Namespace) -> int:
             with_rb = await drift_run(args, shards, rebalance=True, reference=reference)
             print(f"drift with rebalancing: {with_rb['tokens_per_s_before']:.2f} -> "
                   f"{with_rb['tokens_per_s_after']:.2f} tok/s (tail {with_rb['tokens_per_s_tail']:.2f}; "
-                  f"{with_rb['after_over_fresh']} / {with_rb['tail_over_fresh']} of the fresh plan), "
-                  f"recovery {with_rb['recovery_s']} s", flush=True)
+                  f"{with_rb['after_over_fresh']} / {with_rb['tail_over_fresh']} of the fresh plan; before "
+                  f"the cut {with_rb['before_over_fresh']}), recovery {with_rb['recovery_s']} s", flush=True)
             for ev in with_rb["events"]:
                 print(f"  event {ev['kind']}: {ev['message']}")
             summary["drift"] = {"without": without, "with": with_rb, "fresh": reference}

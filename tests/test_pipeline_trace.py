@@ -7,6 +7,7 @@ entry; the entry traces every decode step and the last stage returns the marks w
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -128,3 +129,43 @@ def test_a_trace_travels_with_the_step() -> None:
     assert step.to_wire(None)["trace"] == [["entry.send", 12.5]]
     untraced = {k: v for k, v in payload.items() if k != "trace"}
     assert "trace" not in parse_step(untraced, 100).to_wire(None)
+
+
+def _threads_of_decodes(wire: Wire) -> dict[str, set[int]]:
+    """Wrap each stage's decode computation to record the thread it runs on."""
+    seen: dict[str, set[int]] = {name: set() for name in wire.workers}
+    for name, w in wire.workers.items():
+        compute = w._compute_decodes
+
+        def on_thread(steps: list[Any], compute: Any = compute, name: str = name) -> Any:
+            seen[name].add(threading.get_ident())
+            return compute(steps)
+
+        w._compute_decodes = on_thread  # type: ignore[method-assign]
+    return seen
+
+
+def test_a_lone_session_decodes_on_the_event_loop_thread(tiny_llama_shards: Path) -> None:
+    """One session: no hand-off to the worker thread and back (two thread wake-ups per stage per
+    token); answers unchanged. With inline_decode off (LLNODE_INLINE_DECODE=0) the worker runs it."""
+    prompts = _prompts(load_manifest(tiny_llama_shards).vocab_size, [7])
+    for inline in (True, False):
+        wire = Wire(tiny_llama_shards)
+        for w in wire.workers.values():
+            w.inline_decode = inline
+        seen = _threads_of_decodes(wire)
+        main = threading.get_ident()  # asyncio.run runs the loop on this thread
+        assert asyncio.run(wire.run(prompts)) == _reference(tiny_llama_shards, prompts)
+        for threads in seen.values():
+            assert (threads == {main}) is inline, threads
+
+
+def test_several_sessions_decode_on_the_worker_thread(tiny_llama_shards: Path) -> None:
+    """With more than one session the loop stays free to gather and forward the others' steps."""
+    prompts = _prompts(load_manifest(tiny_llama_shards).vocab_size, [4, 6, 3])
+    wire = Wire(tiny_llama_shards)
+    seen = _threads_of_decodes(wire)
+    main = threading.get_ident()
+    assert asyncio.run(wire.run(prompts)) == _reference(tiny_llama_shards, prompts)
+    for threads in seen.values():
+        assert threads - {main}, threads  # the batches ran on the worker thread

@@ -2,7 +2,10 @@
 
 1. Latency: decode ms/token of one greedy stream through 2 and 3 daemons on loopback vs the
    single-process module chain (target for 2 nodes: ratio <= 1.10). One stream through a pipeline is
-   never faster than one device; this measures what the hops and the stage hand-offs add.
+   never faster than one device; this measures what the hops and the stage hand-offs add. Every
+   decode step of these runs is traced (``llnode/pipeline/trace.py``): the bench prints where a
+   token's milliseconds go (onnxruntime, sampling, thread hand-offs, links), and runs 2 nodes once
+   more with every step handed to the stages' worker threads (``LLNODE_INLINE_DECODE=0``).
 2. Throughput: aggregate tokens/s with 1, 2, 4 and 8 concurrent sessions, 1 node vs 2 nodes, each node
    pinned to its own core (``taskset``) with one onnxruntime thread: the pipeline's real gain, because
    while stage 2 runs one session's step, stage 1 runs another's.
@@ -13,7 +16,10 @@
    prompt is prefilled, with chunked prefill (the default) and with whole prefills.
 
 Every figure comes from real daemons answering HTTP; the JSON line at the end carries
-``latency_ratio_2``, ``latency_ratio_3`` and ``throughput_ratio_2`` (2 nodes over 1 at 4 sessions).
+``latency_ratio_2``, ``latency_ratio_3`` and ``throughput_ratio_2`` (2 nodes over 1 at 4 sessions,
+batched: ``throughput_ratio_2_mode``; ``throughput_ratios_2`` has every mode and session count, and
+``throughput_bound_2_batched`` what two batched nodes can serve at most: 2 x one node at half the
+sessions, since each of two stages batches half of them).
 """
 
 from __future__ import annotations
@@ -331,6 +337,10 @@ def run(args: argparse.Namespace) -> int:
     long_prompt = long_text(tok, args.long_prompt)
     two = _run_cluster(shards, 2, args.tokens, args.rounds, [], pin=False, long_prompt=long_prompt)
     three = _run_cluster(shards, 3, args.tokens, args.rounds, [], pin=False)
+    # The same 2 nodes with every decode step handed to the stage's worker thread and back (as before
+    # a lone session's steps ran on the event loop's thread): what those thread wake-ups cost.
+    inline_off = {"LLNODE_INLINE_DECODE": "0"}
+    handoff = _run_cluster(shards, 2, args.tokens, args.rounds, [], pin=False, env=inline_off)
     for n, res in ((2, two), (3, three)):
         held = _held_mb(shards, res["stages"])
         print(
@@ -343,6 +353,13 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
         _print_hops(n, res["hops"], full=n == 2)
+    print(
+        f"2 nodes, decode steps handed to the worker thread: {handoff['decode_ms']:.2f} ms/token "
+        f"(x{handoff['decode_ms'] / sleeping_ms:.2f} of one process with the same pools; "
+        f"plan {handoff['stages']})",
+        flush=True,
+    )
+    _print_hops(2, handoff["hops"], full=False)
     whole = _run_cluster(
         shards, 2, 8, 1, [], pin=False, env={"LLNODE_PREFILL_CHUNK": "0"}, long_prompt=long_prompt
     )
@@ -397,6 +414,8 @@ def run(args: argparse.Namespace) -> int:
         "latency_ratio_3": three["decode_ms"] / chain_ms,
         "chain_sleeping_ms": sleeping_ms,
         "latency_ratio_2_same_pools": two["decode_ms"] / sleeping_ms,
+        "decode_ms_2_handoffs": handoff["decode_ms"],  # LLNODE_INLINE_DECODE=0
+        "hops_2_handoffs": hop_summary(handoff["hops"]),
         "ttft_s_2": two["ttft_s"],
         "ttft_s_3": three["ttft_s"],
         "rss_mb_3": three["rss_mb"],

@@ -38,4 +38,7 @@ def test_bench_speed_json(
     assert out["quality"]["fp32"]["ppl_ratio"] == 1.0 and out["quality"]["fp32"]["kl"] == 0.0
     assert 0.0 < out["quality"]["int8"]["top1_agreement"] <= 1.0
     assert out["rss_over_shard_bytes"] > 1.0  # a process holds more than its shard bytes
+    base, load, peak = (out[k]["int4/1t"] for k in ("baseline_rss_mib", "load_peak_rss_mib", "peak_rss_mib"))
+    assert 10 < base < load <= peak  # the interpreter alone, then the sessions, then the workload on top
+    assert 0 < out["rss_above_baseline_over_shard_bytes"] < out["rss_over_shard_bytes"]
     assert (tmp_path / "test-shards" / "llama-int4" / "manifest.json").is_file()

@@ -10,6 +10,12 @@ process, and peak RSS is only meaningful for a process that loaded one shard set
 and the parent asks them in turn, round after round, so every contender sees the same machine state
 (ratios side by side, medians over rounds), the same discipline as ``bench modules``.
 
+Memory: ``rss_over_shard_bytes`` is the peak RSS (VmHWM) of a worker process that loaded one shard set and
+ran every measured prefill (in ``PREFILL_CHUNK``-token chunks with the LM head on the last token, as a node
+prefills) and decode, divided by the bytes of that set's module files. The interpreter's own footprint
+(numpy, onnxruntime, llnode imported, nothing loaded: ~50 MiB, a third of an int4 SmolLM2) is in it, so
+the baseline and ``rss_above_baseline_over_shard_bytes`` are printed next to it.
+
 Quality, on a fixed English text (``PPL_TEXT`` x3, ~200 tokens): perplexity ratio to fp32, teacher-forced
 top-1 agreement (the share of positions where the argmax equals fp32's; free-running greedy agreement
 collapses after the first differing token, so it is printed but not used to choose), KL to fp32.
@@ -64,22 +70,28 @@ def _worker(shard_dir: Path, threads: int) -> int:
     from llnode.model.runner import ModuleRunner
     from llnode.model.tokenizer import load_tokenizer
     from llnode.model.verify import PPL_TEXT, PROMPT, greedy
+    from llnode.pipeline.local import PREFILL_CHUNK
     from llnode.process import release_memory
 
+    baseline = rss_bytes()  # the interpreter with numpy, onnxruntime and llnode imported, nothing loaded
     runner = ModuleRunner(shard_dir, threads=threads)
     chain = ChainStepper(runner, "speed")
     tok = load_tokenizer(shard_dir, runner.manifest.tokenizer_file)
     text = tok.encode(PPL_TEXT * 3)[: runner.manifest.max_context]
     rng = np.random.default_rng(0)
     vocab = runner.manifest.vocab_size
-    print(json.dumps({"ready": True, **_rss()}), flush=True)
+    print(json.dumps({"ready": True, "baseline_rss": baseline, **_rss()}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["op"] == "decode":
             ctx, steps = int(cmd["context"]), int(cmd["steps"])
-            prompt = (text * (1 + ctx // len(text)))[:ctx]
+            prompt = np.asarray([(text * (1 + ctx // len(text)))[:ctx]], np.int64)
+            positions = np.arange(ctx, dtype=np.int64)[None]
             t0 = time.perf_counter()
-            logits = chain.step(np.asarray([prompt], np.int64), np.arange(ctx, dtype=np.int64)[None])
+            # As a node prefills: chunk by chunk, the LM head on the last token only.
+            for c in range(0, ctx, PREFILL_CHUNK):
+                part = slice(c, c + PREFILL_CHUNK)
+                logits = runner.step(chain.sid, prompt[:, part], positions[:, part], last_only=True)
             prefill = time.perf_counter() - t0
             t0 = time.perf_counter()
             for i in range(steps):
@@ -217,6 +229,7 @@ def run(args: argparse.Namespace) -> int:
     if args.worker:
         return _worker(Path(args.worker[0]), int(args.worker[1]))
     from llnode.model.manifest import load_manifest
+    from llnode.pipeline.local import PREFILL_CHUNK
 
     precisions = [p for p in args.precisions.split(",") if p]
     if "fp32" not in precisions:
@@ -226,6 +239,8 @@ def run(args: argparse.Namespace) -> int:
     shards = {p: _shards(args.model, p) for p in precisions}
     shard_bytes = {p: sum(m.size_bytes for m in load_manifest(d).modules) for p, d in shards.items()}
     workers = {(p, t): Worker(shards[p], t) for p in precisions for t in threads}
+    baseline = {k: int(w.loaded["baseline_rss"]) for k, w in workers.items()}
+    load_peak = {k: int(w.loaded["peak_rss"]) for k, w in workers.items()}
     gguf = args.gguf or (_gguf(args.model) if args.llama_bench else None)
     dec: dict[tuple[str, int, int], list[float]] = {}
     pre: dict[tuple[str, int, int], list[float]] = {}
@@ -263,15 +278,28 @@ def run(args: argparse.Namespace) -> int:
     )
     print(
         f"{'precision':9s} {'thr':>3s} "
-        + " ".join(f"{'ctx ' + str(c):>22s}" for c in contexts)
-        + "   peak RSS"
+        + " ".join(f"{'ctx ' + str(c) + ': decode, prefill':>28s}" for c in contexts)
     )
     for p, t in workers:
-        cells = " ".join(f"{med[(p, t, c)]:7.2f} ms/tok {pmed[(p, t, c)]:6.0f} ms" for c in contexts)
+        cells = " ".join(f"{med[(p, t, c)]:9.2f} ms/tok {pmed[(p, t, c)]:7.0f} ms" for c in contexts)
+        print(f"{p:9s} {t:3d} {cells}")
+    print(
+        "memory, MiB of RSS of each worker process: 'baseline' after importing numpy, onnxruntime "
+        "and llnode (nothing loaded); 'load' its peak after building the sessions; 'peak' its peak "
+        f"over loading and every measured prefill (in {PREFILL_CHUNK}-token chunks, as a node does) "
+        "and decode; 'steady' after the decode rounds and a trim; ratios divide by the bytes of the "
+        "shard set's module files"
+    )
+    print(
+        f"{'precision':9s} {'thr':>3s} {'shards':>7s} {'baseline':>8s} {'load':>6s} {'peak':>6s} "
+        f"{'peak/shards':>11s} {'(peak-baseline)/shards':>22s} {'steady':>7s} {'steady/shards':>13s}"
+    )
+    for p, t in workers:
+        sb, base, pk = shard_bytes[p], baseline[(p, t)], peak[(p, t)]
         print(
-            f"{p:9s} {t:3d} {cells}   {peak[(p, t)] / 2**20:6.0f} MiB "
-            f"({peak[(p, t)] / shard_bytes[p]:.2f}x shards {shard_bytes[p] / 2**20:.0f} MiB; "
-            f"steady {steady[(p, t)] / 2**20:.0f} MiB, {steady[(p, t)] / shard_bytes[p]:.2f}x)"
+            f"{p:9s} {t:3d} {sb / 2**20:7.0f} {base / 2**20:8.0f} {load_peak[(p, t)] / 2**20:6.0f} "
+            f"{pk / 2**20:6.0f} {pk / sb:10.2f}x {(pk - base) / sb:21.2f}x "
+            f"{steady[(p, t)] / 2**20:7.0f} {steady[(p, t)] / sb:12.2f}x"
         )
     for (t, c), ms in sorted(lmed.items()):
         print(f"llama.cpp {t:3d} threads, context {c}: {ms:7.2f} ms/tok")
@@ -289,6 +317,9 @@ def run(args: argparse.Namespace) -> int:
         "default_precision": default,
         "decode_ms": decode_ms,
         "rss_over_shard_bytes": round(peak[(default, t2)] / shard_bytes[default], 3),
+        "rss_above_baseline_over_shard_bytes": round(
+            (peak[(default, t2)] - baseline[(default, t2)]) / shard_bytes[default], 3
+        ),
         "steady_rss_over_shard_bytes": round(steady[(default, t2)] / shard_bytes[default], 3),
         "ppl_ratio": round(quality[default]["ppl_ratio"], 4),
         "top1_agreement": round(quality[default]["top1_agreement"], 4),
@@ -298,6 +329,8 @@ def run(args: argparse.Namespace) -> int:
         "prefill_ms_all": {f"{p}/{t}t/ctx{c}": round(v, 1) for (p, t, c), v in pmed.items()},
         "peak_rss_mib": {f"{p}/{t}t": round(v / 2**20, 1) for (p, t), v in peak.items()},
         "steady_rss_mib": {f"{p}/{t}t": round(v / 2**20, 1) for (p, t), v in steady.items()},
+        "baseline_rss_mib": {f"{p}/{t}t": round(v / 2**20, 1) for (p, t), v in baseline.items()},
+        "load_peak_rss_mib": {f"{p}/{t}t": round(v / 2**20, 1) for (p, t), v in load_peak.items()},
         "shard_mib": {p: round(v / 2**20, 1) for p, v in shard_bytes.items()},
         "quality": {p: {k: round(v, 4) for k, v in q.items()} for p, q in quality.items()},
     }

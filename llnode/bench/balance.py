@@ -350,12 +350,14 @@ async def drift_run(args: argparse.Namespace, shards: Path, rebalance: bool,
             leader = await _leader(cluster, session)
             plan = ((await _status(cluster, session, leader))["pipeline"]["plan"] or {})["plan"]
             ids = [(await _status(cluster, session, i)).get("id") for i in range(3)]
-            biggest = max(plan["stages"], key=lambda s: s["end"] - s["start"])
-            slow = ids.index(biggest["device_id"])
             load = Load(cluster, args.sessions, args.tokens)
             await load.start(session)
             t0 = time.monotonic()
             await asyncio.sleep(args.cut_at_s)
+            # the busiest stage of the plan in force at the cut (a rebalance may have moved it since)
+            now = ((await _status(cluster, session, leader))["pipeline"]["plan"] or {}).get("plan") or plan
+            biggest = max(now["stages"], key=lambda s: s["end"] - s["start"])
+            slow = ids.index(biggest["device_id"])
             cluster.set_quota(slow, args.cut_to)
             t_cut, wall_cut = time.monotonic(), time.time()
             await asyncio.sleep(max(0.0, args.drift_s - args.cut_at_s))
@@ -380,8 +382,8 @@ async def drift_run(args: argparse.Namespace, shards: Path, rebalance: bool,
     recovery = recovery_time(load.stamps, t_cut, t_end, fresh)
     phases = recovery_phases(events, wall_cut, recovery)
     return {
-        "rebalance": rebalance, "slowed": f"node{slow}", "phases": phases, "plan_before": plan["stages"] and [
-            (s.get("name") or s["device_id"], s["start"], s["end"]) for s in plan["stages"]],
+        "rebalance": rebalance, "slowed": f"node{slow}", "phases": phases, "plan_before": [
+            (s.get("name") or s["device_id"], s["start"], s["end"]) for s in now["stages"]],
         "tokens_per_s_before": round(before, 3), "tokens_per_s_after": round(after, 3),
         "tokens_per_s_tail": round(tail, 3), "recovery_s": recovery,
         "before_over_fresh": round(before / fresh, 3) if fresh else None,

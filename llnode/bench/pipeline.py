@@ -173,7 +173,11 @@ async def prefill_interference(url: str, model: str, long_prompt: str) -> dict[s
         began = time.perf_counter()
         long = await timed_request_any(url, model, long_prompt)
         ended = time.perf_counter()
-        await asyncio.sleep(0.2)  # the stream's first token after the prefill closes the last gap
+        # The stream's first token after the prefill closes the last gap: wait for it.
+        for _ in range(6000):
+            if arrivals[-1] >= ended or stream.done():
+                break
+            await asyncio.sleep(0.01)
     finally:
         stream.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -43,8 +43,11 @@ def test_q4_1_grid_is_reencoded_exactly(tmp_path: Path) -> None:
     w = (q * d + m).reshape(n, k).T.astype(np.float32)  # [K, N], blocks of 32 along K
     _matmul_model(tmp_path / "fp32.onnx", w)
     quantize_matmuls(tmp_path / "fp32.onnx", tmp_path / "int4.onnx", "int4")
-    ops = [node.op_type for node in onnx.load(str(tmp_path / "int4.onnx")).graph.node]
+    nodes = onnx.load(str(tmp_path / "int4.onnx")).graph.node
+    ops = [node.op_type for node in nodes]
     assert "MatMulNBits" in ops and ops.count("MatMul") == 1  # the block-minimum term stays fp32
+    nbits = next(node for node in nodes if node.op_type == "MatMulNBits")
+    assert len(nbits.input) == 3  # centred levels: the implicit zero point 8, no zero-point tensor
 
     noisy = (w + rng.normal(0, 1e-3, w.shape)).astype(np.float32)  # off the grid: plain symmetric 4-bit
     _matmul_model(tmp_path / "noisy.onnx", noisy)

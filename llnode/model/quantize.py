@@ -25,7 +25,8 @@ from onnx import helper, numpy_helper
 PRECISIONS = ("fp32", "int8", "int4")
 BLOCK_SIZE = 32
 ACCURACY_LEVEL = 4  # int8 compute: the fastest on CPU (field facts)
-QUANT_VERSION = 3  # bump when the quantization recipe changes (part of the cache key)
+QUANT_VERSION = 4  # bump when the quantization recipe changes (part of the cache key)
+ZERO_POINT_4BIT = 8  # MatMulNBits' implicit zero point of 4-bit weights without a zero-point input
 
 
 def quantize_embedding(src: Path, dst: Path, min_rows: int = 256) -> None:
@@ -84,9 +85,13 @@ def _exact_4bit(model: onnx.ModelProto) -> list[str]:
 
     WHY: SmolLM2's weights come from a Q4_1 GGUF (``x = d*q + m`` per block of 32 along K). Re-quantizing
     them on MatMulNBits' symmetric grid measured perplexity x1.07 and 84% top-1 agreement with fp32 (not a
-    bug, a second rounding). Here ``d*q`` goes to ``MatMulNBits`` (zero point 0) and the block minimums to
-    a small fp32 MatMul over the per-block sums of the input (``sum_k x_k m_b``): the same numbers as the
-    GGUF, the same bytes as Q4_1 plus ~1/8. Returns the names of the added fp32 MatMuls (not to quantize).
+    bug, a second rounding). Here ``d*(q - 8)`` goes to ``MatMulNBits`` (no zero-point input: the default
+    8) and ``m + 8d`` to a small fp32 MatMul over the per-block sums of the input (``sum_k x_k (m + 8d)_b``):
+    the same numbers as the GGUF, the same bytes as Q4_1 plus ~1/8. Centred levels (-8..7) rather than
+    ``d*q`` with zero point 0 (version 3): onnxruntime quantizes the activations to int8 (accuracy level 4),
+    and that error is multiplied by the levels, so centring halves it (64 tokens of SmolLM2: mean |logit -
+    fp32| 0.21 vs 0.30, argmax equal to fp32 94 % vs 86 %) at the same decode time, without the zero-point
+    tensors. Returns the names of the added fp32 MatMuls (not to quantize).
     """
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
@@ -109,8 +114,7 @@ def _exact_4bit(model: onnx.ModelProto) -> list[str]:
             [
                 numpy_helper.from_array(packed, f"{base}.q4"),
                 numpy_helper.from_array(d.reshape(-1), f"{base}.scales"),
-                numpy_helper.from_array(np.zeros(n * ((nb + 1) // 2), np.uint8), f"{base}.zp"),
-                numpy_helper.from_array(np.ascontiguousarray(lo.T), f"{base}.mins"),
+                numpy_helper.from_array(np.ascontiguousarray((lo + ZERO_POINT_4BIT * d).T), f"{base}.mins"),
                 numpy_helper.from_array(np.asarray([0, 0, nb, BLOCK_SIZE], np.int64), f"{base}.blocks"),
                 numpy_helper.from_array(np.asarray([-1], np.int64), f"{base}.last"),
             ]
@@ -119,7 +123,7 @@ def _exact_4bit(model: onnx.ModelProto) -> list[str]:
         new_nodes += [
             helper.make_node(
                 "MatMulNBits",
-                [a, f"{base}.q4", f"{base}.scales", f"{base}.zp"],
+                [a, f"{base}.q4", f"{base}.scales"],
                 [f"{out}.dq"],
                 name=f"{base}.nbits",
                 domain="com.microsoft",

@@ -99,16 +99,20 @@ def manifest_sha(shard_dir: Path) -> str:
 
 
 def _time_s(call: Callable[[], None], repeats: int) -> tuple[float, float]:
-    """(fastest, mean) seconds of ``repeats`` calls after a warm-up. The fastest is the module's own CPU
-    cost (on a shared machine the rest is other processes'); the mean is what a run under the same load
-    sees, so their ratio says how much of a core this process gets now (``ModuleCosts.load_slowdown``)."""
+    """(CPU seconds, mean wall seconds) per call, ``repeats`` calls after a warm-up.
+
+    The cost is CPU time (the fastest of the calls' process CPU time), not wall time: on a loaded
+    machine even the fastest wall time of a 20 ms module (the head) includes preemptions, while CPU
+    time is the module's own and is what a CPU quota (CFS) charges. The mean wall time over the CPU
+    time says how much of a core this process got meanwhile (``ModuleCosts.load_slowdown``)."""
     call()
-    times = []
+    cpu, wall = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         call()
-        times.append(time.perf_counter() - t0)
-    return min(times), sum(times) / len(times)
+        cpu.append(time.process_time() - c0)
+        wall.append(time.perf_counter() - t0)
+    return min(cpu), sum(wall) / len(wall)
 
 
 def profile_modules(

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from test_pipeline_stage import Wire, _prompts, _reference, _slowed
 
+from llnode.bench.pipeline import hop_summary
 from llnode.model.manifest import load_manifest
 from llnode.pipeline import protocol
 from llnode.pipeline.protocol import ProtocolError, parse_step
@@ -169,3 +170,19 @@ def test_several_sessions_decode_on_the_worker_thread(tiny_llama_shards: Path) -
     assert asyncio.run(wire.run(prompts)) == _reference(tiny_llama_shards, prompts)
     for threads in seen.values():
         assert threads - {main}, threads  # the batches ran on the worker thread
+
+
+def test_bench_sorts_a_profile_by_kind() -> None:
+    """What `bench pipeline` prints: a profile's segment means summed by kind."""
+    profile = {"segments": [
+        ["entry.wake -> entry.send", 0.05, 0, 0], ["entry.send -> s0.recv", 0.5, 0, 0],
+        ["s0.take -> s0.run", 0.2, 0, 0], ["s0.run -> s0.ort", 20.0, 0, 0], ["s0.ort -> s0.done", 0.1, 0, 0],
+        ["s0.done -> s0.back", 0.3, 0, 0], ["s0.send -> s9.recv", 0.4, 0, 0],
+        ["s9.run -> s9.ort", 15.0, 0, 0], ["s9.send -> entry.token", 0.6, 0, 0],
+    ]}  # fmt: skip
+    kinds = hop_summary(profile)
+    assert kinds["onnxruntime"] == pytest.approx(35.0)
+    assert kinds["sampling"] == pytest.approx(0.1)
+    assert kinds["thread hand-offs"] == pytest.approx(0.5)
+    assert kinds["links"] == pytest.approx(1.5)  # entry -> stage 0, stage 0 -> stage 9, stage 9 -> entry
+    assert kinds["rest"] == pytest.approx(0.05)

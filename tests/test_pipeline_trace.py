@@ -147,8 +147,9 @@ def _threads_of_decodes(wire: Wire) -> dict[str, set[int]]:
 
 
 def test_a_lone_session_decodes_on_the_event_loop_thread(tiny_llama_shards: Path) -> None:
-    """One session: no hand-off to the worker thread and back (two thread wake-ups per stage per
-    token); answers unchanged. With inline_decode off (LLNODE_INLINE_DECODE=0) the worker runs it."""
+    """With inline_decode on (LLNODE_INLINE_DECODE=1), one session's steps skip the hand-off to the
+    worker thread and back (two thread wake-ups per stage per token); answers unchanged. Off (the
+    default), the worker thread runs them."""
     prompts = _prompts(load_manifest(tiny_llama_shards).vocab_size, [7])
     for inline in (True, False):
         wire = Wire(tiny_llama_shards)

@@ -5,7 +5,7 @@
    never faster than one device; this measures what the hops and the stage hand-offs add. Every
    decode step of these runs is traced (``llnode/pipeline/trace.py``): the bench prints where a
    token's milliseconds go (onnxruntime, sampling, thread hand-offs, links), and runs 2 nodes once
-   more with every step handed to the stages' worker threads (``LLNODE_INLINE_DECODE=0``).
+   more with a lone session's steps on the stages' event loop threads (``LLNODE_INLINE_DECODE=1``).
 2. Throughput: aggregate tokens/s with 1, 2, 4 and 8 concurrent sessions, 1 node vs 2 nodes, each node
    pinned to its own core (``taskset``) with one onnxruntime thread: the pipeline's real gain, because
    while stage 2 runs one session's step, stage 1 runs another's.
@@ -341,10 +341,10 @@ def run(args: argparse.Namespace) -> int:
     long_prompt = long_text(tok, args.long_prompt)
     two = _run_cluster(shards, 2, args.tokens, args.rounds, [], pin=False, long_prompt=long_prompt)
     three = _run_cluster(shards, 3, args.tokens, args.rounds, [], pin=False)
-    # The same 2 nodes with every decode step handed to the stage's worker thread and back (as before
-    # a lone session's steps ran on the event loop's thread): what those thread wake-ups cost.
-    inline_off = {"LLNODE_INLINE_DECODE": "0"}
-    handoff = _run_cluster(shards, 2, args.tokens, args.rounds, [], pin=False, env=inline_off)
+    # The same 2 nodes with a lone session's decode steps run on the stages' event loop threads instead
+    # of handed to the worker thread and back: what those two thread wake-ups per stage cost.
+    inline_on = {"LLNODE_INLINE_DECODE": "1"}
+    inline = _run_cluster(shards, 2, args.tokens, args.rounds, [], pin=False, env=inline_on)
     for n, res in ((2, two), (3, three)):
         held = _held_mb(shards, res["stages"])
         print(
@@ -358,12 +358,12 @@ def run(args: argparse.Namespace) -> int:
         )
         _print_hops(n, res["hops"], full=n == 2)
     print(
-        f"2 nodes, decode steps handed to the worker thread: {handoff['decode_ms']:.2f} ms/token "
-        f"(x{handoff['decode_ms'] / sleeping_ms:.2f} of one process with the same pools; "
-        f"plan {handoff['stages']})",
+        f"2 nodes, a lone session's decode steps on the event loop thread: {inline['decode_ms']:.2f} "
+        f"ms/token (x{inline['decode_ms'] / sleeping_ms:.2f} of one process with the same pools; "
+        f"plan {inline['stages']})",
         flush=True,
     )
-    _print_hops(2, handoff["hops"], full=False)
+    _print_hops(2, inline["hops"], full=True)
     whole = _run_cluster(
         shards, 2, 8, 1, [], pin=False, env={"LLNODE_PREFILL_CHUNK": "0"}, long_prompt=long_prompt
     )
@@ -418,8 +418,8 @@ def run(args: argparse.Namespace) -> int:
         "latency_ratio_3": three["decode_ms"] / chain_ms,
         "chain_sleeping_ms": sleeping_ms,
         "latency_ratio_2_same_pools": two["decode_ms"] / sleeping_ms,
-        "decode_ms_2_handoffs": handoff["decode_ms"],  # LLNODE_INLINE_DECODE=0
-        "hops_2_handoffs": hop_summary(handoff["hops"]),
+        "decode_ms_2_inline": inline["decode_ms"],  # LLNODE_INLINE_DECODE=1
+        "hops_2_inline": hop_summary(inline["hops"]),
         "ttft_s_2": two["ttft_s"],
         "ttft_s_3": three["ttft_s"],
         "rss_mb_3": three["rss_mb"],

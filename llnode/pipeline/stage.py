@@ -93,9 +93,10 @@ class StageWorker:
         self.max_batch = int(os.environ.get("LLNODE_MAX_BATCH", "0"))
         # Tokens per prefill chunk; LLNODE_PREFILL_CHUNK=0 prefills whole (the benchmark's comparison).
         self.prefill_chunk = int(os.environ.get("LLNODE_PREFILL_CHUNK", PREFILL_CHUNK)) or (1 << 30)
-        # A lone session's decode step runs on the event loop's thread (see _run_decodes);
-        # LLNODE_INLINE_DECODE=0 always uses the worker thread (the benchmark's comparison).
-        self.inline_decode = os.environ.get("LLNODE_INLINE_DECODE", "1") != "0"
+        # LLNODE_INLINE_DECODE=1: a lone session's decode step runs on the event loop's thread (see
+        # _inline). Off by default: it did not measure faster on a loaded machine (bench pipeline
+        # runs both side by side).
+        self.inline_decode = os.environ.get("LLNODE_INLINE_DECODE", "0") == "1"
         self.batch_sizes: Counter[int] = Counter()  # decode calls by batch size (status and tests)
         self.prefill_chunks = 0
         self._stopping = False
@@ -297,14 +298,17 @@ class StageWorker:
             await self._finish(step, out)
 
     def _inline(self, steps: list[Step]) -> bool:
-        """Run this decode step right here, on the event loop's thread?
+        """Run this decode step right here, on the event loop's thread (when ``inline_decode`` is on)?
 
-        Yes when it is the only session this stage holds and nothing else is queued: handing the step
+        Only when it is the only session this stage holds and nothing else is queued: handing the step
         to the worker thread and the result back costs two thread wake-ups per stage per token (traced:
         0.1-0.4 ms each on an idle machine, 1-3 ms on average on a loaded one), and with one session
         there is nothing the event loop could do meanwhile that this step would hold up for long:
         frames for this stage wait for it anyway, gossip and HTTP wait at most one decode step.
-        With several sessions the worker thread keeps the loop free to gather and forward theirs."""
+        With several sessions the worker thread keeps the loop free to gather and forward theirs.
+        Why it is off by default: on a loaded machine the wait moved to the links instead of going
+        away (a loop thread that computes is no longer the light sleeper the scheduler wakes first):
+        docs/pipeline.md has the side-by-side figures."""
         return self.inline_decode and len(steps) == 1 and self.sessions <= 1 and self._queue.empty()
 
     async def _run_chunk(self, job: _Prefill) -> bool:

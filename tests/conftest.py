@@ -149,6 +149,15 @@ def tiny_llama_shards(
 
 
 @pytest.fixture(scope="session")
+def tiny_arch_shards(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dirs: dict[str, Path], tiny_cache: Path
+) -> dict[str, Path]:
+    """fp32 shard sets (4 modules) of every tiny model, by architecture; tests must not modify them."""
+    base = tmp_path_factory.mktemp("arch-shards")
+    return {a: prepare_with_cache(str(tiny_model_dirs[a]), base / a, tiny_cache) for a in TINY_ARCHS}
+
+
+@pytest.fixture(scope="session")
 def smollm2_shards() -> Iterator[Path]:
     """The real SmolLM2-135M fp32 shard set, prepared once into the on-disk cache and reused across runs."""
     from llnode.model.prepare import ensure_prepared

@@ -17,19 +17,11 @@ from llnode.model.source import load_hf
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def prepared(
-    tiny_model_dirs: dict[str, Path], tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("arch-shards")
-    return {a: prepare_with_cache(str(tiny_model_dirs[a]), base / a, tiny_cache) for a in TINY_ARCHS}
-
-
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_chain_matches_transformers(
-    arch: str, prepared: dict[str, Path], tiny_model_dirs: dict[str, Path]
+    arch: str, tiny_arch_shards: dict[str, Path], tiny_model_dirs: dict[str, Path]
 ) -> None:
-    shard = prepared[arch]
+    shard = tiny_arch_shards[arch]
     manifest = load_manifest(shard)
     assert manifest.num_modules == 4 and manifest.precision == "fp32"
     runner = ModuleRunner(shard, threads=1)
@@ -55,8 +47,10 @@ def test_chain_matches_transformers(
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_left_padded_batch(arch: str, prepared: dict[str, Path], tiny_model_dirs: dict[str, Path]) -> None:
-    runner = ModuleRunner(prepared[arch], threads=1)
+def test_left_padded_batch(
+    arch: str, tiny_arch_shards: dict[str, Path], tiny_model_dirs: dict[str, Path]
+) -> None:
+    runner = ModuleRunner(tiny_arch_shards[arch], threads=1)
     ref = HfReference(load_hf(tiny_model_dirs[arch]))
     ids, mask = left_pad([[11, 12, 13, 14, 15, 16, 17], [21, 22, 23]], pad_id=0)
     pos = positions_for(mask)
@@ -71,14 +65,16 @@ def test_left_padded_batch(arch: str, prepared: dict[str, Path], tiny_model_dirs
         a, b = runner.step("b", ta[:, None], p), ref.step(ta[:, None], p)
         assert np.abs(a - b).max() <= TOL
     # Each row of the batch equals the same prompt run alone (padding leaks nothing).
-    solo = ModuleRunner(prepared[arch], threads=1).step("x", np.asarray([[21, 22, 23]]), np.arange(3)[None])
-    fresh = ModuleRunner(prepared[arch], threads=1).step("y", ids, pos, mask)
+    solo = ModuleRunner(tiny_arch_shards[arch], threads=1).step(
+        "x", np.asarray([[21, 22, 23]]), np.arange(3)[None]
+    )
+    fresh = ModuleRunner(tiny_arch_shards[arch], threads=1).step("y", ids, pos, mask)
     assert np.abs(fresh[1, -1] - solo[0, -1]).max() <= TOL
 
 
-def test_split_ranges_equal_whole_chain(prepared: dict[str, Path]) -> None:
+def test_split_ranges_equal_whole_chain(tiny_arch_shards: dict[str, Path]) -> None:
     """Two stages [0, 2) + [2, 4) passing the hidden state give the same logits as one runner."""
-    shard = prepared["llama"]
+    shard = tiny_arch_shards["llama"]
     whole = ModuleRunner(shard, threads=1)
     s1, s2 = ModuleRunner(shard, start=0, end=2, threads=1), ModuleRunner(shard, start=2, threads=1)
     assert s1.is_first and not s1.is_last and s2.is_last
@@ -93,9 +89,9 @@ def test_split_ranges_equal_whole_chain(prepared: dict[str, Path]) -> None:
     assert s1.context_length("s") == s2.context_length("s") == 10
 
 
-def test_reprefill_from_token_history(prepared: dict[str, Path]) -> None:
+def test_reprefill_from_token_history(tiny_arch_shards: dict[str, Path]) -> None:
     """A session rebuilt on a new runner from its token history continues identically."""
-    shard = prepared["gpt2"]
+    shard = tiny_arch_shards["gpt2"]
     chain = ChainRunner(shard, threads=1)
     tokens = chain.generate([1, 2, 3, 4], 12)
     fresh = ModuleRunner(shard, threads=1)
@@ -105,10 +101,13 @@ def test_reprefill_from_token_history(prepared: dict[str, Path]) -> None:
 
 
 @pytest.mark.parametrize("arch", ["llama", "bloom"])
-def test_prefill_last_only_logits(arch: str, prepared: dict[str, Path]) -> None:
+def test_prefill_last_only_logits(arch: str, tiny_arch_shards: dict[str, Path]) -> None:
     """A prefill that asks only for the last token's logits gets exactly that row, and leaves the same
     KV cache behind: the next decode step equals the one after a full-logits prefill."""
-    full, last = ModuleRunner(prepared[arch], threads=1), ModuleRunner(prepared[arch], threads=1)
+    full, last = (
+        ModuleRunner(tiny_arch_shards[arch], threads=1),
+        ModuleRunner(tiny_arch_shards[arch], threads=1),
+    )
     prompt = np.asarray([[5, 9, 2, 7, 11, 3]])
     a = full.step("s", prompt, np.arange(6)[None])
     b = last.step("s", prompt, np.arange(6)[None], last_only=True)
@@ -119,9 +118,9 @@ def test_prefill_last_only_logits(arch: str, prepared: dict[str, Path]) -> None:
 
 
 def test_long_context_crosses_buffer_growth(
-    prepared: dict[str, Path], tiny_model_dirs: dict[str, Path]
+    tiny_arch_shards: dict[str, Path], tiny_model_dirs: dict[str, Path]
 ) -> None:
-    runner = ModuleRunner(prepared["llama"], threads=1)
+    runner = ModuleRunner(tiny_arch_shards["llama"], threads=1)
     ref = HfReference(load_hf(tiny_model_dirs["llama"]))
     prompt = np.asarray([[(i * 7) % 300 + 3 for i in range(40)]])
     a, b = runner.step("g", prompt, np.arange(40)[None]), ref.step(prompt, np.arange(40)[None])
@@ -164,7 +163,7 @@ def test_quantized_shards(
     assert np.isfinite(logits).all()
 
 
-def test_torch_not_needed_to_run(prepared: dict[str, Path]) -> None:
+def test_torch_not_needed_to_run(tiny_arch_shards: dict[str, Path]) -> None:
     """The runner and tokenizer import neither torch nor transformers (phones have neither)."""
     import subprocess
     import sys
@@ -173,8 +172,8 @@ def test_torch_not_needed_to_run(prepared: dict[str, Path]) -> None:
         "import sys, numpy as np\n"
         "from llnode.model.runner import ModuleRunner\n"
         "from llnode.model.tokenizer import load_tokenizer\n"
-        f"r = ModuleRunner({str(prepared['bloom'])!r}, threads=1)\n"
-        f"t = load_tokenizer({str(prepared['bloom'])!r})\n"
+        f"r = ModuleRunner({str(tiny_arch_shards['bloom'])!r}, threads=1)\n"
+        f"t = load_tokenizer({str(tiny_arch_shards['bloom'])!r})\n"
         "ids = t.encode('hello world')\n"
         "r.step('s', np.asarray([ids]), np.arange(len(ids))[None])\n"
         "bad = [m for m in ('torch', 'transformers', 'tokenizers') if m in sys.modules]\n"
@@ -202,7 +201,7 @@ def test_verify_against_whole_model_onnx(
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_merged_whole_graph_equals_chain(
-    arch: str, prepared: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    arch: str, tiny_arch_shards: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``bench modules``' single-session baseline: the module files merged into one graph compute exactly
     what the chain computes (prefill, then decode steps over the runner-owned KV buffers)."""
@@ -210,7 +209,7 @@ def test_merged_whole_graph_equals_chain(
     from llnode.model.reference import ChainStepper, WholeOnnx
 
     monkeypatch.setenv("LLNODE_CACHE", str(tmp_path))
-    shard = prepared[arch]
+    shard = tiny_arch_shards[arch]
     m = load_manifest(shard)
     whole = WholeOnnx(cached_merge(shard, m), m.num_layers, m.num_kv_heads, m.head_dim, threads=1)
     chain = ChainStepper(ModuleRunner(shard, m, threads=1))

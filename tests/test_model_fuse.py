@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import TINY_ARCHS, prepare_with_cache
+from conftest import TINY_ARCHS
 
 from llnode.model import names
 from llnode.model.fuse import HEAD_FROM, FuseError, fuse_files, fuse_models
@@ -19,14 +19,6 @@ from llnode.model.merge import merge_modules
 from llnode.model.runner import FUSE_BLOCK, ModuleRunner, RunnerError, _session_options, fuse_block
 
 TOL = 1e-6
-
-
-@pytest.fixture(scope="module")
-def prepared(
-    tiny_model_dirs: dict[str, Path], tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("fuse-shards")
-    return {a: prepare_with_cache(str(tiny_model_dirs[a]), base / a, tiny_cache) for a in TINY_ARCHS}
 
 
 def _feeds(
@@ -52,8 +44,8 @@ def _feeds(
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_wire_fusion_equals_the_onnx_merge(arch: str, prepared: dict[str, Path]) -> None:
-    shard = prepared[arch]
+def test_wire_fusion_equals_the_onnx_merge(arch: str, tiny_arch_shards: dict[str, Path]) -> None:
+    shard = tiny_arch_shards[arch]
     m = load_manifest(shard)
     fused_bytes = fuse_files(shard, [(x.index, x.file) for x in m.modules], head_index=m.num_modules - 1)
     merged = merge_modules(shard, m)
@@ -100,8 +92,10 @@ def _greedy(runner: ModuleRunner, prompt: list[int], steps: int) -> tuple[list[i
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 @pytest.mark.parametrize("block", [2, FUSE_BLOCK])
-def test_fused_runner_equals_one_session_per_module(arch: str, block: int, prepared: dict[str, Path]) -> None:
-    shard = prepared[arch]
+def test_fused_runner_equals_one_session_per_module(
+    arch: str, block: int, tiny_arch_shards: dict[str, Path]
+) -> None:
+    shard = tiny_arch_shards[arch]
     per_module = ModuleRunner(shard, threads=1, fuse=1)
     fused = ModuleRunner(shard, threads=1, fuse=block)
     n = per_module.manifest.num_modules

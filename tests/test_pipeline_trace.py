@@ -18,7 +18,7 @@ from llnode.bench.pipeline import hop_summary
 from llnode.model.manifest import load_manifest
 from llnode.pipeline import protocol
 from llnode.pipeline.protocol import ProtocolError, parse_step
-from llnode.pipeline.trace import HopProfile, parse_trace
+from llnode.pipeline.trace import MAX_SEGMENTS, HopProfile, parse_trace
 
 STAGE_MARKS = ["recv", "queued", "take", "run", "ort", "done", "back", "send"]
 
@@ -99,6 +99,17 @@ def test_hop_profile_reports_means_medians_and_order() -> None:
     assert [row[0] for row in snap["segments"]] == ["a -> b", "b -> c"]
     assert snap["segments"][0][1] == pytest.approx(2.0)  # mean ms of 1 and 3
     assert snap["mean_ms"] == pytest.approx(4.0)
+
+
+def test_a_profile_keeps_a_bounded_number_of_segments() -> None:
+    """Labels come from peers: a stream of ever-new labels must not grow the profile without end."""
+    profile = HopProfile()
+    for i in range(1000):
+        profile.add([[f"a{i}", 1.0], [f"b{i}", 1.001]])
+    assert len(profile.snapshot()["segments"]) == MAX_SEGMENTS
+    profile.add([["a0", 2.0], ["b0", 2.002]])  # a known segment still counts
+    first = profile.snapshot()["segments"][0]
+    assert first[0] == "a0 -> b0" and first[1] == pytest.approx(1.5)  # mean of 1 ms and 2 ms
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ from typing import Any
 MAX_MARKS = 64
 MAX_LABEL = 40
 KEEP = 256  # traced steps the profile summarises (the most recent)
+MAX_SEGMENTS = 256  # distinct segments a profile keeps (labels come from peers: bound the memory)
 
 Trace = list[list[Any]]  # [[label, seconds], ...]
 
@@ -67,8 +68,10 @@ class HopProfile:
     def add(self, trace: Trace) -> None:
         if len(trace) < 2:
             return
-        for i, ((a, ta), (b, tb)) in enumerate(itertools.pairwise(trace)):
-            name = f"{a} -> {b}"
+        names = [f"{a} -> {b}" for (a, _), (b, _) in itertools.pairwise(trace)]
+        if len(self._segments.keys() | names) > MAX_SEGMENTS:
+            return  # labels that keep changing (a misbehaving peer): not a profile worth the memory
+        for i, (name, ((_, ta), (_, tb))) in enumerate(zip(names, itertools.pairwise(trace), strict=True)):
             self._segments[name].append(1000.0 * (tb - ta))
             self._order.setdefault(name, i)
         self._totals.append(1000.0 * (trace[-1][1] - trace[0][1]))

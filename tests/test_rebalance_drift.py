@@ -24,6 +24,7 @@ from llnode.pipeline.rebalance import (
     price,
     range_flops,
     rest_of_pipeline,
+    session_bounds,
     stage_ratios,
     switch_cost_s,
 )
@@ -306,7 +307,7 @@ def test_a_small_cluster_is_rebalanced_exactly_and_the_slowed_device_keeps_a_sub
     m = costs.num_modules
     current = price(manifest, profiles, [], opts, [("a", 0, 11), ("b", 11, 22), ("c", 22, m)], epoch=3)
     slow = measured_profiles(costs, profiles, {"b": (11, 22, 2000.0 * current.stages[1].compute_s)})
-    decision = decide(manifest, slow, [], opts, current, CFG, epoch=4)
+    decision = decide(manifest, slow, [], opts, current, CFG, epoch=4, session_block=1)
     assert decision.accept and decision.plan is not None and decision.plan.solver == "brute"
     assert decision.solve_s > 0
     new = decision.plan.ranges()
@@ -369,3 +370,29 @@ def test_a_stage_reports_a_recent_speed_that_follows_a_step_change_and_ignores_s
     assert m.recent_decode_ms() == pytest.approx(30.0)
     assert m.decode_ms is not None and m.decode_ms < 0.9 * 30.0  # the EWMA still lags
     assert m.snapshot()["decode_ms_recent"] == pytest.approx(30.0)
+
+
+def test_a_shrinking_device_keeps_whole_fused_sessions_when_that_costs_little() -> None:
+    """Runners fuse blocks of 8 modules aligned to module indices: b ran [11,22) as [11,16) + [16,22).
+    The exact plan cuts b's range inside a block (b would rebuild it: 12-16 s at 10 % of a core); the
+    decision moves b's range to its old sessions' boundaries for at most 5 % of predicted tokens/s."""
+    manifest = synthetic_manifest(num_layers=30)
+    opts = PlanOptions()
+    costs = ModelCosts.from_manifest(manifest, opts)
+    profiles = _devices()
+    m = costs.num_modules
+    current = price(manifest, profiles, [], opts, [("a", 0, 11), ("b", 11, 22), ("c", 22, m)], epoch=3)
+    slow = measured_profiles(costs, profiles, {"b": (11, 22, 2000.0 * current.stages[1].compute_s)})
+    assert session_bounds(11, 22, 8) == {11, 16, 22} and session_bounds(0, 32, 8) == {0, 8, 16, 24, 32}
+    exact = decide(manifest, slow, [], opts, current, CFG, epoch=4, session_block=1)
+    kept = decide(manifest, slow, [], opts, current, CFG, epoch=4, session_block=8)
+    assert exact.plan is not None and kept.plan is not None and kept.accept
+    cut = exact.plan.ranges()["b"]
+    assert not set(cut) <= {11, 16, 22}  # the exact plan cuts a block of b's ...
+    b = kept.plan.ranges()["b"]
+    assert set(b) <= {11, 16, 22} and b[0] < b[1]  # ... the decision keeps whole ones
+    assert [s.device_id for s in kept.plan.stages] == ["a", "b", "c"]
+    assert kept.new_tokens_per_s >= 0.95 * exact.new_tokens_per_s
+    # with one session per module (LLNODE_FUSE=0) every sub-range is whole: nothing to move
+    again = decide(manifest, slow, [], opts, current, CFG, epoch=4, session_block=1).plan
+    assert again is not None and again.ranges() == exact.plan.ranges() and again.solver == "brute"

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from llnode.model.manifest import Manifest
+from llnode.model.runner import fuse_block
 from llnode.pipeline.metrics import live_context
 from llnode.plan.bruteforce import brute_force_work
 from llnode.plan.costs import ModelCosts, build_instance, evaluate
@@ -69,6 +70,8 @@ REBALANCE_BRUTE_WORK = 10_000
 # speeds move again and each re-solve finds a "gain" of 15-25 %: a drift run accepted three rebalances in
 # a minute, the third measured -57 %.
 CHURN_WINDOW_S = 60.0
+# A rebalance may give up this much predicted tokens/s to let a shrinking device keep whole sessions.
+SNAP_LOSS = 0.05
 
 
 @dataclass(frozen=True)
@@ -332,6 +335,7 @@ def decide(
     epoch: int,
     live_tokens: float = 0.0,
     load_bytes_per_s: float = LOAD_BYTES_PER_S,
+    session_block: int | None = None,
 ) -> Decision:
     """Re-solve with ``profiles`` (measured speeds) and the movement term; accept only a gain that beats
     ``min_gain`` and pays for the switch (re-prefill of ``live_tokens``, module loading) within
@@ -351,6 +355,8 @@ def decide(
     )
     began = time.perf_counter()
     new = solve(model, list(profiles.values()), links, opts, current=current, epoch=epoch)
+    block = fuse_block() if session_block is None else session_block
+    new = keep_whole_sessions(model, profiles, links, options, current, new, block, epoch)
     took = time.perf_counter() - began
     gain = new.tokens_per_s / now_tps - 1.0 if now_tps > 0 else math.inf
     if new.ranges() == current.ranges():
@@ -375,6 +381,67 @@ def decide(
         )
     return Decision(True, f"predicted gain {gain:+.1%} (switch costs ~{reprefill + load:.1f} s)", gain,
                     now_tps, new.tokens_per_s, new, took)
+
+
+def session_bounds(start: int, end: int, block: int) -> set[int]:
+    """Where the onnxruntime sessions of a runner over ``[start, end)`` begin and end: the runner fuses
+    blocks of ``block`` modules aligned to module indices (:func:`llnode.model.runner.fuse_block`)."""
+    return {start, end, *range((start // max(block, 1) + 1) * max(block, 1), end, max(block, 1))}
+
+
+def keep_whole_sessions(
+    model: Manifest | ModelCosts,
+    profiles: Mapping[str, DeviceProfile],
+    links: list[LinkProfile],
+    options: PlanOptions,
+    current: Plan,
+    new: Plan,
+    block: int,
+    epoch: int,
+) -> Plan:
+    """``new`` with the range of a device that shrinks moved to its old sessions' boundaries, if that
+    costs at most ``SNAP_LOSS`` of the predicted tokens/s.
+
+    Why: a device given a sub-range of what it ran shares its sessions and builds nothing, but only
+    whole fused blocks can be shared. The device that shrinks is usually the one just throttled, and
+    rebuilding the 6-7 modules of a block its new range cut took it 12.6 and 16.0 s at 10 % of a core:
+    the largest phase of the recovery. The movement term does not see it (it counts moved weights).
+    """
+    if block <= 1:
+        return new
+    held = current.ranges()
+    stages = [(s.device_id, s.start, s.end) for s in new.stages]
+    best = new
+    for i, (dev, a, b) in enumerate(stages):
+        old = held.get(dev)
+        if old is None or not old[0] <= a < b <= old[1]:
+            continue
+        bounds = session_bounds(old[0], old[1], block)
+        if a in bounds and b in bounds:
+            continue
+        starts = {a} if a in bounds else {max(x for x in bounds if x <= a), min(x for x in bounds if x >= a)}
+        ends = {b} if b in bounds else {max(x for x in bounds if x <= b), min(x for x in bounds if x >= b)}
+        for a2 in starts:
+            for b2 in ends:
+                if a2 >= b2 or (i > 0 and a2 <= stages[i - 1][1]) or (
+                    i + 1 < len(stages) and b2 >= stages[i + 1][2]
+                ):
+                    continue  # every stage keeps at least one module
+                ranges = list(stages)
+                ranges[i] = (dev, a2, b2)
+                if i > 0:
+                    ranges[i - 1] = (stages[i - 1][0], stages[i - 1][1], a2)
+                if i + 1 < len(stages):
+                    ranges[i + 1] = (stages[i + 1][0], b2, stages[i + 1][2])
+                plan = price(model, profiles, links, options, ranges, epoch=epoch,
+                             solver=f"{new.solver}, whole sessions kept")
+                if any(st.memory_bytes > st.memory_limit_bytes for st in plan.stages):
+                    continue
+                if plan.tokens_per_s >= (1 - SNAP_LOSS) * new.tokens_per_s and (
+                    best is new or plan.tokens_per_s > best.tokens_per_s
+                ):
+                    best = plan
+    return best
 
 
 def churn_min_gain(min_gain: float, recent: int) -> float:

@@ -131,8 +131,23 @@ def test_blocks_are_aligned_and_shared_across_plan_switches(tiny_llama_shards: P
     x = np.random.default_rng(0).standard_normal((1, 5, old.manifest.hidden_size), dtype=np.float32)
     pos = np.arange(5)[None]
     np.testing.assert_array_equal(shifted.step("s", x, pos), fresh.step("s", x, pos))
-    # The Python wrapper would otherwise keep each fused block's model bytes (its weights) for good.
-    assert all(getattr(u.session, "_model_bytes", None) is None for u in old.units())
+
+
+def test_a_block_fuses_in_memory_without_a_temporary_directory(
+    tiny_llama_shards: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    on_file = ModuleRunner(tiny_llama_shards, threads=1)
+
+    def no_room(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("llnode.model.runner.tempfile.NamedTemporaryFile", no_room)
+    in_memory = ModuleRunner(tiny_llama_shards, threads=1)
+    assert len(in_memory.units()) == 1
+    # The Python wrapper would otherwise keep the fused model bytes (the block's weights) for good.
+    assert getattr(in_memory.units()[0].session, "_model_bytes", None) is None
+    ids, pos = np.asarray([[3, 1, 4, 1, 5]]), np.arange(5)[None]
+    np.testing.assert_array_equal(in_memory.step("s", ids, pos), on_file.step("s", ids, pos))
 
 
 def test_fuse_setting_and_bad_input(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -280,14 +281,26 @@ class ModuleRunner:
         return [self._build_one(m) for m in modules]
 
     def _build_fused(self, modules: list[ModuleInfo]) -> Unit:
+        """The block fused, written to a temporary file piece by piece and loaded from there. WHY a file:
+        the fused model as Python bytes lives while onnxruntime parses it, a third copy of the block's
+        weights at the load peak (fp32 SmolLM2 block [24,32): peak 665 MiB from bytes, 375 from a file,
+        375 as separate sessions); the file is in the page cache and deleted once loaded."""
         head = self.manifest.num_modules - 1
-        model = fuse.fuse_files(self.shard_dir, [(m.index, m.file) for m in modules], head_index=head)
-        sess = ort.InferenceSession(model, self._so, providers=["CPUExecutionProvider"])
-        # onnxruntime's Python wrapper keeps the model bytes for good (its own TODO says so), i.e. the
-        # block's weights a second time (fp32 SmolLM2: 1326 instead of 705 MiB RSS). They only serve to
-        # re-create the session on a provider change, which a runner never asks for.
-        sess._model_bytes = None
-        del model
+        files = [(m.index, m.file) for m in modules]
+        try:
+            with tempfile.NamedTemporaryFile(prefix="llnode-fused-", suffix=".onnx") as f:
+                fuse.write_fused(self.shard_dir, files, f, head_index=head)
+                f.flush()
+                sess = ort.InferenceSession(f.name, self._so, providers=["CPUExecutionProvider"])
+        except OSError as exc:  # no room or no temporary directory: from memory then
+            log.info("modules [%d, %d): fused in memory (%s)", modules[0].index, modules[-1].index + 1, exc)
+            model = fuse.fuse_files(self.shard_dir, files, head_index=head)
+            sess = ort.InferenceSession(model, self._so, providers=["CPUExecutionProvider"])
+            # onnxruntime's Python wrapper keeps the model bytes for good (its own TODO says so), i.e.
+            # the block's weights a second time (fp32 SmolLM2: 1326 instead of 705 MiB RSS). They only
+            # serve to re-create the session on a provider change, which a runner never asks for.
+            sess._model_bytes = None
+            del model
         return Unit.of(modules, sess)
 
     def _build_one(self, info: ModuleInfo) -> Unit:

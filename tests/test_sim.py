@@ -131,6 +131,27 @@ def test_a_cpu_quota_throttles_sustained_work_but_not_short_bursts() -> None:
     assert busy.tokens_per_s == pytest.approx(0.6 / 0.030, rel=0.1)
 
 
+def test_the_gather_wait_breaks_the_lockstep_of_sessions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As ``StageWorker._gather``: without the short wait each session's step arrives while another's
+    computes and batches hold one; with it (5 % of the last batch) 4 sessions on 2 stages pair up."""
+    from llnode.sim import engine
+
+    plan = fixed_plan(("a", 0, 3), ("b", 3, 6))
+    link = LinkClass("l", 100.0, 1.0)
+    batches = {}
+    default = engine.GATHER_MAX_S
+    for wait in (default, 0.0):
+        monkeypatch.setattr(engine, "GATHER_MAX_S", wait)
+        sim = Simulator(
+            costs(batch4_ms=15.0), [dev("a"), dev("b")], {"a": link, "b": link}, no_replan, plan=plan
+        )
+        sim.run(Workload(sessions=4, duration_s=30, warmup_s=5))
+        batches[wait] = sim.batches
+    with_wait, without = batches[default], batches[0.0]
+    assert with_wait[2] > 10 * with_wait[1]  # pairs
+    assert without[1] > 5 * without[2]  # lockstep: singles
+
+
 def test_a_slow_link_slows_the_pipeline() -> None:
     c = costs()
     plan = fixed_plan(("a", 0, 3), ("b", 3, 6))

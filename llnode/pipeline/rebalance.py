@@ -12,8 +12,10 @@ battery saver kicks in; the plan that was best at start then leaves a stage as t
 - **Decision** (leader): every stage's measured decode time becomes a measured speed
   (:meth:`DeviceProfile.with_measured_decode` over the range's FLOPs); speeds measured on earlier plans
   are remembered per device. The current plan is priced with those speeds, the plan is re-solved with the
-  movement term against the current plan, and the new plan is published only if its predicted tokens/s
-  beats the current one by ``min_gain``. A rejected request re-bases the asking node's baseline on what
+  movement term against the current plan (exhaustively on small clusters), a shrinking device keeps
+  whole fused sessions where that costs little, and the new plan is published only if its predicted
+  tokens/s beats the current one by ``min_gain`` (doubled for each rebalance of the last minute) and
+  pays for the switch. A rejected request re-bases the asking node's baseline on what
   it measures, so the same drift does not ask again and again.
 - **Measured gain**: once the new plan's stages all report fresh measurements, the leader logs the
   measured bottleneck before and after as a second event.

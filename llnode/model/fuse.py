@@ -2,7 +2,8 @@
 
 WHY: every ``session.run`` has a fixed cost (feeds, output conversion, waking the thread pool), paid
 once per module per token: 32 runs per token made the SmolLM2 chain x1.09 slower than one session holding
-the same graphs. A runner only needs cuts between *devices*, so it runs its whole range in one session.
+the same graphs. A runner only needs cuts between *devices*, so it runs its range as few sessions:
+aligned blocks of 8 modules (``ModuleRunner`` explains why blocks and not the whole range).
 Phones have onnxruntime and numpy but not the ``onnx`` package (``llnode.model.merge``, which does the
 same with ``onnx``, is PC/bench-only), so this module edits the serialized ``ModelProto`` directly: it
 parses only the fields it must rename and copies every other field byte for byte (weights included).

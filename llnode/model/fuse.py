@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -132,7 +132,7 @@ def _first_string(buf: memoryview, number: int) -> str:
     return ""
 
 
-def _rename_fields(buf: memoryview, renames: dict[int, object]) -> list[bytes | memoryview]:
+def _rename_fields(buf: memoryview, renames: dict[int, Callable[[str], str]]) -> list[bytes | memoryview]:
     """``buf`` with the string fields in ``renames`` (field number -> str -> str function) mapped, as
     pieces: the untouched fields (a tensor's raw data) stay views of the file bytes, copied only once,
     by the final join."""
@@ -140,7 +140,7 @@ def _rename_fields(buf: memoryview, renames: dict[int, object]) -> list[bytes | 
     for f in _fields(buf):
         fn = renames.get(f.number)
         if fn is not None and f.wire == 2:
-            out += _str_field(f.number, fn(bytes(f.payload).decode()))  # type: ignore[operator]
+            out += _str_field(f.number, fn(bytes(f.payload).decode()))
         else:
             out.append(f.raw)
     return out
@@ -197,11 +197,11 @@ def _parse_module(index: int, data: memoryview) -> _Module:
     return m
 
 
-def _node(index: int, node: memoryview, rename: object) -> bytes:
+def _node(index: int, node: memoryview, rename: Callable[[str], str]) -> bytes:
     out: list[bytes | memoryview] = []
     for f in _fields(node):
         if f.wire == 2 and f.number in (_NODE_INPUT, _NODE_OUTPUT):
-            out += _str_field(f.number, rename(bytes(f.payload).decode()))  # type: ignore[operator]
+            out += _str_field(f.number, rename(bytes(f.payload).decode()))
         elif f.wire == 2 and f.number == _NODE_NAME:
             out += _str_field(f.number, f"m{index}/" + bytes(f.payload).decode())
         elif f.wire == 2 and f.number == _NODE_ATTRIBUTE:

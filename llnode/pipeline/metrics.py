@@ -9,6 +9,7 @@ context (see :func:`llnode.pipeline.rebalance.expected_ms`).
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -86,11 +87,7 @@ class StageMetrics:
         measured -15 % and -27 % before a third left it out). A median follows a step change within
         half its window and ignores one- to three-step spikes: what a *speed* should be taken from.
         """
-        if not self._recent:
-            return None
-        ordered = sorted(self._recent)
-        mid = len(ordered) // 2
-        return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+        return statistics.median(self._recent) if self._recent else None
 
     def snapshot(self) -> dict[str, Any]:
         return {

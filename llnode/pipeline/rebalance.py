@@ -704,15 +704,6 @@ class Rebalancer:
             if self._asking is None or self._asking.done():
                 self._asking = asyncio.create_task(self._ask(reason, plan.epoch, own / rest))
 
-    def _own_metrics(self) -> dict[str, Any] | None:
-        """This node's stage measurements now, as gossiped under ``metrics`` (sent with a request)."""
-        worker = self.service.worker
-        if worker is None:
-            return None
-        ctx = live_context(worker.runner)
-        return {**worker.metrics.snapshot(), "epoch": worker.epoch, "range": [worker.start, worker.end],
-                "context": None if ctx is None else round(ctx, 1)}
-
     async def _ask(self, reason: str, epoch: int, relative: float) -> None:
         """Ask the leader (or ourselves) for a rebalance, with this stage's measurements as of now; a
         refusal makes this skew the new normal."""
@@ -721,7 +712,7 @@ class Rebalancer:
         leader = node.leader_id
         if leader is None:
             return
-        measured = self._own_metrics()
+        measured = self.service.stage_metrics()
         try:
             if leader == node.node_id:
                 reply = await self.handle(reason, node.node_id, measured)

@@ -367,14 +367,20 @@ class PipelineService:
         if now - self._metrics_at < METRICS_EVERY_S:
             return
         self._metrics_at = now
-        worker = self.worker
         metrics: dict[str, Any] = {"sessions": self.engine.active_sessions if self.engine else 0}
-        if worker is not None:
-            metrics.update(worker.metrics.snapshot(), epoch=worker.epoch, range=[worker.start, worker.end])
-            context = live_context(worker.runner)
-            metrics["context"] = None if context is None else round(context, 1)
+        metrics.update(self.stage_metrics() or {})
         if metrics != self.node.gossip.get(self.node.node_id, METRICS_KEY):
             self.node.gossip.set_local(METRICS_KEY, metrics)
+
+    def stage_metrics(self) -> dict[str, Any] | None:
+        """This node's stage measurements now (None without a stage): what it gossips under
+        ``metrics`` besides its session count, and what a rebalance request carries."""
+        worker = self.worker
+        if worker is None:
+            return None
+        context = live_context(worker.runner)
+        return {**worker.metrics.snapshot(), "epoch": worker.epoch, "range": [worker.start, worker.end],
+                "context": None if context is None else round(context, 1)}
 
     def _serving_route(self, plan: Plan) -> Route | None:
         nodes = tuple(s.device_id for s in plan.stages)

@@ -35,6 +35,7 @@ import struct
 import tempfile
 import time
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,22 @@ async def _status(cluster: LocalCluster, session: aiohttp.ClientSession, i: int)
     return await cluster.status(i, session) or {}
 
 
+async def _plan(cluster: LocalCluster, session: aiohttp.ClientSession, leader: int) -> Any:
+    """The plan node ``leader`` serves (``pipeline.plan.plan`` of its status)."""
+    return ((await _status(cluster, session, leader))["pipeline"]["plan"] or {})["plan"]
+
+
+def _bench_cluster(
+    shards: Path, nodes: int, prefix: str, env: dict[str, str], quotas: Sequence[float] | None = None
+) -> LocalCluster:
+    """``nodes`` daemons on a free port range, in a fresh work dir named after the run (``prefix``)."""
+    return LocalCluster(
+        nodes=nodes, base_port=free_base_port(nodes), model=shards.name, shards=shards.parent,
+        workdir=Path(tempfile.mkdtemp(prefix=prefix)), quotas=None if quotas is None else list(quotas),
+        env=env,
+    )
+
+
 async def _leader(cluster: LocalCluster, session: aiohttp.ClientSession) -> int:
     for _ in range(120):
         for i in range(cluster.nodes):
@@ -205,10 +222,9 @@ def _brute_candidates(costs: ModelCosts, speeds: dict[str, float], k: int) -> li
 
 async def static_part(args: argparse.Namespace, shards: Path, log: list[str]) -> dict[str, Any]:
     quotas = [float(q) for q in args.quotas.split(",")]
-    cluster = LocalCluster(
-        nodes=len(quotas), base_port=free_base_port(len(quotas)), model=shards.name, shards=shards.parent,
-        workdir=Path(tempfile.mkdtemp(prefix="llnode-balance-")), quotas=list(quotas),
-        env={"LLNODE_THREADS": "1", "LLNODE_BENCH_IMPOSE": "1", "LLNODE_REBALANCE": "0"},
+    cluster = _bench_cluster(
+        shards, len(quotas), "llnode-balance-",
+        {"LLNODE_THREADS": "1", "LLNODE_BENCH_IMPOSE": "1", "LLNODE_REBALANCE": "0"}, quotas,
     )
     out: dict[str, Any] = {"quotas": quotas}
     manifest = load_manifest(shards)
@@ -220,11 +236,10 @@ async def static_part(args: argparse.Namespace, shards: Path, log: list[str]) ->
         await cluster.wait_ready(600)
         async with aiohttp.ClientSession() as session:
             leader = await _leader(cluster, session)
-            st = await _status(cluster, session, leader)
             names = {}
             for i in range(cluster.nodes):
                 names[(await _status(cluster, session, i)).get("id", "")] = f"node{i}"
-            milp = (st["pipeline"]["plan"] or {})["plan"]
+            milp = await _plan(cluster, session, leader)
             milp_ranges = _ranges(milp, names)
             results: dict[str, float] = {}
             load = Load(cluster, args.sessions, args.tokens)
@@ -315,17 +330,14 @@ async def reference_run(args: argparse.Namespace, shards: Path, slow: int) -> di
     after the cut should get back to (issue 6: within 10 % of a fresh optimal plan)."""
     quotas = [args.drift_quota] * 3
     quotas[slow] = args.cut_to
-    cluster = LocalCluster(
-        nodes=3, base_port=free_base_port(3), model=shards.name, shards=shards.parent,
-        workdir=Path(tempfile.mkdtemp(prefix="llnode-fresh-")), quotas=quotas,
-        env={"LLNODE_THREADS": "1", "LLNODE_REBALANCE": "0"},
-    )
+    env = {"LLNODE_THREADS": "1", "LLNODE_REBALANCE": "0"}
+    cluster = _bench_cluster(shards, 3, "llnode-fresh-", env, quotas)
     cluster.start()
     try:
         await cluster.wait_ready(600)
         async with aiohttp.ClientSession() as session:
             leader = await _leader(cluster, session)
-            plan = ((await _status(cluster, session, leader))["pipeline"]["plan"] or {})["plan"]
+            plan = await _plan(cluster, session, leader)
             names = {(await _status(cluster, session, i)).get("id", ""): f"node{i}" for i in range(3)}
             load = Load(cluster, args.sessions, args.tokens)
             rate = await _measure(load, session, args.reference_s)
@@ -339,16 +351,13 @@ async def drift_run(args: argparse.Namespace, shards: Path, rebalance: bool,
                     reference: dict[str, Any] | None = None) -> dict[str, Any]:
     env = {"LLNODE_THREADS": "1", "LLNODE_REBALANCE": "1" if rebalance else "0",
            "LLNODE_REBALANCE_WINDOW_S": "4", "LLNODE_REBALANCE_COOLDOWN_S": "8"}
-    cluster = LocalCluster(
-        nodes=3, base_port=free_base_port(3), model=shards.name, shards=shards.parent,
-        workdir=Path(tempfile.mkdtemp(prefix="llnode-drift-")), quotas=[args.drift_quota] * 3, env=env,
-    )
+    cluster = _bench_cluster(shards, 3, "llnode-drift-", env, [args.drift_quota] * 3)
     cluster.start()
     try:
         await cluster.wait_ready(600)
         async with aiohttp.ClientSession() as session:
             leader = await _leader(cluster, session)
-            plan = ((await _status(cluster, session, leader))["pipeline"]["plan"] or {})["plan"]
+            plan = await _plan(cluster, session, leader)
             ids = [(await _status(cluster, session, i)).get("id") for i in range(3)]
             load = Load(cluster, args.sessions, args.tokens)
             await load.start(session)
@@ -437,10 +446,7 @@ async def steady_run(args: argparse.Namespace, shards: Path) -> dict[str, Any]:
     """2 equal nodes, rebalancing on with its default knobs, ``args.sessions`` concurrent sessions: plan
     changes after a warm-up (concurrency alone must not re-plan; a calibration of the start-up plan to
     the served context may happen during the warm-up and is reported apart)."""
-    cluster = LocalCluster(
-        nodes=2, base_port=free_base_port(2), model=shards.name, shards=shards.parent,
-        workdir=Path(tempfile.mkdtemp(prefix="llnode-steady-")), env={"LLNODE_THREADS": "1"},
-    )
+    cluster = _bench_cluster(shards, 2, "llnode-steady-", {"LLNODE_THREADS": "1"})
     cluster.start()
     try:
         await cluster.wait_ready(600)

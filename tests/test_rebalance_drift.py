@@ -296,10 +296,9 @@ def test_a_throttled_device_that_looks_fast_on_less_work_keeps_its_slow_speed() 
     assert slow[c.device_id].decode_flops_per_s < 0.5 * profiles[c.device_id].decode_flops_per_s
 
 
-def test_a_small_cluster_is_rebalanced_exactly_and_the_slowed_device_keeps_a_sub_range() -> None:
-    """3 devices x 32 modules: decided by the exhaustive search (exact with the movement term; CBC ran
-    to its time limit and then took a plan that re-ordered the devices); the device whose speed halved
-    keeps part of its range, so it builds nothing, and nobody is moved to the other end of the model."""
+def _b_halved() -> tuple[Manifest, PlanOptions, Plan, dict[str, DeviceProfile]]:
+    """3 equal devices a, b, c over 32 modules as [0,11) [11,22) [22,32), then b measured at half the
+    speed the plan expected: (manifest, options, current plan, measured profiles)."""
     manifest = synthetic_manifest(num_layers=30)
     opts = PlanOptions()
     costs = ModelCosts.from_manifest(manifest, opts)
@@ -307,6 +306,14 @@ def test_a_small_cluster_is_rebalanced_exactly_and_the_slowed_device_keeps_a_sub
     m = costs.num_modules
     current = price(manifest, profiles, [], opts, [("a", 0, 11), ("b", 11, 22), ("c", 22, m)], epoch=3)
     slow = measured_profiles(costs, profiles, {"b": (11, 22, 2000.0 * current.stages[1].compute_s)})
+    return manifest, opts, current, slow
+
+
+def test_a_small_cluster_is_rebalanced_exactly_and_the_slowed_device_keeps_a_sub_range() -> None:
+    """3 devices x 32 modules: decided by the exhaustive search (exact with the movement term; CBC ran
+    to its time limit and then took a plan that re-ordered the devices); the device whose speed halved
+    keeps part of its range, so it builds nothing, and nobody is moved to the other end of the model."""
+    manifest, opts, current, slow = _b_halved()
     decision = decide(manifest, slow, [], opts, current, CFG, epoch=4, session_block=1)
     assert decision.accept and decision.plan is not None and decision.plan.solver == "brute"
     assert decision.solve_s > 0
@@ -316,7 +323,7 @@ def test_a_small_cluster_is_rebalanced_exactly_and_the_slowed_device_keeps_a_sub
     # what the re-ordering plan of the DP/CBC path cost in movement, this one does not
     inst = build_instance(manifest, list(slow.values()), [], opts, current.ranges())
     order = [["a", "b", "c"].index(s.device_id) for s in decision.plan.stages]
-    cuts = [s.start for s in decision.plan.stages] + [m]
+    cuts = [s.start for s in decision.plan.stages] + [manifest.num_modules]
     moved = evaluate(inst, order, cuts).moved_bytes
     swapped = evaluate(inst, [2, 0, 1], cuts).moved_bytes  # the same cuts with the devices re-ordered
     assert moved < swapped / 2
@@ -376,13 +383,7 @@ def test_a_shrinking_device_keeps_whole_fused_sessions_when_that_costs_little() 
     """Runners fuse blocks of 8 modules aligned to module indices: b ran [11,22) as [11,16) + [16,22).
     The exact plan cuts b's range inside a block (b would rebuild it: 12-16 s at 10 % of a core); the
     decision moves b's range to its old sessions' boundaries for at most 5 % of predicted tokens/s."""
-    manifest = synthetic_manifest(num_layers=30)
-    opts = PlanOptions()
-    costs = ModelCosts.from_manifest(manifest, opts)
-    profiles = _devices()
-    m = costs.num_modules
-    current = price(manifest, profiles, [], opts, [("a", 0, 11), ("b", 11, 22), ("c", 22, m)], epoch=3)
-    slow = measured_profiles(costs, profiles, {"b": (11, 22, 2000.0 * current.stages[1].compute_s)})
+    manifest, opts, current, slow = _b_halved()
     assert session_bounds(11, 22, 8) == {11, 16, 22} and session_bounds(0, 32, 8) == {0, 8, 16, 24, 32}
     exact = decide(manifest, slow, [], opts, current, CFG, epoch=4, session_block=1)
     kept = decide(manifest, slow, [], opts, current, CFG, epoch=4, session_block=8)

@@ -258,8 +258,8 @@ class Simulator:
     def _serve(self, dev: str) -> None:
         """The stage worker's loop (``StageWorker._run``): decode steps waiting here run as one batch, a
         prefill runs in chunks of ``PREFILL_CHUNK`` tokens, and while a prefill waits the two take turns
-        (a new session's prompt is not held back by the others' decoding). Not modelled: the worker's
-        short wait for decode steps on their way (``StageWorker._gather``: 5 % of the last batch, at most
+        (a new session's prompt is not held back by the others' decoding), after the worker's short wait
+        for decode steps on their way (``StageWorker._gather``: 5 % of the last batch, at most
         ``GATHER_MAX_S``, while fewer steps wait than the batch could hold and no prefill waits)."""
         queue = self.queues.setdefault(dev, deque())
         stale = [j for j in queue if j.epoch != self.epoch]  # a plan switch drops them: they re-prefill

@@ -52,6 +52,11 @@ class RunnerError(ValueError):
     """A step was called with inputs that do not fit the modules or the session."""
 
 
+def _missing_file(path: Path) -> ManifestError:
+    """The one wording for a module file that is not on disk, with what fixes it."""
+    return ManifestError(f"module file {path} is missing (re-run 'llnode prepare' or copy the shard)")
+
+
 def disable_spinning() -> None:
     """Use per-session pools whose idle threads sleep instead of the (spinning) global pool.
 
@@ -92,7 +97,10 @@ def _session_options(threads: int | None) -> ort.SessionOptions:
     else:
         so.intra_op_num_threads = n
         so.inter_op_num_threads = 1
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        spin_us = int(os.environ.get("LLNODE_SPIN_US", "0"))
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_us > 0 else "0")
+        if spin_us > 0:
+            so.add_session_config_entry("session.intra_op.spin_duration_us", str(spin_us))
     return so
 
 
@@ -234,9 +242,7 @@ class ModuleRunner:
         self._modules = self.manifest.modules[self.start : self.end]
         missing = [self.shard_dir / m.file for m in self._modules if not (self.shard_dir / m.file).is_file()]
         if missing and reuse is None:  # say "missing" before any other file fails to parse
-            raise ManifestError(
-                f"module file {missing[0]} is missing (re-run 'llnode prepare' or copy the shard)"
-            )
+            raise _missing_file(missing[0])
         plan = self._plan_units(reuse)
         self._built = 0
         self._units: list[Unit] = []
@@ -306,7 +312,7 @@ class ModuleRunner:
     def _build_one(self, info: ModuleInfo) -> Unit:
         path = self.shard_dir / info.file
         if not path.is_file():
-            raise ManifestError(f"module file {path} is missing (re-run 'llnode prepare' or copy the shard)")
+            raise _missing_file(path)
         try:
             sess = ort.InferenceSession(str(path), self._so, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own classes (InvalidProtobuf, Fail, ...)

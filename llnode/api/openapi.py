@@ -78,6 +78,34 @@ _USAGE = {
 
 _FINISH = _nullable({"type": "string", "enum": ["stop", "length"]})
 
+def _completion(object_name: str, field: str, field_schema: dict[str, Any]) -> dict[str, Any]:
+    """A (non-streamed) completion response: chat and text completions differ only in their ``object``
+    name and in what a choice carries (``message`` or ``text``)."""
+    return {
+        "type": "object",
+        "required": ["id", "object", "created", "model", "choices", "usage"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"type": "string", "enum": [object_name]},
+            "created": {"type": "integer"},
+            "model": {"type": "string"},
+            "choices": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["index", field, "finish_reason"],
+                    "properties": {
+                        "index": {"type": "integer"},
+                        field: field_schema,
+                        "finish_reason": _FINISH,
+                    },
+                },
+            },
+            "usage": _ref("Usage"),
+        },
+    }
+
+
 _SCHEMAS: dict[str, Any] = {
     "Error": {
         "type": "object",
@@ -160,56 +188,16 @@ _SCHEMAS: dict[str, Any] = {
         },
     },
     "Usage": _USAGE,
-    "ChatCompletion": {
-        "type": "object",
-        "required": ["id", "object", "created", "model", "choices", "usage"],
-        "properties": {
-            "id": {"type": "string"},
-            "object": {"type": "string", "enum": ["chat.completion"]},
-            "created": {"type": "integer"},
-            "model": {"type": "string"},
-            "choices": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["index", "message", "finish_reason"],
-                    "properties": {
-                        "index": {"type": "integer"},
-                        "message": {
-                            "type": "object",
-                            "required": ["role", "content"],
-                            "properties": {"role": {"type": "string"}, "content": {"type": "string"}},
-                        },
-                        "finish_reason": _FINISH,
-                    },
-                },
-            },
-            "usage": _ref("Usage"),
+    "ChatCompletion": _completion(
+        "chat.completion",
+        "message",
+        {
+            "type": "object",
+            "required": ["role", "content"],
+            "properties": {"role": {"type": "string"}, "content": {"type": "string"}},
         },
-    },
-    "Completion": {
-        "type": "object",
-        "required": ["id", "object", "created", "model", "choices", "usage"],
-        "properties": {
-            "id": {"type": "string"},
-            "object": {"type": "string", "enum": ["text_completion"]},
-            "created": {"type": "integer"},
-            "model": {"type": "string"},
-            "choices": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["index", "text", "finish_reason"],
-                    "properties": {
-                        "index": {"type": "integer"},
-                        "text": {"type": "string"},
-                        "finish_reason": _FINISH,
-                    },
-                },
-            },
-            "usage": _ref("Usage"),
-        },
-    },
+    ),
+    "Completion": _completion("text_completion", "text", {"type": "string"}),
     "Model": {
         "type": "object",
         "required": ["id", "object", "owned_by"],

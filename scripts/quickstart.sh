@@ -4,12 +4,7 @@
 # (dashboard URLs are printed) until Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-# pip warns about every index location this machine's configuration names but lacks: noise, not news.
-quiet_pip() { .venv/bin/python -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
-quiet_pip install -q --upgrade pip >/dev/null
-quiet_pip install -q -e '.[export,fast]'
+. scripts/venv.sh "export,fast"
 .venv/bin/llnode prepare smollm2-135m
 exec .venv/bin/llnode cluster --nodes "${NODES:-3}" \
     --prompt "${PROMPT:-Write a haiku about rivers.}"

@@ -56,7 +56,7 @@ def format_table(doc: dict[str, Any]) -> str:
                 str(m.get("role", "")),
                 str(m.get("term", "")),
                 f"{m.get('host', '?')}:{m.get('peer_port', '?')}",
-                str(m.get("cores", "")),
+                _cores(m),
                 f"{mem / 2**30:.1f} GiB" if isinstance(mem, int) else "",
                 (f"{bat['level']}%" + ("+" if bat.get("charging") else "")) if isinstance(bat, dict) else "",
             )
@@ -65,6 +65,14 @@ def format_table(doc: dict[str, Any]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     head = f"cluster {doc.get('cluster_id', '?')}  leader {doc.get('leader')}  term {doc.get('term')}"
     return head + "\n" + "\n".join(lines) + format_pipeline(doc)
+
+
+def _cores(member: dict[str, Any]) -> str:
+    """``2``, or ``2 (0.30)`` when a CPU quota gives the node less than its cores."""
+    cores, limit = member.get("cores"), member.get("cpu_limit")
+    if isinstance(limit, (int, float)) and isinstance(cores, int) and limit < cores:
+        return f"{cores} ({limit:.2f})"
+    return str(cores if cores is not None else "")
 
 
 def format_pipeline(doc: dict[str, Any]) -> str:

@@ -114,6 +114,7 @@ def node_cards(status: dict[str, Any], plan: dict[str, Any] | None) -> list[dict
                 "silent_s": _num(m.get("silent_s")) or 0.0,
                 "version": m.get("version"),
                 "cores": m.get("cores"),
+                "cpu_limit": _num(m.get("cpu_limit")),  # a cgroup quota, in cores (None: unreported)
                 "memory_total": _num(memory.get("total")),
                 "memory_free": _num(memory.get("free")),
                 "battery": None

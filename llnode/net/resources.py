@@ -1,4 +1,4 @@
-"""What this device offers, as gossiped to the others: cores, memory, battery, shard sets on disk.
+"""What this device offers, as gossiped to the others: cores, CPU limit, memory, battery, shard sets on disk.
 
 The planner needs this to place modules (a phone on 15% battery should get little or nothing), so it is
 read cheaply from /proc and /sys, and from ``termux-battery-status`` on Android where /sys is closed.
@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,77 @@ def cores() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _quota_v1(directory: Path) -> float | None:
+    quota, period = _read_int(directory / "cpu.cfs_quota_us"), _read_int(directory / "cpu.cfs_period_us")
+    return quota / period if quota is not None and period and quota > 0 else None
+
+
+def _quota_v2(directory: Path) -> float | None:
+    try:
+        quota, period = (directory / "cpu.max").read_text().split()[:2]
+        return int(quota) / int(period) if quota != "max" and int(period) > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def _group_quota(mount: Path, group: str, read: Callable[[Path], float | None]) -> float | None:
+    """The tightest quota on the way from ``group`` up to the hierarchy's root (a parent's quota limits
+    its children too). Inside a container ``/proc/self/cgroup`` may name the host's path while the
+    container sees its own group at the mount point: a path that does not exist there is skipped."""
+    parts = [p for p in group.strip("/").split("/") if p]
+    found = [q for i in range(len(parts), -1, -1) if (q := read(mount.joinpath(*parts[:i]))) is not None]
+    return min(found) if found else None
+
+
+def cpu_quota(proc_cgroup: Path = PROC_CGROUP, root: Path = CGROUP_ROOT) -> float | None:
+    """The CFS quota of this process in cores (0.3: 30 % of one core), or None when unlimited.
+
+    cgroup v1: the group of the ``cpu`` controller (``N:cpu,cpuacct:/path`` in ``/proc/self/cgroup``)
+    under ``root/cpu`` or ``root/cpu,cpuacct``, ``cpu.cfs_quota_us / cpu.cfs_period_us``; cgroup v2:
+    ``cpu.max`` of the unified group (``0::/path``). Why it matters: a device under a quota that is given
+    little work runs its bursts at full speed, so its step time says nothing of what it can sustain
+    (the JVM's container support and Go's automaxprocs read the same files). A few small reads: cheap
+    enough to re-read every second, as a quota can change while the daemon runs.
+    """
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    found: list[float] = []
+    for line in lines:
+        _, controllers, group = [*line.split(":", 2), "", ""][:3]
+        if controllers == "":
+            q = _group_quota(root, group, _quota_v2)
+        elif "cpu" in controllers.split(","):
+            mounts = [root / controllers, root / "cpu", root / "cpu,cpuacct", root / "cpuacct,cpu"]
+            mount = next((m for m in mounts if m.is_dir()), None)
+            q = None if mount is None else _group_quota(mount, group, _quota_v1)
+        else:
+            continue
+        if q is not None:
+            found.append(q)
+    return min(found) if found else None
+
+
+def cpu_limit(proc_cgroup: Path = PROC_CGROUP, root: Path = CGROUP_ROOT) -> float:
+    """Cores of CPU time this process can use per second: its quota, at most its affinity cores.
+
+    On a phone the limit is the cores (thermal throttling shows in step time directly)."""
+    quota = cpu_quota(proc_cgroup, root)
+    return float(cores()) if quota is None else min(quota, float(cores()))
 
 
 def battery_sysfs(root: Path = Path("/sys/class/power_supply")) -> dict[str, Any] | None:
@@ -103,6 +175,7 @@ def shard_sets(root: Path) -> dict[str, Any]:
 async def snapshot(shards_root: Path) -> dict[str, Any]:
     return {
         "cores": cores(),
+        "cpu_limit": round(cpu_limit(), 3),
         "memory": memory(),
         "battery": await asyncio.to_thread(battery),
         "shards": await asyncio.to_thread(shard_sets, shards_root),

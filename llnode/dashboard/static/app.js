@@ -179,6 +179,7 @@ function renderPeers(doc) {
     if (n.queue !== null && n.queue !== undefined) add("queue", n.queue);
     add("sessions", n.sessions || 0);
     if (n.busy !== null) add("busy", Math.round(n.busy * 100) + " %");
+    if (n.cpu_limit && n.cores && n.cpu_limit < n.cores) add("CPU limit", n.cpu_limit.toFixed(2) + " cores");
     if (n.battery && n.battery.level !== null && n.battery.level !== undefined) {
       add("battery", `${n.battery.level} %${n.battery.charging ? " ⚡ charging" : ""}`);
     }

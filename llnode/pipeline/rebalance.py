@@ -3,20 +3,23 @@
 Why: the start-up profile is a snapshot. A phone heats up and throttles, a laptop starts a build, a
 battery saver kicks in; the plan that was best at start then leaves a stage as the bottleneck.
 
-- **Drift** (every node, about its own stage): the stage's EWMA decode ms per token (gossiped under
-  ``metrics``) is compared with a baseline, the plan's predicted ``compute_s`` for the range. Drift is a
+- **Drift** (every node, about its own stage): the stage's *sustained* EWMA decode ms per token
+  (``max(wall, CPU time / CPU limit)``, gossiped under ``metrics``, see :mod:`llnode.pipeline.metrics`)
+  is compared with a baseline, the plan's predicted ``compute_s`` for the range. Drift is a
   ratio off by more than ``threshold`` (either way) that stays so for ``window_s`` and ``min_samples``
   fresh measurements; a measurement back within ``clear`` resets it (hysteresis: noise around the
   threshold never fires). A node that detects drift asks the leader with a ``plan.rebalance`` peer-link
-  request carrying the reason.
+  request carrying the reason. A node whose CPU limit (its cgroup quota) changed by more than
+  ``threshold`` asks at once, without waiting for the window: like battery or memory, that is a change
+  of the device itself, not noise.
 - **Decision** (leader): every stage's measured decode time becomes a measured speed
   (:meth:`DeviceProfile.with_measured_decode` over the range's FLOPs); speeds measured on earlier plans
   are remembered per device. The current plan is priced with those speeds, the plan is re-solved with the
   movement term against the current plan (exhaustively on small clusters), a shrinking device keeps
   whole fused sessions where that costs little, and the new plan is published only if its predicted
-  tokens/s beats the current one by ``min_gain`` (doubled for each rebalance of the last minute) and
-  pays for the switch. A rejected request re-bases the asking node's baseline on what
-  it measures, so the same drift does not ask again and again.
+  tokens/s beats the current one by ``min_gain`` (doubled for each rebalance of the last minute that
+  did not deliver half its predicted gain) and pays for the switch. A rejected request re-bases the
+  asking node's baseline on what it measures, so the same drift does not ask again and again.
 - **Measured gain**: once the new plan's stages all report fresh measurements, the leader logs the
   measured bottleneck before and after as a second event.
 
@@ -67,11 +70,14 @@ REBALANCE_SOLVE_S = 2.0
 # 2,979 assignments: 0.24 s, where CBC with the movement term ran to its 2 s limit even on an idle
 # machine and then took the DP's plan, which re-ordered the devices (19 modules built instead of 4).
 REBALANCE_BRUTE_WORK = 10_000
-# Anti-flapping: every rebalance accepted within this window doubles the predicted gain the next one must
-# bring. A quota'd device measures faster on a light range than on a heavy one, so after a switch the
-# speeds move again and each re-solve finds a "gain" of 15-25 %: a drift run accepted three rebalances in
-# a minute, the third measured -57 %.
+# Anti-flapping: every rebalance accepted within this window that has not (yet) measured at least
+# DELIVERED of its predicted gain doubles the predicted gain the next one must bring. Speeds that move
+# after a switch make each re-solve find a "gain" of 15-25 %: a drift run accepted three rebalances in a
+# minute, the third measured -57 %. A rebalance that delivered what it predicted is no sign of that:
+# counting those too raised the bar to 80 % after two corrective rebalances and refused the good
+# requests after a real quota cut.
 CHURN_WINDOW_S = 60.0
+DELIVERED = 0.5
 # A rebalance may give up this much predicted tokens/s to let a shrinking device keep whole sessions.
 SNAP_LOSS = 0.05
 
@@ -89,6 +95,7 @@ class RebalanceConfig:
     cooldown_s: float = 15.0  # no new rebalance this soon after the last plan change
     movement_weight: float = 0.05  # cost of moving weights, relative to the current plan's objective
     horizon_s: float = 60.0  # a switch must pay for itself (re-prefill, loading) within this time
+    limit_trigger: bool = True  # a CPU limit changed beyond ``threshold`` asks at once (no window)
     impose: bool = False  # benchmarks only: accept POST /api/bench/impose-plan on this node
 
     def __post_init__(self) -> None:
@@ -104,13 +111,17 @@ class RebalanceConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RebalanceConfig:
         """``LLNODE_REBALANCE=0`` disables; ``LLNODE_REBALANCE_<FIELD>`` sets a field
-        (THRESHOLD, CLEAR, WINDOW_S, MIN_SAMPLES, MIN_GAIN, COOLDOWN_S, MOVEMENT_WEIGHT, HORIZON_S);
+        (THRESHOLD, CLEAR, WINDOW_S, MIN_SAMPLES, MIN_GAIN, COOLDOWN_S, MOVEMENT_WEIGHT, HORIZON_S;
+        LIMIT_TRIGGER=0 leaves a CPU limit change to measured drift);
         ``LLNODE_BENCH_IMPOSE=1`` enables the benchmark-only plan override."""
         env = os.environ if env is None else env
         kw: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             raw = env.get(f"LLNODE_REBALANCE_{f.name.upper()}")
             if raw is None or f.name in ("enabled", "impose"):
+                continue
+            if f.name == "limit_trigger":
+                kw[f.name] = raw not in ("0", "false", "no", "off")
                 continue
             try:
                 kw[f.name] = int(raw) if f.name == "min_samples" else float(raw)
@@ -447,14 +458,52 @@ def keep_whole_sessions(
 
 
 def churn_min_gain(min_gain: float, recent: int) -> float:
-    """The predicted gain a rebalance must bring after ``recent`` accepted ones within
-    ``CHURN_WINDOW_S``: ``min_gain`` doubled for each (10 %, 20 %, 40 %, ...).
+    """The predicted gain a rebalance must bring after ``recent`` undelivered ones within
+    ``CHURN_WINDOW_S`` (:func:`undelivered`): ``min_gain`` doubled for each (10 %, 20 %, 40 %, ...).
 
-    Why: speeds measured right after a switch are the least settled (a quota'd device given a light
-    range bursts, one given a heavy range is held to its quota), so a re-solve then often predicts a
-    modest gain that is mostly noise. A real change (a second device throttled) still predicts far more.
+    Why: speeds measured right after a switch are the least settled, so a re-solve then often predicts
+    a modest gain that is mostly noise. A real change (a second device throttled) still predicts far more.
     """
     return min_gain * 2 ** max(recent, 0)
+
+
+@dataclass
+class Accepted:
+    """One accepted rebalance, for anti-flapping: when, what it predicted, what it then measured."""
+
+    at: float
+    epoch: int
+    predicted: float
+    measured: float | None = None
+
+
+def undelivered(accepted: list[Accepted], now: float) -> int:
+    """Rebalances accepted within ``CHURN_WINDOW_S`` that have not measured ``DELIVERED`` of their
+    predicted gain (not measured yet counts: its speeds have not settled)."""
+    return sum(
+        1 for a in accepted
+        if now - a.at < CHURN_WINDOW_S and (a.measured is None or a.measured < DELIVERED * a.predicted)
+    )
+
+
+def limit_changed(before: float | None, now: float | None, threshold: float) -> bool:
+    """Did a device's CPU limit (cores) move by more than ``threshold`` (a ratio, either way)?"""
+    if before is None or now is None or before <= 0 or now <= 0:
+        return False
+    return max(now / before, before / now) > threshold
+
+
+def measured_ms(m: Mapping[str, Any], *, recent: bool) -> float | None:
+    """A stage's measured decode ms per token from its gossiped metrics: the sustained figure
+    (``max(wall, CPU / limit)``) where it reports one, else wall time; ``recent``: the median of the
+    latest steps (what a speed is taken from), else the EWMA (what drift judges)."""
+    keys = ("sustained_ms_recent", "sustained_ms", "decode_ms_recent", "decode_ms") if recent else (
+        "sustained_ms", "decode_ms")
+    for key in keys:
+        ms = m.get(key)
+        if isinstance(ms, (int, float)) and ms > 0:
+            return float(ms)
+    return None
 
 
 def stage_ratios(
@@ -468,10 +517,10 @@ def stage_ratios(
     out: dict[str, float] = {}
     for s in plan.stages:
         m = metrics.get(s.device_id, {})
-        ms, steps, ctx = m.get("decode_ms"), m.get("steps"), m.get("context")
+        ms, steps, ctx = measured_ms(m, recent=False), m.get("steps"), m.get("context")
         if m.get("epoch") != plan.epoch or m.get("range") != [s.start, s.end]:
             continue
-        if not isinstance(ms, (int, float)) or ms <= 0 or not isinstance(steps, int) or steps < 3:
+        if ms is None or not isinstance(steps, int) or steps < 3:
             continue
         ctx = float(ctx) if isinstance(ctx, (int, float)) and ctx > 0 else context
         out[s.device_id] = ms / expected_ms(manifest, plan, s.start, s.end, s.compute_s, ctx)
@@ -531,7 +580,9 @@ class Rebalancer:
         self._last_epoch: int | None = None
         self._asking: asyncio.Task[None] | None = None
         self._pending: _Pending | None = None
-        self._accepted_at: list[float] = []  # when recent rebalances were accepted (anti-flapping)
+        self._accepted: list[Accepted] = []  # recent accepted rebalances (anti-flapping)
+        self._limit_seen: float | None = None  # this node's CPU limit when it last acted on it
+        self._limit_retry_at = 0.0
         self._lock = asyncio.Lock()
         self.requests = 0
         self.accepted = 0
@@ -571,8 +622,8 @@ class Rebalancer:
         """Take every stage's measured speed on ``plan`` from the gossiped metrics, or from ``fresh``
         ones (an asker's own, sent with its request: gossip lags by up to ``METRICS_EVERY_S`` + a round).
 
-        The speed is the median of the latest steps where a stage reports it (``decode_ms_recent``),
-        else the EWMA: see :meth:`StageMetrics.recent_decode_ms`."""
+        The speed is the sustained ms of the latest steps where a stage reports it, else the EWMA: see
+        :func:`measured_ms` and :meth:`StageMetrics.recent_decode_ms`."""
         ranges = plan.ranges()
         metrics: dict[str, Mapping[str, Any]] = dict(self._metrics())
         for dev, m in (fresh or {}).items():
@@ -580,10 +631,8 @@ class Rebalancer:
             if isinstance(steps, int) and (not isinstance(known, int) or steps >= known):
                 metrics[dev] = m
         for dev, m in metrics.items():
-            ms, rng = m.get("decode_ms_recent"), m.get("range")
-            if not isinstance(ms, (int, float)) or ms <= 0:
-                ms = m.get("decode_ms")
-            if not isinstance(ms, (int, float)) or not isinstance(rng, list) or len(rng) != 2:
+            ms, rng = measured_ms(m, recent=True), m.get("range")
+            if ms is None or not isinstance(rng, list) or len(rng) != 2:
                 continue
             if m.get("epoch") != plan.epoch or tuple(rng) != ranges.get(dev):
                 continue
@@ -660,6 +709,32 @@ class Rebalancer:
             self._check_measured_gain(plan, now)
         if self.config.enabled:
             self._detect(plan, now)
+            self._check_limit(plan, now)
+
+    def _check_limit(self, plan: Plan, now: float) -> None:
+        """Ask at once when this node's CPU limit moved by more than ``threshold`` since it last acted.
+
+        Why not wait for drift: a quota cut is a change of the device, like its battery or memory, and
+        the sustained ms/token (CPU per token over the limit) shows it in the very next metrics, while
+        the detector would wait out its window. Only once the stage has measured CPU per token: without
+        it the leader would price the device as before.
+        """
+        worker = self.service.worker
+        if not self.config.limit_trigger or worker is None or worker.epoch != plan.epoch:
+            return
+        if worker.metrics.recent_cpu_ms() is None:
+            return
+        limit = worker.metrics.cpu_limit()
+        if self._limit_seen is None:
+            self._limit_seen = limit
+            return
+        if not limit_changed(self._limit_seen, limit, self.config.threshold) or now < self._limit_retry_at:
+            return
+        if self._asking is not None and not self._asking.done():
+            return
+        reason = (f"the CPU limit of {self.service.node.name} changed from {self._limit_seen:.2f} to "
+                  f"{limit:.2f} cores (stage [{worker.start},{worker.end}))")
+        self._asking = asyncio.create_task(self._ask(reason, plan.epoch, None, limit=limit))
 
     def _detect(self, plan: Plan, now: float) -> None:
         """Feed this stage's speed *relative to the other stages'* to the detector.
@@ -675,9 +750,9 @@ class Rebalancer:
         if worker is None or worker.epoch != plan.epoch or manifest is None:
             return
         snap = worker.metrics.snapshot()
-        steps, ms = snap.get("steps", 0), snap.get("decode_ms")
+        steps, ms = snap.get("steps", 0), measured_ms(snap, recent=False)
         key = f"{worker.start}-{worker.end}"
-        if not isinstance(ms, float) or steps == self._seen_steps.get(key):
+        if ms is None or steps == self._seen_steps.get(key):
             return  # nothing new measured: a stale EWMA is no evidence
         self._seen_steps[key] = steps
         me = self.service.node.node_id
@@ -704,9 +779,11 @@ class Rebalancer:
             if self._asking is None or self._asking.done():
                 self._asking = asyncio.create_task(self._ask(reason, plan.epoch, own / rest))
 
-    async def _ask(self, reason: str, epoch: int, relative: float) -> None:
+    async def _ask(
+        self, reason: str, epoch: int, relative: float | None, *, limit: float | None = None
+    ) -> None:
         """Ask the leader (or ourselves) for a rebalance, with this stage's measurements as of now; a
-        refusal makes this skew the new normal."""
+        refusal makes this skew (drift) or this CPU limit (``limit``) the new normal."""
         self.service.event("drift", reason)
         node = self.service.node
         leader = node.leader_id
@@ -723,10 +800,15 @@ class Rebalancer:
         except Exception as exc:  # the leader may be dying; the detector fires again on the next episode
             log.warning("rebalance request failed: %s", exc)
             self.detector.reset()
+            self._limit_retry_at = time.monotonic() + self.config.window_s / 2
             return
         if reply.get("cooldown"):
             self.detector.reset()  # not a judgement on this drift: ask again after another window
-        elif not reply.get("accepted"):
+            self._limit_retry_at = time.monotonic() + self.config.window_s / 2
+            return
+        if limit is not None:
+            self._limit_seen = limit  # decided on (accepted or not): the new normal
+        if not reply.get("accepted") and relative is not None:
             self._skew = (epoch, relative)  # the new normal for this plan: do not keep asking
             self.detector.reset()
 
@@ -764,9 +846,9 @@ class Rebalancer:
             links = svc._links(list(profiles))
             epoch = svc._max_epoch() + 1
             now = time.monotonic()
-            self._accepted_at = [t for t in self._accepted_at if now - t < CHURN_WINDOW_S]
-            config = dataclasses.replace(self.config, min_gain=churn_min_gain(self.config.min_gain,
-                                                                              len(self._accepted_at)))
+            self._accepted = [a for a in self._accepted if now - a.at < CHURN_WINDOW_S]
+            bar = churn_min_gain(self.config.min_gain, undelivered(self._accepted, now))
+            config = dataclasses.replace(self.config, min_gain=bar)
             try:
                 decision = await asyncio.to_thread(
                     decide, svc.manifest, profiles, links, self.options(), current, config,
@@ -790,7 +872,7 @@ class Rebalancer:
                 svc.event("rebalance-rejected", f"{decision.reason}; asked because {reason}", **data)
                 return {"accepted": False, **data, "reason": decision.reason}
             self._publish(decision.plan, why="rebalance")
-            self._accepted_at.append(time.monotonic())
+            self._accepted.append(Accepted(time.monotonic(), decision.plan.epoch, decision.predicted_gain))
             self._pending = _Pending(decision.plan.epoch, self._measured_bottleneck_s(current) or 0.0,
                                      time.monotonic())
             self.accepted += 1
@@ -813,13 +895,14 @@ class Rebalancer:
         self._last_change = time.monotonic()
 
     def _measured_bottleneck_s(self, plan: Plan) -> float | None:
-        """The slowest stage as measured (decode ms of the range plus the predicted hop), if all report."""
+        """The slowest stage as measured (sustained decode ms of the range plus the predicted hop), if all
+        report."""
         worst = 0.0
         metrics = self._metrics()
         for s in plan.stages:
             m = metrics.get(s.device_id, {})
-            ms = m.get("decode_ms")
-            if m.get("epoch") != plan.epoch or not isinstance(ms, (int, float)) or m.get("steps", 0) < 8:
+            ms = measured_ms(m, recent=False)
+            if m.get("epoch") != plan.epoch or ms is None or m.get("steps", 0) < 8:
                 return None
             worst = max(worst, ms / 1000.0 + s.link_s)
         return worst or None
@@ -835,6 +918,9 @@ class Rebalancer:
             return
         self._pending = None
         gain = pending.before_s / after - 1.0 if pending.before_s > 0 else math.nan
+        for a in self._accepted:
+            if a.epoch == plan.epoch and not math.isnan(gain):
+                a.measured = gain
         self.service.event(
             "rebalance-measured",
             f"epoch {plan.epoch}: measured bottleneck {pending.before_s * 1e3:.1f} -> {after * 1e3:.1f} "

@@ -6,6 +6,12 @@ do): two decoder layers for decode and prefill, and the head, which is a differe
 measured time over the FLOPs of those modules gives effective FLOP/s that the cost model scales to every
 other module. It costs well under a few seconds for SmolLM2 and reports its own cost.
 
+The time is what the device can *sustain*: ``max(wall time, process CPU time / CPU limit)`` per step.
+A profile runs in short bursts, and under a CFS quota (a container, or the bench's slowed nodes) a
+burst runs at full speed until the quota is spent: a device at 30 % of a core timed like a whole core,
+and the start-up plan built on that reached 0.67 of the best plan. CPU time per step does not depend
+on the quota, and the limit (:func:`llnode.net.resources.cpu_limit`) says how much of it a second holds.
+
 ``measure_link`` is transport-agnostic: it takes an async echo callable (the daemon passes one that sends
 bytes over the authenticated peer link and awaits the echo) and returns RTT and bandwidth.
 """
@@ -35,15 +41,24 @@ def read_load(cores: int | None = None) -> float:
         return 0.0
 
 
-def _time_steps(run: Callable[[], object], repeats: int) -> float:
-    """Median seconds of ``repeats`` calls after one warm-up (the first run allocates)."""
+def _time_steps(run: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """(median wall seconds, median process CPU seconds) of ``repeats`` calls after one warm-up (the
+    first run allocates). CPU is the whole process's (every onnxruntime thread, and whatever else the
+    daemon does meanwhile): what a quota charges."""
     run()
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         run()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return statistics.median(walls), statistics.median(cpus)
+
+
+def sustained_s(wall_s: float, cpu_s: float, limit: float) -> float:
+    """Seconds a step takes when the device runs such steps back to back: its wall time, or its CPU
+    time spread over the cores the process may use, whichever is longer."""
+    return max(wall_s, cpu_s / max(limit, 1e-3))
 
 
 def profile_device(
@@ -91,6 +106,7 @@ def profile_device(
     if not probes:
         raise FileNotFoundError(f"no decoder-layer or head module of {manifest.name} in {shard_dir} to time")
     hidden = manifest.hidden_size
+    limit = resources.cpu_limit()
     rng = np.random.default_rng(0)
     decode_s = prefill_s = 0.0
     decode_flops = prefill_flops = 0.0
@@ -108,7 +124,8 @@ def profile_device(
             r.step(sid, x, p)
             r.free(sid)
 
-        pf = _time_steps(prefill, 2)
+        pf_wall, pf_cpu = _time_steps(prefill, 2)
+        pf = sustained_s(pf_wall, pf_cpu, limit)
         prefill_s += pf
         prefill_flops += prompt_tokens * sum(m.flops.at(prompt_tokens // 2) for m in mods)
         # decode: fill a context, then time single-token steps
@@ -122,11 +139,14 @@ def profile_device(
             r.step(s, x, np.array([[p[0]]], dtype=np.int64))
             p[0] += 1
 
-        dc = _time_steps(decode, repeats)
+        dc_wall, dc_cpu = _time_steps(decode, repeats)
+        dc = sustained_s(dc_wall, dc_cpu, limit)
         runner.free(sid)
         decode_s += dc
         decode_flops += sum(m.flops.at(context) for m in mods)
         measured[f"decode_ms_modules_{start}_{end}"] = dc * 1e3
+        measured[f"decode_wall_ms_modules_{start}_{end}"] = dc_wall * 1e3
+        measured[f"decode_cpu_ms_modules_{start}_{end}"] = dc_cpu * 1e3
         measured[f"prefill_ms_modules_{start}_{end}_{prompt_tokens}tok"] = pf * 1e3
     mem = resources.memory()
     avail, total = mem.get("free", 0), mem.get("total", 0)
@@ -139,6 +159,7 @@ def profile_device(
     battery = resources.battery()
     cost = time.perf_counter() - t_start
     measured["profile_s"] = cost
+    measured["cpu_limit"] = limit
     return DeviceProfile(
         device_id=device_id or os.uname().nodename,
         name=name,

@@ -48,7 +48,7 @@ from llnode.cluster import LocalCluster, free_base_port
 from llnode.emulate.cgroups import unavailable_reason
 from llnode.model.manifest import Manifest, load_manifest
 from llnode.model.tokenizer import load_tokenizer
-from llnode.pipeline.rebalance import IMPOSE_PATH, calibrated_context
+from llnode.pipeline.rebalance import IMPOSE_PATH, calibrated_context, measured_ms
 from llnode.plan.baselines import _split
 from llnode.plan.costs import ModelCosts
 from llnode.plan.solve import solve
@@ -249,7 +249,7 @@ async def static_part(args: argparse.Namespace, shards: Path, log: list[str]) ->
             speeds: dict[str, float] = {}
             for i in range(cluster.nodes):
                 met = ((await _status(cluster, session, i)).get("pipeline") or {}).get("stage") or {}
-                ms = (met.get("metrics") or {}).get("decode_ms")
+                ms = measured_ms(met.get("metrics") or {}, recent=False)  # sustained, as the leader prices
                 if ms and met.get("range"):
                     s, e = met["range"]
                     speeds[f"node{i}"] = sum(costs.decode_flops[s:e]) / (ms / 1000.0)
@@ -401,11 +401,22 @@ async def drift_run(args: argparse.Namespace, shards: Path, rebalance: bool,
         "timeline": {"t": [float(t) for t in times], "tokens_per_s": [round(r, 3) for r in rates]},
         "cut_at_s": round(t_cut - t0, 1), "failed_requests": len(load.failed), "failures": load.failed[:5],
         "completed": load.completed,
+        "rebalances": predicted_vs_measured(events),
         "events": [{k: ev.get(k) for k in ("kind", "node", "message", "predicted_gain", "measured_gain",
                                            "solve_s")}
                    | {"t_after_cut": round(ev.get("t", wall_cut) - wall_cut, 1)}
                    for ev in events if ev["kind"] not in ("stage", "route")],
     }
+
+
+def predicted_vs_measured(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every accepted rebalance with the gain it predicted and the gain it then measured (``None``
+    when its stages never reported enough fresh steps): how right the leader's pricing was."""
+    measured = {ev.get("epoch"): ev.get("measured_gain")
+                for ev in events if ev["kind"] == "rebalance-measured"}
+    return [{"epoch": ev.get("epoch"), "predicted_gain": ev.get("predicted_gain"),
+             "measured_gain": measured.get(ev.get("epoch"))}
+            for ev in events if ev["kind"] == "rebalance"]
 
 
 def recovery_phases(events: list[dict[str, Any]], cut: float, recovery_s: float | None) -> dict[str, Any]:
@@ -567,6 +578,9 @@ def run(args: argparse.Namespace) -> int:
                   f"the cut {with_rb['before_over_fresh']}), recovery {with_rb['recovery_s']} s", flush=True)
             for ev in with_rb["events"]:
                 print(f"  event {ev['kind']}: {ev['message']}")
+            for rb in with_rb["rebalances"]:
+                print(f"  rebalance epoch {rb['epoch']}: predicted {rb['predicted_gain']}, "
+                      f"measured {rb['measured_gain']}")
             summary["drift"] = {"without": without, "with": with_rb, "fresh": reference}
             write_timeline_png(
                 args.png,
@@ -601,6 +615,7 @@ def run(args: argparse.Namespace) -> int:
         "rebalance_gain": _ratio(drift, "tokens_per_s_after"),
         "rebalance_gain_tail": _ratio(drift, "tokens_per_s_tail"),
         "recovery_s": drift["with"]["recovery_s"] if drift else None,
+        "rebalances": drift["with"]["rebalances"] if drift else None,
         "fresh_tokens_per_s": drift["fresh"]["tokens_per_s"] if drift else None,
         "after_over_fresh": drift["with"]["after_over_fresh"] if drift else None,
         "recovery_phases": {k: v for k, v in drift["with"]["phases"].items() if k != "load_s"} if drift

@@ -11,9 +11,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 from conftest import TINY_ARCHS
+from onnx import numpy_helper
 
 from llnode.model import names
-from llnode.model.fuse import HEAD_FROM, FuseError, fuse_files, fuse_models
+from llnode.model.fuse import _SHARED_CONST_BYTES, HEAD_FROM, FuseError, fuse_files, fuse_models
 from llnode.model.manifest import ManifestError, load_manifest
 from llnode.model.merge import merge_modules
 from llnode.model.runner import FUSE_BLOCK, ModuleRunner, RunnerError, _session_options, fuse_block
@@ -43,6 +44,21 @@ def _feeds(
     return feeds
 
 
+Content = tuple[str, tuple[int, ...], bytes]
+
+
+def _content(a: np.ndarray) -> Content:
+    return (str(a.dtype), a.shape, a.tobytes())
+
+
+def _constants(model: onnx.ModelProto) -> tuple[list[Content], list[Content]]:
+    """Sorted contents of the initializers the fusion never shares (the weights: above its size limit)
+    and of those it shares when equal (well below the limit, whatever their names' lengths)."""
+    contents = [_content(numpy_helper.to_array(t)) for t in model.graph.initializer]
+    big = sorted(c for c in contents if len(c[2]) > _SHARED_CONST_BYTES)
+    return big, sorted(c for c in contents if len(c[2]) <= _SHARED_CONST_BYTES // 2)
+
+
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_wire_fusion_equals_the_onnx_merge(arch: str, tiny_arch_shards: dict[str, Path]) -> None:
     shard = tiny_arch_shards[arch]
@@ -51,11 +67,19 @@ def test_wire_fusion_equals_the_onnx_merge(arch: str, tiny_arch_shards: dict[str
     merged = merge_modules(shard, m)
     fused = onnx.load_from_string(fused_bytes)
     onnx.checker.check_model(fused)
-    # The same operators and weights; the fusion adds the head's Slice and its two constants.
+    # The same operators and weights; the fusion adds the head's Slice and its two constants, and holds
+    # each small constant once (equal ones of different modules are shared, so that onnxruntime's CSE can
+    # merge the per-layer rotary/mask computations).
     assert sorted(n.op_type for n in fused.graph.node) == sorted(
         [*(n.op_type for n in merged.graph.node), "Slice"]
     )
-    assert len(fused.graph.initializer) == len(merged.graph.initializer) + 2
+    fused_big, fused_small = _constants(fused)
+    merged_big, merged_small = _constants(merged)
+    assert fused_big == merged_big
+    slice_consts = {_content(np.asarray([2**63 - 1])), _content(np.asarray([1]))}
+    assert set(fused_small) == set(merged_small) | slice_consts
+    if m.num_layers > 1:
+        assert len(fused_small) < len(merged_small)
     assert {o.name for o in fused.graph.output} == {o.name for o in merged.graph.output}
     assert {i.name for i in fused.graph.input} == {i.name for i in merged.graph.input} | {HEAD_FROM}
     so = _session_options(1)

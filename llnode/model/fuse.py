@@ -46,6 +46,8 @@ _NODE_INPUT, _NODE_OUTPUT, _NODE_NAME, _NODE_OP_TYPE, _NODE_ATTRIBUTE = 1, 2, 3,
 _ATTR_G, _ATTR_GRAPHS = 6, 11
 _TENSOR_NAME = 8
 _VALUE_INFO_NAME = 1
+# Constants up to this size are shared between the modules of a fused block when equal (weights never are).
+_SHARED_CONST_BYTES = 4096
 
 
 class FuseError(ValueError):
@@ -144,6 +146,11 @@ def _rename_fields(buf: memoryview, renames: dict[int, Callable[[str], str]]) ->
         else:
             out.append(f.raw)
     return out
+
+
+def _without_name(tensor: memoryview) -> bytes:
+    """A serialized TensorProto without its name: equal for two constants with the same type and values."""
+    return b"".join(bytes(f.raw) for f in _fields(tensor) if f.number != _TENSOR_NAME)
 
 
 def _pieces_field(number: int, pieces: list[bytes | memoryview]) -> list[bytes | memoryview]:
@@ -254,6 +261,7 @@ def _fused_pieces(
     seen_infos: set[str] = set()
     final: list[bytes | memoryview] = []
     kv: list[tuple[str, bytes | memoryview]] = []
+    shared: dict[bytes, str] = {}  # small constant (serialized without its name) -> its fused name
     slice_head = head_index is not None and head_index in indices and len(indices) > 1
     for n, m in enumerate(parsed):
         for domain, version in m.opsets.items():
@@ -263,18 +271,36 @@ def _fused_pieces(
         prefix = f"m{m.index}/"
         head_in = names.hidden(m.index) if slice_head and m.index == head_index else None
 
+        # Small constants equal to one an earlier module of the block holds are dropped and their uses
+        # renamed to it, so that onnxruntime's common-subexpression elimination merges the per-layer
+        # computations that depend only on shared inputs and such constants (rotary tables, attention bias).
+        aliases: dict[str, str] = {}
+        for t in m.inits:
+            content = _without_name(t) if len(t) <= _SHARED_CONST_BYTES else None
+            name = _first_string(t, _TENSOR_NAME)
+            if content is not None and content in shared:
+                aliases[name] = shared[content]
+                continue
+            if content is not None:
+                shared[content] = prefix + name
+            inits.append(_rename_fields(t, {_TENSOR_NAME: lambda x, p=prefix: p + x}))
+
         def rename(
-            name: str, keep: set[str] = keep, prefix: str = prefix, head_in: str | None = head_in
+            name: str,
+            keep: set[str] = keep,
+            prefix: str = prefix,
+            head_in: str | None = head_in,
+            aliases: dict[str, str] = aliases,
         ) -> str:
             if name == head_in:
                 return prefix + "head_input"
+            if name in aliases:
+                return aliases[name]
             return name if not name or name in keep else prefix + name
 
         first_node = len(nodes)  # the head's Slice goes before the head's nodes (topological order)
         for node in m.nodes:
             nodes.append(_node(m.index, node, rename))
-        for t in m.inits:
-            inits.append(_rename_fields(t, {_TENSOR_NAME: rename}))
         for v in m.value_infos:
             renamed = b"".join(_rename_fields(v, {_VALUE_INFO_NAME: rename}))
             name = _first_string(memoryview(renamed), _VALUE_INFO_NAME)

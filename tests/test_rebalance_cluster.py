@@ -105,7 +105,9 @@ def _plan(status: dict[str, Any]) -> dict[str, Any] | None:
 
 
 @pytest.fixture
-def cluster(tiny_llama_shards: Path, tmp_path: Path) -> Iterator[LocalCluster]:
+def cluster(
+    tiny_llama_shards: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[LocalCluster]:
     reason = unavailable_reason()
     if reason:
         pytest.skip(f"cgroup v1 CPU quotas unavailable: {reason}")
@@ -115,7 +117,7 @@ def cluster(tiny_llama_shards: Path, tmp_path: Path) -> Iterator[LocalCluster]:
         model=tiny_llama_shards.name,
         shards=tiny_llama_shards.parent,
         workdir=tmp_path / "cluster",
-        env=FAST_DRIFT,
+        env={**FAST_DRIFT, **getattr(request, "param", {})},
         quotas=[None, None, None, None],
     )
     try:
@@ -124,9 +126,18 @@ def cluster(tiny_llama_shards: Path, tmp_path: Path) -> Iterator[LocalCluster]:
         c.stop()
 
 
+@pytest.mark.parametrize(
+    ("cluster", "asked_because"),
+    [({"LLNODE_REBALANCE_WINDOW_S": "60"}, "the CPU limit of"),  # drift alone would wait 30 s+
+     ({"LLNODE_REBALANCE_LIMIT_TRIGGER": "0"}, "ms/token")],
+    indirect=["cluster"], ids=["limit-trigger", "measured-drift"],
+)
 def test_quota_cut_triggers_rebalance_and_no_request_is_lost(
-    cluster: LocalCluster, reference: dict[str, str]
+    cluster: LocalCluster, reference: dict[str, str], asked_because: str
 ) -> None:
+    """The busiest stage node's quota is cut to 10 %: its CPU limit change asks at once (the reason
+    names it, long before a 60 s drift window could); with that trigger off, measured drift (the
+    sustained ms/token) still gets the rebalance."""
     async def scenario() -> tuple[list[tuple[str, str]], list[str], dict[str, Any]]:
         cluster.start()
         await cluster.wait_ready(240)
@@ -167,6 +178,7 @@ def test_quota_cut_triggers_rebalance_and_no_request_is_lost(
     assert found["predicted_gain"] is None or found["predicted_gain"] > 0
     assert found["new"] != found["old"]
     assert found["accepted"] >= 1  # /api/status -> rebalance counts it on the leader
+    assert asked_because in found["reason"], found["reason"]
     assert len(results) >= 12
     for prompt, text in results:
         assert text == reference[prompt], prompt

@@ -31,7 +31,7 @@ RECENT_CPU_STEPS = 16  # cpu_ms: CPU seconds over tokens of this many latest dec
 # CPU time between two steps further apart than this is not charged to the second: the stage was idle,
 # and what the process did meanwhile (gossip, HTTP) is not a cost of its tokens.
 IDLE_GAP_S = 0.25
-LIMIT_EVERY_S = 1.0  # re-read the CPU limit at most this often (a quota can change at run time)
+LIMIT_EVERY_S = 0.25  # re-read the CPU limit at most this often (a quota can change at run time)
 
 
 class _Sessions(Protocol):

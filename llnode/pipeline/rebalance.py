@@ -806,8 +806,13 @@ class Rebalancer:
             self.detector.reset()  # not a judgement on this drift: ask again after another window
             self._limit_retry_at = time.monotonic() + self.config.window_s / 2
             return
+        worker = self.service.worker
+        if limit is None and worker is not None:
+            limit = worker.metrics.cpu_limit()
         if limit is not None:
-            self._limit_seen = limit  # decided on (accepted or not): the new normal
+            # decided on (accepted or not), whatever asked: the leader priced the stage's sustained
+            # figure, which carries the limit as it is now; that limit is the new normal
+            self._limit_seen = limit
         if not reply.get("accepted") and relative is not None:
             self._skew = (epoch, relative)  # the new normal for this plan: do not keep asking
             self.detector.reset()

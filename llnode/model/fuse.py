@@ -283,7 +283,7 @@ def _fused_pieces(
                 continue
             if content is not None:
                 shared[content] = prefix + name
-            inits.append(_rename_fields(t, {_TENSOR_NAME: lambda x, p=prefix: p + x}))
+            inits.append(_rename_fields(t, {_TENSOR_NAME: prefix.__add__}))
 
         def rename(
             name: str,

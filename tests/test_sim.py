@@ -15,7 +15,7 @@ from llnode.plan import PlanOptions
 from llnode.plan.synthetic import synthetic_manifest
 from llnode.plan.types import DeviceProfile, Plan, Stage
 from llnode.sim.costs import TOKEN_ID_BYTES, ModuleCosts, cached_costs
-from llnode.sim.engine import Event, Simulator, Workload, planner
+from llnode.sim.engine import Event, Overheads, Simulator, Workload, planner
 
 HIDDEN = 2304  # bytes per token of SmolLM2's hidden state
 REF = 1e9  # reference FLOP/s: a device of this speed runs modules in exactly decode_s
@@ -253,3 +253,66 @@ def test_bench_measures_module_costs_inside_a_cpu_group(tiny_llama_shards: Path)
     assert c.num_modules == 4 and c.batch_sizes == (2, 4, 8)
     assert len(c.decode_batch_s) == 3 and all(len(b) == 4 and min(b) > 0 for b in c.decode_batch_s)
     assert not (CPU_ROOT / f"llnode-simcal-{os.getpid()}").exists()  # the calibration group is gone
+
+
+def test_the_daemons_own_cpu_per_step_is_its_process_cpu_minus_the_modules() -> None:
+    """Calibration: per node, process CPU over a window minus the modules' CPU for the batches its stage
+    ran (the measured batching curve), over all steps; a node without a stage contributes nothing."""
+    from llnode.bench.sim import own_cpu_per_step
+
+    c = costs(batch4_ms=16.0)  # 10 ms per module alone, 12 ms per module at a batch of 2
+    a = {"cpu_s": 10 * 0.035 + 5 * 0.041, "batches": {"1": 10, "2": 5}, "range": [0, 3]}  # 30/36 ms + 5/5
+    b = {"cpu_s": 20 * 0.035, "batches": {"1": 20}, "range": [3, 6]}  # 30 ms + 5 ms per step
+    idle = {"cpu_s": 0.4, "batches": {}, "range": None}
+    assert own_cpu_per_step(c, [{"nodes": [a, b, idle]}]) == pytest.approx(0.005)
+    # the profile a little dearer than the daemon's runs: no negative CPU
+    assert own_cpu_per_step(c, [{"nodes": [{**b, "cpu_s": 0.5}]}]) == 0.0
+
+
+def test_own_cpu_per_step_is_charged_under_the_nodes_quota() -> None:
+    """The daemon's own CPU per step runs on the stage and counts against its CFS budget: one session at
+    60 ms of modules + 20 ms of own CPU per step on 0.4 of a core is busy all the time, 80 / 0.4 ms per
+    token; at a full core 80 ms."""
+    plan = fixed_plan(("a", 0, 6))
+    over = Overheads(step_s=0.020)
+    work = Workload(sessions=1, prompt_tokens=8, max_tokens=50, duration_s=30, warmup_s=5)
+    full = Simulator(costs(), [dev("a")], {}, no_replan, plan=plan, overheads=over).run(work)
+    assert full.token_latency_s == pytest.approx(0.080, rel=1e-6)
+    quota = Simulator(costs(), [dev("a")], {}, no_replan, plan=plan, overheads=over, quotas={"a": 0.4})
+    assert quota.run(work).token_latency_s == pytest.approx(0.080 / 0.4, rel=0.05)
+
+
+def test_a_saved_validation_run_is_predicted_again_offline() -> None:
+    """``bench sim --repredict``: a saved run's rows priced again from its own costs, plans, quotas and
+    CPU shares, with its calibrated overheads or ones to try."""
+    from llnode.bench.sim import repredict
+
+    row = {
+        "config": "2 nodes 1/1 cores, unshaped", "plan": [["node0", 0, 3], ["node1", 3, 6]],
+        "quotas": [1.0, 1.0], "mbit": None, "sessions": 1, "cpu_share": 1.0,
+        "measured_tps": 10.0, "measured_latency_s": 0.1, "predicted_tps": 0.0, "predicted_latency_s": 0.0,
+    }  # fmt: skip
+    saved = {
+        "costs": costs().to_dict(), "validation": [row], "step_s": 0.002, "token_s": 0.001, "hop_s": 0.0005,
+        "workload": {"tokens": 50, "prompt_tokens": 8, "warm_s": 5.0, "measure_s": 25.0},
+    }  # fmt: skip
+    (again,) = repredict(saved)
+    # two stages of 30 ms + 2 ms own CPU, two hops (a -> b, b -> entry a) of 0.5 ms, 1 ms at the entry
+    assert again["predicted_latency_s"] == pytest.approx(0.064 + 0.001 + 0.001, abs=1e-4)
+    assert again["measured_tps"] == 10.0 and again["config"] == row["config"]
+    (bare,) = repredict(saved, Overheads())
+    assert bare["predicted_latency_s"] == pytest.approx(0.060, abs=1e-4)
+
+
+def test_process_cpu_is_read_from_proc() -> None:
+    """The per-node CPU reading behind the calibration: utime + stime of a live process, 0 if gone."""
+    import time
+
+    from llnode.bench.sim import _proc_cpu_s
+
+    before = _proc_cpu_s(os.getpid())
+    end = time.process_time() + 0.2
+    while time.process_time() < end:
+        pass
+    assert _proc_cpu_s(os.getpid()) - before >= 0.15
+    assert _proc_cpu_s(2**22 + 1) == 0.0

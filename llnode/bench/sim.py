@@ -46,7 +46,7 @@ from llnode.emulate.netns import unavailable_reason as netns_reason
 from llnode.emulate.profiles import LinkClass
 from llnode.model.manifest import load_manifest
 from llnode.model.tokenizer import load_tokenizer
-from llnode.plan.types import DeviceProfile, Plan
+from llnode.plan.types import DeviceProfile, Plan, Stage
 from llnode.sim.costs import ModuleCosts
 from llnode.sim.engine import Overheads, Simulator, Workload
 
@@ -75,6 +75,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-validation", action="store_true")
     parser.add_argument("--skip-scale", action="store_true")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
+    parser.add_argument(
+        "--repredict",
+        type=Path,
+        default=None,
+        metavar="SAVED",
+        help="re-predict the validation rows of a saved --json output (its last line) with the current "
+        "simulator, without running anything",
+    )
 
 
 @dataclass(frozen=True)
@@ -144,7 +152,7 @@ print(cpu / wall if wall else 1.0)
 
 async def measure_load(
     cluster: NetnsCluster, sessions: int, tokens: int, warm_s: float, measure_s: float
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Tokens/s and mean per-token gap with ``sessions`` clients on node 0, over the window only; and
     ``cpu_share``: the share of a core a process got meanwhile (a probe computing 2 ms at a time and
     timing it). Why: on a shared machine the load changes by the minute; the share measured during the
@@ -163,7 +171,10 @@ async def measure_load(
             asyncio.create_task(_client(cluster.url(0), body, session, stop, stamps, failures))
             for _ in range(sessions)
         ]
-        await asyncio.sleep(warm_s + measure_s)
+        await asyncio.sleep(warm_s)
+        before = await _node_usage(cluster, session)
+        await asyncio.sleep(t_start + warm_s + measure_s - time.monotonic())
+        after = await _node_usage(cluster, session)
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 300)
     out, _ = await asyncio.wait_for(probe.communicate(), 60)
@@ -177,6 +188,52 @@ async def measure_load(
         "token_latency_s": statistics.fmean(gaps) if gaps else float("nan"),
         "failures": float(len(failures)),
         "cpu_share": min(1.0, float(out.decode().strip() or 1.0)),
+        "nodes": [_usage_delta(a, b) for a, b in zip(before, after, strict=True)],
+    }
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """utime + stime of a process (all its threads), in seconds (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _node_usage(cluster: NetnsCluster, session: aiohttp.ClientSession) -> list[dict[str, Any]]:
+    """Per node now: the CPU its processes used so far (what its CFS budget charges: onnxruntime's
+    thread, the event loop, framing, gossip), its throttled time, and its stage's decode batches by
+    size. The difference over a window, minus the modules' CPU for those batches, is the daemon's own
+    CPU per token (cgroup v1 here has no ``cpuacct`` under the ``cpu`` hierarchy: ``/proc`` it is)."""
+    out = []
+    for i in range(cluster.nodes):
+        group = cluster.groups.get(i)
+        doc = await cluster.status(i, session) or {}
+        pipeline: dict[str, Any] = doc.get("pipeline") or {}  # type: ignore[assignment]
+        stage: dict[str, Any] = pipeline.get("stage") or {}
+        out.append(
+            {
+                "cpu_s": sum(_proc_cpu_s(pid) for pid in group.pids()) if group else 0.0,
+                "throttled_s": group.throttled_s() if group else 0.0,
+                "batches": {int(k): int(v) for k, v in (stage.get("batches") or {}).items()},
+                "range": stage.get("range"),
+                "decode_ms": (stage.get("metrics") or {}).get("decode_ms_recent"),
+                "hops": pipeline.get("hops"),
+            }
+        )
+    return out
+
+
+def _usage_delta(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    batches = {k: v - a["batches"].get(k, 0) for k, v in b["batches"].items()}
+    return {
+        "cpu_s": round(b["cpu_s"] - a["cpu_s"], 3),
+        "throttled_s": round(b["throttled_s"] - a["throttled_s"], 3),
+        "batches": {k: v for k, v in sorted(batches.items()) if v > 0},
+        "range": b["range"],
+        "decode_ms": b["decode_ms"],  # the stage's recent wall ms per token of its decode batches
+        "hops": b["hops"],  # the entry's per-hop trace (cumulative: its last steps)
     }
 
 
@@ -367,28 +424,38 @@ def validation(shards: Path, args: argparse.Namespace, log: list[str]) -> dict[s
             args.measure_s,
         )
 
-    # Calibration 1: one node, one core: what the daemon adds per token around the modules (HTTP
-    # streaming, detokenizing, thread hand-offs), as wall time per token at the entry. Not CPU at each
-    # stage: charged so, nodes at 0.3 core would have overdrawn their quota at rates the real ones
-    # reached (2 nodes 1/0.3: 120 ms/token measured, 300 predicted); it is waiting, not computing.
+    # Calibration 1: one node, one core; calibration 2: two nodes at one core each, unshaped.
     calib = asyncio.run(run_config(Config([1.0], None), shards, args))
-    bare = sim(calib, Overheads(), 1)
-    m1 = calib["measured_1"]
-    token_s = max(0.0, m1["token_latency_s"] - bare["token_latency_s"])
-    # Calibration 2: two nodes at one core each, unshaped: what a hop between daemons adds (framing,
-    # encryption, two event loops, the kernel's bridge) beyond the modules and the entry's cost.
     calib2 = asyncio.run(run_config(Config([1.0, 1.0], None), shards, args))
-    chain = sim(calib2, Overheads(token_s=token_s), 1)
+    # The daemon's own CPU per stage step (tensor (de)serialisation, msgpack frames, the executor
+    # hand-off, sampling, the event loop, its gossip share): each node's process CPU over the window
+    # minus the modules' CPU for the batches its stage ran, per step. It is CPU, so the simulator charges
+    # it on the stage under the node's CFS budget: charged as a delay instead it neither slowed the
+    # quota-bound nodes nor competed with their modules (4-session rows +11 to +31 % optimistic).
+    step_s = own_cpu_per_step(costs, [calib["measured_1"], calib2["measured_1"]])
+    bare = sim(calib, Overheads(step_s=step_s), 1)
+    m1 = calib["measured_1"]
+    # What is left of the 1-node run's time per token once CPU is accounted for is waiting at the entry
+    # (thread wake-ups, streaming): a delay per token, not CPU.
+    token_s = max(0.0, m1["token_latency_s"] - bare["token_latency_s"])
+    # What a hop between daemons adds (the bridge, two event loops' wake-ups) beyond all the above.
+    chain = sim(calib2, Overheads(step_s=step_s, token_s=token_s), 1)
     hops = len(calib2["_plan"].stages)  # entry -> stage 0 is local; stage i -> i+1 and last -> entry
     hop_s = max(0.0, (calib2["measured_1"]["token_latency_s"] - chain["token_latency_s"]) / hops)
-    over = Overheads(token_s=token_s, hop_s=hop_s)
+    over = Overheads(step_s=step_s, token_s=token_s, hop_s=hop_s)
     print(
-        f"calibration 1 (1 node, 1 core): measured "
-        f"{m1['token_latency_s'] * 1e3:.1f} ms/token, modules alone "
+        f"daemon's own CPU per stage step (process CPU minus the modules'): {step_s * 1e3:.1f} ms; per node: "
+        + ", ".join(
+            f"{c['config']} node{i} {_own_ms(costs, n):.1f}"
+            for c in (calib, calib2)
+            for i, n in enumerate(c["measured_1"]["nodes"])
+        )
+        + f"\ncalibration 1 (1 node, 1 core): measured "
+        f"{m1['token_latency_s'] * 1e3:.1f} ms/token, modules and own CPU "
         f"{bare['token_latency_s'] * 1e3:.1f} (CPU share {m1['cpu_share']:.2f}): "
-        f"{token_s * 1e3:.1f} ms per token at the entry\n"
+        f"{token_s * 1e3:.1f} ms per token waiting at the entry\n"
         f"calibration 2 (2 nodes, 1 core each): measured "
-        f"{calib2['measured_1']['token_latency_s'] * 1e3:.1f} ms/token, modules and entry "
+        f"{calib2['measured_1']['token_latency_s'] * 1e3:.1f} ms/token, modules, own CPU and entry "
         f"{chain['token_latency_s'] * 1e3:.1f} (CPU share {calib2['measured_1']['cpu_share']:.2f}): "
         f"{hop_s * 1e3:.1f} ms per hop",
         flush=True,
@@ -426,15 +493,26 @@ def validation(shards: Path, args: argparse.Namespace, log: list[str]) -> dict[s
                 "measured_ttft_s": round(m["ttft_s"], 3),
                 "predicted_batches": p["batches"],
                 "measured_batches": r["batches"] if s > 1 else None,
+                "measured_nodes": [{k: v for k, v in n.items() if k != "hops"} for n in m["nodes"]],
+                "entry_hops": m["nodes"][0]["hops"],  # node 0's per-hop trace (its latest steps)
+                "own_cpu_ms_per_step": [round(_own_ms(costs, n), 2) for n in m["nodes"]],
             }
             rows.append(row)
             line = _line(r["config"], _plan_text(r), s, p, m)
             print(line, flush=True)
             log.append(line)
     within = sum(1 for r in rows if _within(r, 0.15))
+    workload = {
+        "tokens": args.tokens,
+        "prompt_tokens": prompt_tokens,
+        "warm_s": 4.0,
+        "measure_s": args.measure_s,
+    }
     print(f"within 15 % on both tokens/s and latency: {within}/{len(rows)}", flush=True)
     return {
         "rows": rows,
+        "workload": workload,
+        "step_s": step_s,
         "token_s": token_s,
         "hop_s": hop_s,
         "batch_curve_s": {b: costs.decode_range_s(0, costs.num_modules, full, b) for b in (1, 2, 4, 8)},
@@ -442,6 +520,31 @@ def validation(shards: Path, args: argparse.Namespace, log: list[str]) -> dict[s
         "calibration": [{k: v for k, v in c.items() if not k.startswith("_")} for c in (calib, calib2)],
         "within_15pct": within,
     }
+
+
+def _own_cpu(costs: ModuleCosts, node: dict[str, Any]) -> tuple[float, int]:
+    """(CPU seconds outside the modules, decode steps) of one node over a window: its process CPU minus
+    the modules' measured CPU for the decode batches its stage ran (batch sizes as the stage counted)."""
+    if not node.get("range"):
+        return 0.0, 0
+    a, b = node["range"]
+    full = costs.reference_flops_per_s
+    modules = sum(n * costs.decode_range_s(a, b, full, int(k)) for k, n in node["batches"].items())
+    return node["cpu_s"] - modules, sum(node["batches"].values())
+
+
+def _own_ms(costs: ModuleCosts, node: dict[str, Any]) -> float:
+    own, steps = _own_cpu(costs, node)
+    return 1e3 * own / steps if steps else float("nan")
+
+
+def own_cpu_per_step(costs: ModuleCosts, windows: list[dict[str, Any]]) -> float:
+    """The daemon's own CPU per stage step over measured windows (``measure_load`` results): all their
+    nodes' CPU outside the modules over all their steps (0 if negative: the modules' cost is the
+    profile's, a few per cent off the daemon's own runs)."""
+    pairs = [_own_cpu(costs, n) for w in windows for n in w["nodes"]]
+    steps = sum(k for _, k in pairs)
+    return max(0.0, sum(o for o, _ in pairs) / steps) if steps else 0.0
 
 
 def _plan_text(r: dict[str, Any]) -> str:
@@ -475,7 +578,85 @@ def _within(row: dict[str, Any], tol: float) -> bool:
     )
 
 
+def repredict(saved: dict[str, Any], over: Overheads | None = None) -> list[dict[str, Any]]:
+    """The saved run's rows predicted again by the simulator as it is now, without re-measuring.
+
+    ``saved`` is the JSON line of ``bench sim --json``: its ``costs``, its rows' plans, quotas, links
+    and CPU shares, the workload and the calibrated overheads (``over`` replaces them: to try a term).
+    Why: a validation run takes ten minutes of a quiet machine; a change to the model is checked
+    against it in a second. Rows come back with fresh ``predicted_*`` figures."""
+    costs = ModuleCosts.from_dict(saved["costs"])
+    full = costs.reference_flops_per_s
+    w = saved.get("workload") or {"tokens": 24, "prompt_tokens": 13, "warm_s": 4.0, "measure_s": 15.0}
+    if over is None:
+        over = Overheads(
+            step_s=saved.get("step_s", 0.0), token_s=saved.get("token_s", 0.0), hop_s=saved.get("hop_s", 0.0)
+        )
+    out = []
+    for row in saved["validation"]:
+        quotas = {f"node{i}": q for i, q in enumerate(row["quotas"])}  # plan names are node<i>
+        plan = Plan(
+            epoch=0,
+            objective="",
+            solver="saved",
+            model=costs.model,
+            num_modules=costs.num_modules,
+            stages=[Stage(n, a, b, 0.0, 0.0, 0.0, 0, 0) for n, a, b in row["plan"]],
+            left_out={},
+            bottleneck_s=0.0,
+            latency_s=0.0,
+            objective_value=0.0,
+        )
+        p = predict(
+            costs,
+            plan,
+            dict.fromkeys(quotas, full),
+            quotas,
+            row["cpu_share"],
+            row["mbit"],
+            "node0",
+            over,
+            row["sessions"],
+            w["tokens"],
+            w["prompt_tokens"],
+            w["warm_s"],
+            w["measure_s"],
+        )
+        out.append(
+            {
+                **row,
+                "predicted_tps": round(p["tokens_per_s"], 3),
+                "predicted_latency_s": round(p["token_latency_s"], 4),
+                "predicted_ttft_s": round(p["ttft_s"], 3),
+                "predicted_batches": p["batches"],
+            }
+        )
+    return out
+
+
+def _print_rows(rows: list[dict[str, Any]]) -> int:
+    """The validation table of ``rows``; returns how many are within 15 % on both figures."""
+    print(
+        f"{'configuration':<40} {'plan':<34} {'S':>2} {'pred tok/s':>10} {'meas tok/s':>10} {'err':>6} "
+        f"{'pred ms/tok':>11} {'meas ms/tok':>11} {'err':>6}"
+    )
+    for r in rows:
+        p = {"tokens_per_s": r["predicted_tps"], "token_latency_s": r["predicted_latency_s"]}
+        m = {"tokens_per_s": r["measured_tps"], "token_latency_s": r["measured_latency_s"]}
+        print(_line(r["config"], _plan_text(r), r["sessions"], p, m))
+    within = sum(1 for r in rows if _within(r, 0.15))
+    print(f"within 15 % on both tokens/s and latency: {within}/{len(rows)}", flush=True)
+    return within
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.repredict is not None:
+        saved = json.loads(args.repredict.read_text().strip().splitlines()[-1])
+        rows = repredict(saved)
+        within = _print_rows(rows)
+        if args.json:
+            print(json.dumps({"validation": rows, "within_15pct": within}, default=str))
+        return 0
     shards = shard_dir(args.shards)
     summary: dict[str, Any] = {"validation": [], "plan_s": {}}
     log: list[str] = []
@@ -486,7 +667,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             val = validation(shards, args, log)
             summary["validation"] = val["rows"]
-            for key in ("token_s", "hop_s", "batch_curve_s", "costs", "calibration"):
+            for key in ("workload", "step_s", "token_s", "hop_s", "batch_curve_s", "costs", "calibration"):
                 summary[key] = val[key]
             summary["within_15pct"] = val["within_15pct"]
     if not args.skip_scale:

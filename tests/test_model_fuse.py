@@ -4,7 +4,9 @@ merge, and a runner running fused blocks gives what one session per module gives
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -14,7 +16,14 @@ from conftest import TINY_ARCHS
 from onnx import numpy_helper
 
 from llnode.model import names
-from llnode.model.fuse import _SHARED_CONST_BYTES, HEAD_FROM, FuseError, fuse_files, fuse_models
+from llnode.model.fuse import (
+    _SHARED_CONST_BYTES,
+    EXTERNAL_MIN_BYTES,
+    HEAD_FROM,
+    FuseError,
+    fuse_files,
+    fuse_models,
+)
 from llnode.model.manifest import ManifestError, load_manifest
 from llnode.model.merge import merge_modules
 from llnode.model.runner import FUSE_BLOCK, ModuleRunner, RunnerError, _session_options, fuse_block
@@ -157,9 +166,57 @@ def test_blocks_are_aligned_and_shared_across_plan_switches(tiny_llama_shards: P
     np.testing.assert_array_equal(shifted.step("s", x, pos), fresh.step("s", x, pos))
 
 
+def _without_mapping(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runners built after this copy the weights into their fused blocks, as with an onnxruntime that
+    cannot resolve external data loaded from bytes (older than the folder-path option)."""
+    copying = fuse_files
+
+    def refuse(*args: Any, external: bool = False, **kwargs: Any) -> bytes:
+        if external:
+            raise RuntimeError("External data path validation failed")
+        return copying(*args, **kwargs)
+
+    monkeypatch.setattr("llnode.model.runner.fuse.fuse_files", refuse)
+
+
+def test_fused_blocks_map_their_weights_from_the_module_files(
+    tiny_llama_shards: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    shard = tiny_llama_shards
+    m = load_manifest(shard)
+    files = [(x.index, x.file) for x in m.modules]
+    copied = onnx.load_from_string(fuse_files(shard, files, head_index=m.num_modules - 1))
+    graph = fuse_files(shard, files, head_index=m.num_modules - 1, external=True)
+    mapped = onnx.load_from_string(graph)
+    # Every large tensor is a reference to the very bytes of a module file; the small ones stay inline.
+    big = {t.name: numpy_helper.to_array(t) for t in copied.graph.initializer if t.raw_data}
+    refs = [t for t in mapped.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert refs and len(graph) * 2 < copied.ByteSize()
+    for t in refs:
+        where = {e.key: e.value for e in t.external_data}
+        assert where["location"] in {f for _, f in files}
+        offset, length = int(where["offset"]), int(where["length"])
+        assert length >= EXTERNAL_MIN_BYTES
+        data = (shard / where["location"]).read_bytes()[offset : offset + length]
+        assert data == big[t.name].tobytes()
+    with caplog.at_level(logging.INFO, logger="llnode.model.runner"):
+        runner = ModuleRunner(shard, threads=1)
+    assert "not mapped" not in caplog.text
+    _without_mapping(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="llnode.model.runner"):
+        copying = ModuleRunner(shard, threads=1)
+    assert "not mapped" in caplog.text  # the fallback: weights copied through a temporary file
+    toks, seen = _greedy(runner, [3, 1, 4, 1, 5], 6)
+    toks_c, seen_c = _greedy(copying, [3, 1, 4, 1, 5], 6)
+    assert toks == toks_c
+    for a, b in zip(seen, seen_c, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_a_block_fuses_in_memory_without_a_temporary_directory(
     tiny_llama_shards: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    _without_mapping(monkeypatch)
     on_file = ModuleRunner(tiny_llama_shards, threads=1)
 
     def no_room(*args: object, **kwargs: object) -> None:

@@ -44,10 +44,13 @@ _GRAPH_NODE, _GRAPH_NAME, _GRAPH_INIT, _GRAPH_INPUT, _GRAPH_OUTPUT, _GRAPH_VALUE
 _GRAPH_SPARSE_INIT = 15
 _NODE_INPUT, _NODE_OUTPUT, _NODE_NAME, _NODE_OP_TYPE, _NODE_ATTRIBUTE = 1, 2, 3, 4, 5
 _ATTR_G, _ATTR_GRAPHS = 6, 11
-_TENSOR_NAME = 8
+_TENSOR_NAME, _TENSOR_RAW_DATA, _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 8, 9, 13, 14
+_EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
 _VALUE_INFO_NAME = 1
 # Constants up to this size are shared between the modules of a fused block when equal (weights never are).
 _SHARED_CONST_BYTES = 4096
+# Tensors referenced in their module file, not copied into the fused model (``fuse_files(external=True)``).
+EXTERNAL_MIN_BYTES = 4096
 
 
 class FuseError(ValueError):
@@ -153,6 +156,37 @@ def _without_name(tensor: memoryview) -> bytes:
     return b"".join(bytes(f.raw) for f in _fields(tensor) if f.number != _TENSOR_NAME)
 
 
+def _address(buf: memoryview) -> int:
+    """Where ``buf`` starts in memory (read-only buffers too): the offset of a view into a file mapping."""
+    import numpy as np  # phones have numpy; imported here because only external references need it
+
+    return int(np.frombuffer(buf, np.uint8).__array_interface__["data"][0]) if len(buf) else 0
+
+
+def _external_tensor(
+    tensor: memoryview, file: str, base: int, rename: Callable[[str], str]
+) -> list[bytes | memoryview]:
+    """``tensor`` renamed, with its raw data replaced by a reference to where those bytes already are in
+    ``file`` (the module file, mapped at address ``base``): onnxruntime then maps the file instead of
+    copying the weights out of the parsed model."""
+    out: list[bytes | memoryview] = []
+    for f in _fields(tensor):
+        if f.number == _TENSOR_NAME and f.wire == 2:
+            out += _str_field(f.number, rename(bytes(f.payload).decode()))
+        elif f.number == _TENSOR_RAW_DATA and f.wire == 2 and len(f.payload) >= EXTERNAL_MIN_BYTES:
+            where = {
+                "location": file,
+                "offset": str(_address(f.payload) - base),
+                "length": str(len(f.payload)),
+            }
+            for key, value in where.items():
+                out += _len_field(_TENSOR_EXTERNAL_DATA, b"".join(_str_field(1, key) + _str_field(2, value)))
+            out += [_enc_varint(_TENSOR_DATA_LOCATION << 3), _enc_varint(_EXTERNAL)]
+        else:
+            out.append(f.raw)
+    return out
+
+
 def _pieces_field(number: int, pieces: list[bytes | memoryview]) -> list[bytes | memoryview]:
     return [_enc_varint(number << 3 | 2), _enc_varint(sum(len(p) for p in pieces)), *pieces]
 
@@ -243,15 +277,19 @@ def fuse_models(models: Sequence[tuple[int, bytes | mmap.mmap]], head_index: int
 
 
 def _fused_pieces(
-    models: Sequence[tuple[int, bytes | mmap.mmap]], head_index: int | None
+    models: Sequence[tuple[int, bytes | mmap.mmap]],
+    head_index: int | None,
+    files: Sequence[str] | None = None,
 ) -> list[bytes | memoryview]:
-    """:func:`fuse_models` as the pieces of the serialized model (views of the inputs for the weights)."""
+    """:func:`fuse_models` as the pieces of the serialized model (views of the inputs for the weights).
+    ``files``: the models' file names, to reference their large tensors there instead of copying them."""
     if not models:
         raise FuseError("nothing to fuse")
     indices = [i for i, _ in models]
     if indices != list(range(indices[0], indices[0] + len(indices))):
         raise FuseError(f"modules {indices} are not a contiguous range")
     parsed = [_parse_module(i, memoryview(data)) for i, data in models]
+    bases = [_address(memoryview(data)) for _, data in models] if files is not None else []
     internal = {names.hidden(i) for i in indices[1:]}
     opsets: dict[str, int] = {}
     nodes: list[bytes | memoryview] = []
@@ -283,7 +321,10 @@ def _fused_pieces(
                 continue
             if content is not None:
                 shared[content] = prefix + name
-            inits.append(_rename_fields(t, {_TENSOR_NAME: prefix.__add__}))
+            if files is not None:
+                inits.append(_external_tensor(t, files[n], bases[n], prefix.__add__))
+            else:
+                inits.append(_rename_fields(t, {_TENSOR_NAME: prefix.__add__}))
 
         def rename(
             name: str,
@@ -369,10 +410,19 @@ def _mapped(shard_dir: Path, files: Sequence[tuple[int, str]]) -> Iterator[list[
                 mm.close()
 
 
-def fuse_files(shard_dir: Path, files: Sequence[tuple[int, str]], head_index: int | None = None) -> bytes:
-    """:func:`fuse_models` over module files of a shard set (``(module index, file name)``)."""
+def fuse_files(
+    shard_dir: Path, files: Sequence[tuple[int, str]], head_index: int | None = None, external: bool = False
+) -> bytes:
+    """:func:`fuse_models` over module files of a shard set (``(module index, file name)``).
+
+    ``external``: tensors of ``EXTERNAL_MIN_BYTES`` or more are not copied but referenced as external data
+    at their place in the module files (paths relative to ``shard_dir``; load with the session config
+    ``session.model_external_initializers_file_folder_path`` = ``shard_dir``): the fused model is then only
+    the graph, a few hundred KB, and onnxruntime maps the weights from the files. WHY: a tensor that is
+    not prepacked (the embedding table) then stays in the page cache, resident only where it is read, and
+    the parsed model never holds a copy of the weights (see ``ModuleRunner._build_fused``)."""
     with _mapped(shard_dir, files) as models:
-        return fuse_models(models, head_index)
+        return b"".join(_fused_pieces(models, head_index, [f for _, f in files] if external else None))
 
 
 def write_fused(

@@ -239,6 +239,12 @@ class ModuleRunner:
             raise RunnerError(f"module range [{start}, {end}) is not inside [0, {n})")
         self.block = max(1, fuse_block() if fuse is None else fuse)
         self._so = _session_options(threads)
+        # Fused blocks reference the weights in the module files (``fuse_files(external=True)``), relative
+        # to the shard directory; loading from bytes needs that folder named.
+        self._so_mapped = _session_options(threads)
+        self._so_mapped.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", str(self.shard_dir)
+        )
         self._modules = self.manifest.modules[self.start : self.end]
         missing = [self.shard_dir / m.file for m in self._modules if not (self.shard_dir / m.file).is_file()]
         if missing and reuse is None:  # say "missing" before any other file fails to parse
@@ -287,12 +293,26 @@ class ModuleRunner:
         return [self._build_one(m) for m in modules]
 
     def _build_fused(self, modules: list[ModuleInfo]) -> Unit:
-        """The block fused, written to a temporary file piece by piece and loaded from there. WHY a file:
-        the fused model as Python bytes lives while onnxruntime parses it, a third copy of the block's
-        weights at the load peak (fp32 SmolLM2 block [24,32): peak 665 MiB from bytes, 375 from a file,
-        375 as separate sessions); the file is in the page cache and deleted once loaded."""
+        """The block fused, its weights left in the module files: onnxruntime maps them from there (a
+        tensor it does not prepack, the embedding table, then stays in the page cache, resident only
+        where it is read: int4 SmolLM2 -27 MiB) and the parsed model holds no copy of them. The files must
+        then not be rewritten in place while loaded (the shard store replaces files by renaming).
+
+        Where that fails (an onnxruntime older than the folder-path option), the block is written with
+        its weights to a temporary file piece by piece and loaded from there. WHY a file: the fused model
+        as Python bytes lives while onnxruntime parses it, a third copy of the block's weights at the load
+        peak (fp32 SmolLM2 block [24,32): peak 665 MiB from bytes, 375 from a file, 375 as separate
+        sessions); the file is in the page cache and deleted once loaded."""
         head = self.manifest.num_modules - 1
         files = [(m.index, m.file) for m in modules]
+        try:
+            graph = fuse.fuse_files(self.shard_dir, files, head_index=head, external=True)
+            sess = ort.InferenceSession(graph, self._so_mapped, providers=["CPUExecutionProvider"])
+            sess._model_bytes = None  # see below
+            return Unit.of(modules, sess)
+        except Exception as exc:  # onnxruntime raises its own classes
+            log.info("modules [%d, %d): weights not mapped from the module files (%s)",
+                     modules[0].index, modules[-1].index + 1, exc)  # fmt: skip
         try:
             with tempfile.NamedTemporaryFile(prefix="llnode-fused-", suffix=".onnx") as f:
                 fuse.write_fused(self.shard_dir, files, f, head_index=head)

@@ -156,7 +156,10 @@ def prepare(spec: str, out: Path | None = None, precision: str = "fp32", name: s
     out.mkdir(parents=True, exist_ok=True)
     plan: list[tuple[str, int | None, Path]] = []
     for kind, layer, fname in tqdm(meta["plan"], desc="copy modules", unit="module", leave=False):
-        shutil.copyfile(mods / fname, out / fname)
+        # Copied beside and renamed over: a runner using the old file maps its weights from it (fused
+        # blocks), and a file rewritten in place under a mapping would crash that process.
+        shutil.copyfile(mods / fname, out / f".{fname}.part")
+        (out / f".{fname}.part").replace(out / fname)
         plan.append((kind, layer, out / fname))
     shutil.copyfile(tok, out / "tokenizer.json")
     template = _chat_template(resolved.hf_dir)

@@ -18,7 +18,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-EXPORT_VERSION = 2  # bump when the module graphs change, to invalidate cached exports
+EXPORT_VERSION = 3  # bump when the module graphs change (invalidates cached exports); 3: mask-based past
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 

@@ -116,7 +116,9 @@ def build_layer(
     sin_signed = g.op("Concat", [g.op("Neg", [sin]), sin], axis=-1)  # rotate_half's sign folded in
 
     t_len = g.op("Shape", [pos], start=1, end=2)
-    p_len = g.op("Shape", [pk], start=2, end=3)
+    # The cache length from the mask ([B, past + new]), not from ``past_key``: then the whole bias depends
+    # only on inputs every layer shares, and a fused block computes it once (onnxruntime's CSE merges it).
+    p_len = g.op("Sub", [g.op("Shape", [mask], start=1, end=2), t_len])
     past_mask = g.op("Slice", [mask, g.ints("zero1", [0]), p_len, g.ints("one1", [1])])
     # Key positions: cached slots count as position 0 (visible to every query unless masked out); the
     # new keys use their own positions, so causality among new tokens is pos_key <= pos_query.

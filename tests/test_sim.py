@@ -255,18 +255,23 @@ def test_bench_measures_module_costs_inside_a_cpu_group(tiny_llama_shards: Path)
     assert not (CPU_ROOT / f"llnode-simcal-{os.getpid()}").exists()  # the calibration group is gone
 
 
-def test_the_daemons_own_cpu_per_step_is_its_process_cpu_minus_the_modules() -> None:
-    """Calibration: per node, process CPU over a window minus the modules' CPU for the batches its stage
-    ran (the measured batching curve), over all steps; a node without a stage contributes nothing."""
-    from llnode.bench.sim import own_cpu_per_step
+def test_the_daemons_own_cpu_per_step_is_its_cpu_outside_the_stage_worker_thread() -> None:
+    """Calibration: per node over a window, the process CPU minus its busiest thread's (the stage worker,
+    where onnxruntime runs), over the decode steps; a node without a stage contributes nothing."""
+    from llnode.bench.sim import _usage_delta, own_cpu_per_step
 
-    c = costs(batch4_ms=16.0)  # 10 ms per module alone, 12 ms per module at a batch of 2
-    a = {"cpu_s": 10 * 0.035 + 5 * 0.041, "batches": {"1": 10, "2": 5}, "range": [0, 3]}  # 30/36 ms + 5/5
-    b = {"cpu_s": 20 * 0.035, "batches": {"1": 20}, "range": [3, 6]}  # 30 ms + 5 ms per step
-    idle = {"cpu_s": 0.4, "batches": {}, "range": None}
-    assert own_cpu_per_step(c, [{"nodes": [a, b, idle]}]) == pytest.approx(0.005)
-    # the profile a little dearer than the daemon's runs: no negative CPU
-    assert own_cpu_per_step(c, [{"nodes": [{**b, "cpu_s": 0.5}]}]) == 0.0
+    def usage(cpu: float, threads: dict[str, float], batches: dict[int, int]) -> dict[str, object]:
+        return {"cpu_s": cpu, "threads": threads, "throttled_s": 0.0, "batches": batches,
+                "range": [0, 3], "decode_ms": None, "hops": None}  # fmt: skip
+
+    before = usage(5.0, {"1/1": 1.0, "1/2": 3.0, "1/3": 1.0}, {1: 100})
+    after = usage(7.0, {"1/1": 1.3, "1/2": 4.6, "1/3": 1.1}, {1: 130, 2: 10})  # worker: 1.6 s of 2.0
+    a = _usage_delta(before, after)
+    assert a["worker_cpu_s"] == pytest.approx(1.6) and a["own_cpu_s"] == pytest.approx(0.4)
+    assert a["batches"] == {1: 30, 2: 10}
+    b = {"own_cpu_s": 0.2, "batches": {1: 60}, "range": [3, 6]}
+    idle = {"own_cpu_s": 0.3, "batches": {}, "range": None}
+    assert own_cpu_per_step([{"nodes": [a, b, idle]}]) == pytest.approx(0.6 / 100)
 
 
 def test_own_cpu_per_step_is_charged_under_the_nodes_quota() -> None:
@@ -316,3 +321,14 @@ def test_process_cpu_is_read_from_proc() -> None:
         pass
     assert _proc_cpu_s(os.getpid()) - before >= 0.15
     assert _proc_cpu_s(2**22 + 1) == 0.0
+
+
+def test_a_nodes_share_of_a_core_does_not_count_the_probe_against_itself() -> None:
+    """The probe is one of the runnable threads it measures: 0.69 of a core on two cores means three
+    threads wanted them, the probe and two nodes, and each node ran at full speed; 0.5 means four, so a
+    node competed with two others (and the probe a tenth of the time)."""
+    from llnode.bench.sim import PROBE_DUTY, node_share
+
+    assert node_share(1.0, 2) == 1.0 and node_share(0.69, 2) == 1.0
+    assert node_share(0.5, 2) == pytest.approx(2 / (3 + PROBE_DUTY))
+    assert node_share(0.25, 1) == pytest.approx(1 / (3 + PROBE_DUTY))

@@ -1,9 +1,10 @@
 """Per-module costs measured on this device: what the simulator charges for compute (never constants).
 
-Every module of the shard set is run alone with the pipeline's own :class:`ModuleRunner` (one
-onnxruntime thread, as the harness's nodes run): decode steps at a fixed context, and one prefill of a
-prompt. The result is cached as JSON (keyed by the shard set's manifest, the thread count and the
-context), so the simulator profiles once per machine and model.
+Every module of the shard set is run with the pipeline's own :class:`ModuleRunner` (one onnxruntime
+thread, as the harness's nodes run), one module after the other as a pipeline runs them (so that each
+finds its weights out of the caches, as in a real run): decode steps at a fixed context, decode
+batches, and one prefill of a prompt. The result is cached as JSON (keyed by the shard set's
+manifest, the thread count and the context), so the simulator profiles once per machine and model.
 
 Other devices are scaled from it by their planner speed: module ``m`` on device ``d`` takes
 ``decode_s[m] * reference_flops_per_s / d.decode_flops_per_s``, where ``reference_flops_per_s`` is
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import statistics
 import time
 import uuid
 from collections.abc import Callable
@@ -31,7 +33,7 @@ from llnode.model.manifest import Manifest, load_manifest
 CACHE_DIR = Path(os.environ.get("LLNODE_SIM_CACHE", Path.home() / ".cache" / "llnode" / "sim"))
 TOKEN_ID_BYTES = 8  # a token id between the entry and the first/last stage (int64)
 BATCH_SIZES = (2, 4, 8)  # decode batch sizes measured besides single steps (the batching curve)
-FORMAT = 4  # bump when the measured fields change: older caches are re-measured
+FORMAT = 5  # bump when the measured fields change: older caches are re-measured
 
 
 @dataclass(frozen=True)
@@ -98,21 +100,35 @@ def manifest_sha(shard_dir: Path) -> str:
     return hashlib.sha256((Path(shard_dir) / "manifest.json").read_bytes()).hexdigest()[:16]
 
 
-def _time_s(call: Callable[[], None], repeats: int) -> tuple[float, float]:
-    """(CPU seconds, mean wall seconds) per call, ``repeats`` calls after a warm-up.
-
-    The cost is CPU time (the fastest of the calls' process CPU time), not wall time: on a loaded
-    machine even the fastest wall time of a 20 ms module (the head) includes preemptions, while CPU
-    time is the module's own and is what a CPU quota (CFS) charges. The mean wall time over the CPU
-    time says how much of a core this process got meanwhile (``ModuleCosts.load_slowdown``)."""
+def _cpu_s(call: Callable[[], None]) -> float:
+    """Process CPU seconds of one call. CPU time, not wall time: on a loaded machine even the fastest
+    wall time of a 20 ms module (the head) includes preemptions, while CPU time is the module's own and
+    is what a CPU quota (CFS) charges."""
+    c0 = time.process_time()
     call()
-    cpu, wall = [], []
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
+    return time.process_time() - c0
+
+
+def _in_pipeline_order(calls: list[Callable[[], None]], repeats: int) -> tuple[list[float], float]:
+    """(median CPU seconds of each call, mean wall / CPU time over all): ``repeats`` rounds of every
+    call in order, after one warm-up round.
+
+    Why in order and not each call ``repeats`` times in a row: a pipeline runs module 0, 1, ... once per
+    token, so each module's weights have been pushed out of the caches by the others' by the time it
+    runs again. Timed in a hot loop, a module keeps its weights cached: SmolLM2's 32 modules summed
+    to 44.8 ms per token that way, while the same modules chained in one process took 57.5 ms, and
+    the daemon's 13 ms per token "outside the modules" was mostly that difference (inside them).
+    The median, not the fastest: the steady state, not the luckiest round. The mean wall time over the
+    CPU time says how much of a core this process got meanwhile (``ModuleCosts.load_slowdown``)."""
+    for call in calls:
         call()
-        cpu.append(time.process_time() - c0)
-        wall.append(time.perf_counter() - t0)
-    return min(cpu), sum(wall) / len(wall)
+    cpu: list[list[float]] = [[] for _ in calls]
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(repeats):
+        for k, call in enumerate(calls):
+            cpu[k].append(_cpu_s(call))
+    wall, used = time.perf_counter() - t0, time.process_time() - c0
+    return [statistics.median(c) for c in cpu], wall / used if used > 0 else 1.0
 
 
 def profile_modules(
@@ -123,8 +139,8 @@ def profile_modules(
     prompt_tokens: int = 16,
     repeats: int = 9,
 ) -> ModuleCosts:
-    """Time every module of ``shard_dir`` alone (decode at ``context``; one prefill of the prompt; decode
-    batches of ``BATCH_SIZES``)."""
+    """Time every module of ``shard_dir`` as a pipeline runs them: one after the other, a decode step at
+    ``context``, decode batches of ``BATCH_SIZES``, and one prefill of the prompt."""
     from llnode.model.batching import decode_batch
     from llnode.model.runner import ModuleRunner
 
@@ -132,70 +148,58 @@ def profile_modules(
     manifest: Manifest = load_manifest(shard_dir)
     rng = np.random.default_rng(0)
     hidden = manifest.hidden_size
-    decode: list[float] = []
-    decode_mean: list[float] = []
-    prefill: list[float] = []
-    batched: list[list[float]] = []  # [m][k]
-    for info in manifest.modules:
-        m = info.index
-        runner = ModuleRunner(shard_dir, manifest, m, m + 1, threads=threads)
-        first = runner.is_first
+    runners = [
+        ModuleRunner(shard_dir, manifest, i.index, i.index + 1, threads=threads) for i in manifest.modules
+    ]
 
-        def inputs(tokens: int, first: bool = first) -> np.ndarray:
-            if first:
-                return rng.integers(0, manifest.vocab_size, (1, tokens), dtype=np.int64)
-            return rng.standard_normal((1, tokens, hidden), dtype=np.float32)
+    def inputs(runner: ModuleRunner, tokens: int, rows: int = 1) -> np.ndarray:
+        if runner.is_first:
+            return rng.integers(0, manifest.vocab_size, (rows, tokens), dtype=np.int64)
+        return rng.standard_normal((rows, tokens, hidden), dtype=np.float32)
 
-        x_prompt = inputs(prompt_tokens)
+    def prefill_call(r: ModuleRunner) -> Callable[[], None]:
+        x = inputs(r, prompt_tokens)
 
-        def run_prefill(r: ModuleRunner = runner, x: np.ndarray = x_prompt) -> None:
+        def run() -> None:
             sid = uuid.uuid4().hex
             # the last stage runs the head on the last token only (``last_only``), as the stage does
             r.step(sid, x, np.arange(x.shape[1], dtype=np.int64)[None, :], last_only=r.is_last)
             r.free(sid)
 
-        prefill.append(_time_s(run_prefill, 3)[0])
-        sid = "sim-profile"
-        runner.step(sid, inputs(context), np.arange(context, dtype=np.int64)[None, :])
-        one = inputs(1)
+        return run
+
+    def decode_call(r: ModuleRunner, kind: str, size: int) -> Callable[[], None]:
+        """A decode step of ``size`` sessions at ``context`` past tokens (``size`` 1: a single step)."""
+        sids = [f"sim-{size}-{k}" for k in range(size)]
+        for sid in sids:
+            r.step(sid, inputs(r, context), np.arange(context, dtype=np.int64)[None, :])
+        x = np.concatenate([inputs(r, 1) for _ in sids])
         pos = [context]
 
-        def run_decode(
-            r: ModuleRunner = runner, x: np.ndarray = one, p: list[int] = pos, sid: str = sid
-        ) -> None:
-            r.step(sid, x, np.array([[p[0]]], dtype=np.int64))
-            p[0] += 1
+        def run() -> None:
+            if size == 1:
+                r.step(sids[0], x, np.array([[pos[0]]], dtype=np.int64))
+            elif kind == "layer":
+                decode_batch(r, sids, x, [pos[0]] * size)
+            else:  # no KV cache: the module takes the rows as one batch directly
+                r.step("sim-rows", x, np.full((size, 1), pos[0], dtype=np.int64))
+                r.free("sim-rows")
+            pos[0] += 1
 
-        fastest, mean = _time_s(run_decode, repeats)
-        decode.append(fastest)
-        decode_mean.append(mean)
-        runner.free(sid)
-        per_size = []
-        for size in BATCH_SIZES:
-            sids = [f"sim-batch-{k}" for k in range(size)]
-            for k in sids:
-                runner.step(k, inputs(context), np.arange(context, dtype=np.int64)[None, :])
-            xb = np.concatenate([inputs(1) for _ in sids])
-            posb = [context]
+        return run
 
-            def run_batch(
-                r: ModuleRunner = runner,
-                x: np.ndarray = xb,
-                p: list[int] = posb,
-                kind: str = info.kind,
-                sids: list[str] = sids,
-            ) -> None:
-                if kind == "layer":
-                    decode_batch(r, sids, x, [p[0]] * len(sids))
-                else:  # no KV cache: the module takes the rows as one batch directly
-                    r.step("sim-rows", x, np.full((len(sids), 1), p[0], dtype=np.int64))
-                    r.free("sim-rows")
-                p[0] += 1
-
-            per_size.append(_time_s(run_batch, repeats)[0])
-            for k in sids:
-                runner.free(k)
-        batched.append(per_size)
+    kinds = [i.kind for i in manifest.modules]
+    prefill, _ = _in_pipeline_order([prefill_call(r) for r in runners], 3)
+    decode, slowdown = _in_pipeline_order(
+        [decode_call(r, k, 1) for r, k in zip(runners, kinds, strict=True)], repeats
+    )
+    batched = [
+        _in_pipeline_order([decode_call(r, k, size) for r, k in zip(runners, kinds, strict=True)], repeats)[0]
+        for size in BATCH_SIZES
+    ]
+    for r in runners:
+        for sid in r.sessions():
+            r.free(sid)
     layers = [i.index for i in manifest.modules if i.kind == "layer"]
     flops = sum(manifest.modules[m].flops.at(context) for m in layers)
     out = [manifest.boundary_bytes(m) for m in range(manifest.num_modules - 1)] + [TOKEN_ID_BYTES]
@@ -206,13 +210,13 @@ def profile_modules(
         context=context,
         prompt_tokens=prompt_tokens,
         decode_s=decode,
-        decode_batch_s=[[b[k] for b in batched] for k in range(len(BATCH_SIZES))],
+        decode_batch_s=batched,
         prefill_s=prefill,
         out_bytes_per_token=out,
         reference_flops_per_s=flops / sum(decode[m] for m in layers),
         measured_at=time.time(),
         profile_s=time.perf_counter() - t_start,
-        load_slowdown=sum(decode_mean) / sum(decode),
+        load_slowdown=slowdown,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -332,3 +333,27 @@ def test_a_nodes_share_of_a_core_does_not_count_the_probe_against_itself() -> No
     assert node_share(1.0, 2) == 1.0 and node_share(0.69, 2) == 1.0
     assert node_share(0.5, 2) == pytest.approx(2 / (3 + PROBE_DUTY))
     assert node_share(0.25, 1) == pytest.approx(1 / (3 + PROBE_DUTY))
+
+
+def test_modules_are_timed_one_after_the_other_as_a_pipeline_runs_them() -> None:
+    """The profile runs every module once per round, in order (each finds its weights pushed out of
+    the caches by the others, as in a pipeline), and keeps each one's median CPU time over the rounds."""
+    import time
+
+    from llnode.sim.costs import _in_pipeline_order
+
+    order: list[int] = []
+
+    def call(k: int, cpu_s: float) -> Callable[[], None]:
+        def run() -> None:
+            order.append(k)
+            end = time.process_time() + cpu_s
+            while time.process_time() < end:
+                pass
+
+        return run
+
+    medians, slowdown = _in_pipeline_order([call(0, 0.002), call(1, 0.006)], 5)
+    assert order == [0, 1] * 6  # a warm-up round, then 5 rounds in pipeline order
+    assert medians[0] == pytest.approx(0.002, abs=0.001) and medians[1] == pytest.approx(0.006, abs=0.001)
+    assert slowdown >= 0.99  # wall time can only exceed CPU time on one thread

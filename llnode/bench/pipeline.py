@@ -126,21 +126,27 @@ async def timed_request(
     }
 
 
-def _chain_worker(shards: str, prompt_ids: list[int], tokens: int, rounds: int, sleeping: bool) -> float:
+def _chain_worker(
+    shards: str, prompt_ids: list[int], tokens: int, rounds: int, sleeping: bool, spin: bool = False
+) -> float:
     if sleeping:
         disable_spinning()
+    if spin:
+        os.environ["LLNODE_SPIN"] = "run"  # this fresh process only
     return chain_decode_ms(Path(shards), prompt_ids, tokens, rounds)
 
 
 def chain_in_subprocess(
-    shards: Path, prompt_ids: list[int], tokens: int, rounds: int, *, sleeping: bool
+    shards: Path, prompt_ids: list[int], tokens: int, rounds: int, *, sleeping: bool, spin: bool = False
 ) -> float:
     """The chain's decode ms/token in a fresh process: onnxruntime's thread-pool kind is per process.
 
-    ``sleeping``: the per-session pools whose idle threads sleep, as the daemons use them; otherwise the
-    spinning global pool a lone process uses (faster on an idle machine: no wake-ups between ops)."""
+    ``sleeping``: the per-session pools, as the daemons use them; otherwise the spinning global pool a
+    lone process uses (faster on an idle machine: no wake-ups between ops). ``spin``: those per-session
+    pools spin while a run is in flight (``LLNODE_SPIN=run``, ``llnode.model.runner.spin_during_runs``)."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_chain_worker, str(shards), prompt_ids, tokens, rounds, sleeping).result()
+        args = (str(shards), prompt_ids, tokens, rounds, sleeping, spin)
+        return pool.submit(_chain_worker, *args).result()
 
 
 def _cpu_s(pid: int) -> float:
@@ -333,9 +339,11 @@ def run(args: argparse.Namespace) -> int:
 
     chain_ms = chain_in_subprocess(shards, prompt_ids, args.tokens, args.rounds, sleeping=False)
     sleeping_ms = chain_in_subprocess(shards, prompt_ids, args.tokens, args.rounds, sleeping=True)
+    spin_ms = chain_in_subprocess(shards, prompt_ids, args.tokens, args.rounds, sleeping=True, spin=True)
     print(
         f"single-process module chain: {chain_ms:.2f} ms/token (spinning global pool), "
-        f"{sleeping_ms:.2f} ms/token (sleeping per-session pools, as in the daemons)",
+        f"{sleeping_ms:.2f} ms/token (sleeping per-session pools, as in the daemons), "
+        f"{spin_ms:.2f} ms/token (per-session pools spinning during runs, LLNODE_SPIN=run)",
         flush=True,
     )
     long_prompt = long_text(tok, args.long_prompt)
@@ -345,6 +353,9 @@ def run(args: argparse.Namespace) -> int:
     # of handed to the worker thread and back: what those two thread wake-ups per stage cost.
     inline_on = {"LLNODE_INLINE_DECODE": "1"}
     inline = _run_cluster(shards, 2, args.tokens, args.rounds, [], pin=False, env=inline_on)
+    # The same 2 nodes with the stages' pool threads spinning while a run is in flight and sleeping
+    # between runs (LLNODE_SPIN=run): what the sleeping pools' per-operator wake-ups cost.
+    spinning = _run_cluster(shards, 2, args.tokens, args.rounds, [], pin=False, env={"LLNODE_SPIN": "run"})
     for n, res in ((2, two), (3, three)):
         held = _held_mb(shards, res["stages"])
         print(
@@ -364,6 +375,13 @@ def run(args: argparse.Namespace) -> int:
         flush=True,
     )
     _print_hops(2, inline["hops"], full=True)
+    print(
+        f"2 nodes, pool threads spinning during runs (LLNODE_SPIN=run): {spinning['decode_ms']:.2f} "
+        f"ms/token (x{spinning['decode_ms'] / chain_ms:.2f} of one process, "
+        f"x{spinning['decode_ms'] / spin_ms:.2f} of one with the same pools; plan {spinning['stages']})",
+        flush=True,
+    )
+    _print_hops(2, spinning["hops"], full=True)
     whole = _run_cluster(
         shards, 2, 8, 1, [], pin=False, env={"LLNODE_PREFILL_CHUNK": "0"}, long_prompt=long_prompt
     )
@@ -420,6 +438,10 @@ def run(args: argparse.Namespace) -> int:
         "latency_ratio_2_same_pools": two["decode_ms"] / sleeping_ms,
         "decode_ms_2_inline": inline["decode_ms"],  # LLNODE_INLINE_DECODE=1
         "hops_2_inline": hop_summary(inline["hops"]),
+        "chain_spin_ms": spin_ms,  # per-session pools spinning during runs (LLNODE_SPIN=run)
+        "decode_ms_2_spin": spinning["decode_ms"],
+        "latency_ratio_2_spin": spinning["decode_ms"] / chain_ms,
+        "hops_2_spin": hop_summary(spinning["hops"]),
         "ttft_s_2": two["ttft_s"],
         "ttft_s_3": three["ttft_s"],
         "rss_mb_3": three["rss_mb"],

@@ -71,6 +71,20 @@ def disable_spinning() -> None:
             _pool_mode = "per-session"
 
 
+def spin_during_runs() -> bool:
+    """Do the per-session pools' threads spin while a run is in flight (``LLNODE_SPIN=run``)?
+
+    Sleeping pools wake a thread for every operator's parallel section: on an idle machine that cost
+    ~1.6 ms of a 32 ms SmolLM2 token (the chain with the spinning global pool vs the same chain with
+    sleeping per-session pools). ``session.force_spinning_stop`` lets the threads spin only until the
+    run returns, so a stage waiting for its neighbours still sleeps and does not take the core of the
+    stage that works. Off by default: on a loaded machine (other processes wanting the cores) any
+    spinning measured 2-4x slower than sleeping (the spinning thread holds a core the run's other
+    thread is waiting for); ``bench pipeline`` measures both side by side.
+    """
+    return os.environ.get("LLNODE_SPIN", "0") == "run"
+
+
 def _session_options(threads: int | None) -> ort.SessionOptions:
     """Use the process-wide thread pool, created on first use; fall back to per-session pools without
     spinning if onnxruntime's environment already exists (someone created a session before us), or if
@@ -97,10 +111,10 @@ def _session_options(threads: int | None) -> ort.SessionOptions:
     else:
         so.intra_op_num_threads = n
         so.inter_op_num_threads = 1
-        spin_us = int(os.environ.get("LLNODE_SPIN_US", "0"))
-        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_us > 0 else "0")
-        if spin_us > 0:
-            so.add_session_config_entry("session.intra_op.spin_duration_us", str(spin_us))
+        spin = spin_during_runs()
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        if spin:  # the pool's threads spin between the operators of a run, and sleep once it returns
+            so.add_session_config_entry("session.force_spinning_stop", "1")
     return so
 
 

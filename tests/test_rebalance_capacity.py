@@ -23,9 +23,11 @@ from llnode.pipeline.rebalance import (
     RebalanceConfig,
     churn_min_gain,
     decide,
+    heaviest,
     limit_changed,
     measured_ms,
     measured_profiles,
+    remembered,
     undelivered,
 )
 from llnode.plan import profile as profile_mod
@@ -211,3 +213,18 @@ def test_a_profile_in_a_real_cpu_group_sees_its_quota(tiny_llama_shards: Path) -
         group.remove()
     assert slow_limit == pytest.approx(0.2) and free_limit >= 1.0
     assert slow_speed < 0.5 * free_speed
+
+
+def test_a_measurement_from_before_a_quota_cut_is_not_remembered() -> None:
+    """The heaviest range a device carried in the last minute sets its speed, but only among the
+    measurements under the CPU limit it has now: the pre-cut [10,25) at 0.6 of a core must not price
+    the node cut to 0.1 (the drift bench gave it more work for that)."""
+    costs = ModelCosts.from_manifest(synthetic_manifest(num_layers=30), PlanOptions())
+    settled = [(90.0, 10, 25, 40.0, 0.6), (95.0, 12, 25, 38.0, 0.6), (99.0, 12, 25, 250.0, 0.1)]
+    latest = (12, 25, 260.0)
+    picked = heaviest(costs, {"n": remembered(settled, latest, 0.1, now=100.0)})
+    assert picked == {"n": latest}
+    # under an unchanged limit the heavier range is still what counts (bursts on a light range)
+    assert heaviest(costs, {"n": remembered(settled[:2], (12, 20, 20.0), 0.6, now=100.0)}) == {
+        "n": (10, 25, 40.0)}
+    assert remembered(settled, latest, 0.6, now=200.0) == [latest]  # older than SLOW_MEMORY_S

@@ -244,6 +244,23 @@ def heaviest(
     return out
 
 
+Settled = tuple[float, int, int, float, float | None]  # (when, start, end, ms, CPU limit) of a measurement
+
+
+def remembered(
+    settled: list[Settled], latest: tuple[int, int, float], limit: float | None, now: float
+) -> list[tuple[int, int, float]]:
+    """What a device's speed is chosen from (by :func:`heaviest`): its settled measurements of the last
+    ``SLOW_MEMORY_S`` taken under the CPU limit it has now, then its latest one.
+
+    Why the limit: a measurement from before a quota cut describes another device. The drift bench
+    (cut from 60 % to 10 % of a core) priced the throttled node by its heavier pre-cut range and gave it
+    *more* work (epoch 3: [12,25) -> [11,29), predicted +33 %); the next rebalance had to undo it.
+    """
+    return [*((s, e, ms) for t, s, e, ms, lim in settled if now - t < SLOW_MEMORY_S and lim == limit),
+            latest]
+
+
 def price(
     model: Manifest | ModelCosts,
     profiles: Mapping[str, DeviceProfile],
@@ -570,7 +587,9 @@ class Rebalancer:
         self.detector = DriftDetector(self.config)
         self.speeds: dict[str, tuple[int, int, float]] = {}  # device -> last measured (start, end, ms)
         self._speed_seen: dict[str, tuple[int, float]] = {}  # device -> (steps, when they last moved)
-        self._settled: dict[str, list[tuple[float, int, int, float]]] = {}  # device -> (when, s, e, ms)
+        # device -> (when, start, end, ms, CPU limit) of its settled measurements
+        self._settled: dict[str, list[Settled]] = {}
+        self._limits: dict[str, float | None] = {}  # device -> the CPU limit of its latest measurement
         self._seen_steps: dict[str, int] = {}
         self._contexts: dict[str, float] = {}  # device -> context its stage's sessions are at
         self._context: int | None = None  # the served context plans are priced at, once measured
@@ -637,6 +656,9 @@ class Rebalancer:
             if m.get("epoch") != plan.epoch or tuple(rng) != ranges.get(dev):
                 continue
             self.speeds[dev] = (int(rng[0]), int(rng[1]), float(ms))
+            lim = m.get("cpu_limit")
+            limit = float(lim) if isinstance(lim, (int, float)) and lim > 0 else None
+            self._limits[dev] = limit
             ctx = m.get("context")
             if isinstance(ctx, (int, float)) and ctx > 0:
                 self._contexts[dev] = float(ctx)
@@ -646,7 +668,7 @@ class Rebalancer:
                 self._speed_seen[dev] = (steps if isinstance(steps, int) else -1, now)
                 if isinstance(steps, int) and steps >= SETTLED_STEPS:
                     kept = [x for x in self._settled.get(dev, []) if now - x[0] < SLOW_MEMORY_S]
-                    self._settled[dev] = [*kept, (now, int(rng[0]), int(rng[1]), float(ms))]
+                    self._settled[dev] = [*kept, (now, int(rng[0]), int(rng[1]), float(ms), limit)]
 
     def options(self) -> PlanOptions:
         """The service's plan options, costed at the context sessions are really at once it is measured.
@@ -687,7 +709,7 @@ class Rebalancer:
         # is forgotten: the start-up profile applies again, so a device that recovered gets a chance
         now = time.monotonic()
         fresh = {
-            d: [*((s, e, ms) for t, s, e, ms in self._settled.get(d, []) if now - t < SLOW_MEMORY_S), v]
+            d: remembered(self._settled.get(d, []), v, self._limits.get(d), now)
             for d, v in self.speeds.items()
             if d in profiles and now - self._speed_seen.get(d, (0, now))[1] < SPEED_TTL_S
         }

@@ -250,8 +250,8 @@ def test_bench_measures_module_costs_inside_a_cpu_group(tiny_llama_shards: Path)
     reason = unavailable_reason()
     if reason:
         pytest.skip(f"needs a cgroup v1 CPU controller: {reason}")
-    c = measure_costs(tiny_llama_shards)
-    assert c.num_modules == 4 and c.batch_sizes == (2, 4, 8)
+    c = measure_costs(tiny_llama_shards, context=25)  # the validation's workload context
+    assert c.num_modules == 4 and c.batch_sizes == (2, 4, 8) and c.context == 25
     assert len(c.decode_batch_s) == 3 and all(len(b) == 4 and min(b) > 0 for b in c.decode_batch_s)
     assert not (CPU_ROOT / f"llnode-simcal-{os.getpid()}").exists()  # the calibration group is gone
 

@@ -389,17 +389,22 @@ async def run_config(cfg: Config, shards: Path, args: argparse.Namespace) -> dic
 
 _PROFILE = (
     "import json, sys; from llnode.sim.costs import profile_modules; "
-    "print(json.dumps(profile_modules(sys.argv[1], threads=1).to_dict()))"
+    "print(json.dumps(profile_modules(sys.argv[1], threads=1, context=int(sys.argv[2])).to_dict()))"
 )
 
 
-def measure_costs(shards: Path) -> ModuleCosts:
-    """The per-module costs measured now, in a CPU group at 100 % of one core, like the nodes run.
+def measure_costs(shards: Path, context: int = 64) -> ModuleCosts:
+    """The per-module costs measured now, in a CPU group at 100 % of one core, like the nodes run, at
+    ``context`` past tokens (the validation passes its workload's mean context).
 
     Why not the cache: costs cached under one load and used under another made every prediction start
     from the wrong speed (81.2 ms/token cached under load vs 59.4 measured quietly). Measured right
-    before the real runs, under the same quota mechanism (the fastest of several steps: the modules' own
-    CPU cost; the load is measured during each run, see :func:`measure_load`). Not cached."""
+    before the real runs, under the same quota mechanism (the modules' own CPU cost; the load is
+    measured during each run, see :func:`measure_load`). Not cached. Why the context: a batched decode
+    step copies and pads every session's KV cache, so its cost grows with the context while a single
+    step's hardly does: side by side, a batch of 4 took 69-75 ms at context 25 and 87-96 at 64 (a
+    single step 62-66 at both), and the daemons' batches of 4 at the validation's context (13-37) took
+    77 ms of CPU, not the 88 that context 64 predicted."""
     group = CpuGroup(f"llnode-simcal-{os.getpid()}", 1.0)
     try:
         procs_file = str(group.path / "cgroup.procs")
@@ -409,7 +414,7 @@ def measure_costs(shards: Path) -> ModuleCosts:
                 f.write(str(os.getpid()))
 
         done = subprocess.run(
-            [sys.executable, "-c", _PROFILE, str(shards)],
+            [sys.executable, "-c", _PROFILE, str(shards), str(context)],
             capture_output=True,
             preexec_fn=join,
             text=True,
@@ -424,15 +429,15 @@ def measure_costs(shards: Path) -> ModuleCosts:
 
 
 def validation(shards: Path, args: argparse.Namespace, log: list[str]) -> dict[str, Any]:
-    costs = measure_costs(shards)
-    full = costs.reference_flops_per_s  # one full core: each node's speed before its quota
     manifest = load_manifest(shards)
     prompt_tokens = len(load_tokenizer(shards, manifest.tokenizer_file).encode(PROMPT))
+    costs = measure_costs(shards, context=prompt_tokens + args.tokens // 2)  # the runs' mean context
+    full = costs.reference_flops_per_s  # one full core: each node's speed before its quota
     curve = " ".join(
         f"b{b}:{costs.decode_range_s(0, costs.num_modules, full, b) * 1e3:.1f}" for b in (1, 2, 4, 8)
     )
     print(
-        f"module costs measured in {costs.profile_s:.1f} s (CPU group at 100 %): "
+        f"module costs measured in {costs.profile_s:.1f} s (CPU group at 100 %, context {costs.context}): "
         f"{sum(costs.decode_s) * 1e3:.1f} ms per token on one core "
         f"({full / 1e9:.2f} GFLOP/s on the layers); ms per step by batch size: {curve}; "
         f"the machine's load left {1 / costs.load_slowdown:.0%} of a core meanwhile",

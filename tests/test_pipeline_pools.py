@@ -3,13 +3,15 @@ onnxruntime waits, never what it computes."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from llnode.model import runner as runner_mod
-from llnode.model.runner import ModuleRunner
 
 
 def _per_session(monkeypatch: pytest.MonkeyPatch, spin: str) -> None:
@@ -32,19 +34,27 @@ def test_spin_knob_sets_the_session_options(
             so.get_session_config_entry("session.force_spinning_stop")
 
 
-def test_spinning_pools_compute_the_same_tokens(
-    monkeypatch: pytest.MonkeyPatch, tiny_llama_shards: Path
-) -> None:
+# Once a process has onnxruntime's global pool, it cannot make per-session pools: each run is its own process.
+_RUN = """
+import sys
+import numpy as np
+from llnode.model.runner import ModuleRunner, disable_spinning
+disable_spinning()  # as the daemon does
+r = ModuleRunner(sys.argv[1], threads=2)
+steps = [r.step("s", np.asarray([[5, 9, 17, 3]], np.int64), np.arange(4, dtype=np.int64)[None])]
+for pos in range(4, 12):
+    tok = np.asarray([[int(np.argmax(steps[-1][0, -1])) % r.manifest.vocab_size]], np.int64)
+    steps.append(r.step("s", tok, np.asarray([[pos]], np.int64)))
+np.save(sys.argv[2], np.concatenate([s.reshape(-1) for s in steps]))
+"""
+
+
+def test_spinning_pools_compute_the_same_tokens(tiny_llama_shards: Path, tmp_path: Path) -> None:
     outs = {}
     for spin in ("0", "run"):
-        _per_session(monkeypatch, spin)
-        r = ModuleRunner(tiny_llama_shards, threads=2)
-        ids = np.asarray([[5, 9, 17, 3]], np.int64)
-        h = r.step("s", ids, np.arange(4, dtype=np.int64)[None])
-        steps = [h]
-        for pos in range(4, 12):
-            tok = np.asarray([[int(np.argmax(steps[-1][0, -1])) % r.manifest.vocab_size]], np.int64)
-            steps.append(r.step("s", tok, np.asarray([[pos]], np.int64)))
-        outs[spin] = steps
-    for a, b in zip(outs["0"], outs["run"], strict=True):
-        np.testing.assert_array_equal(a, b)
+        out = tmp_path / f"{spin}.npy"
+        env = {**os.environ, "LLNODE_SPIN": spin}
+        subprocess.run([sys.executable, "-c", _RUN, str(tiny_llama_shards), str(out)], env=env, check=True)
+        outs[spin] = np.load(out)
+    assert outs["0"].size > 0
+    np.testing.assert_array_equal(outs["0"], outs["run"])

@@ -900,7 +900,8 @@ class Rebalancer:
                 return {"accepted": False, **data, "reason": decision.reason}
             self._publish(decision.plan, why="rebalance")
             self._accepted.append(Accepted(time.monotonic(), decision.plan.epoch, decision.predicted_gain))
-            self._pending = _Pending(decision.plan.epoch, self._measured_bottleneck_s(current) or 0.0,
+            before = self._measured_bottleneck_s(current, {asker: measured} if measured else None)
+            self._pending = _Pending(decision.plan.epoch, before or 0.0,
                                      time.monotonic())
             self.accepted += 1
             svc.event(
@@ -921,11 +922,15 @@ class Rebalancer:
         svc.node.gossip.set_local(PLAN_KEY, entry)
         self._last_change = time.monotonic()
 
-    def _measured_bottleneck_s(self, plan: Plan) -> float | None:
+    def _measured_bottleneck_s(
+        self, plan: Plan, fresh: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> float | None:
         """The slowest stage as measured (sustained decode ms of the range plus the predicted hop), if all
-        report."""
+        report. ``fresh``: an asker's own metrics as of its request, which replace its gossiped ones (a
+        node asking because its quota was just cut sends the figure under the new quota; gossip still
+        had the old one, and the measured gain was then judged against a state that no longer existed)."""
         worst = 0.0
-        metrics = self._metrics()
+        metrics = {**self._metrics(), **(fresh or {})}
         for s in plan.stages:
             m = metrics.get(s.device_id, {})
             ms = measured_ms(m, recent=False)

@@ -5,7 +5,9 @@
    never faster than one device; this measures what the hops and the stage hand-offs add. Every
    decode step of these runs is traced (``llnode/pipeline/trace.py``): the bench prints where a
    token's milliseconds go (onnxruntime, sampling, thread hand-offs, links), and runs 2 nodes once
-   more with a lone session's steps on the stages' event loop threads (``LLNODE_INLINE_DECODE=1``).
+   more with a lone session's steps on the stages' event loop threads (``LLNODE_INLINE_DECODE=1``)
+   and once with the stages' pool threads spinning during runs (``LLNODE_SPIN=run``, next to the
+   chain with the same pools): what the two kinds of thread wake-ups cost, side by side.
 2. Throughput: aggregate tokens/s with 1, 2, 4 and 8 concurrent sessions, 1 node vs 2 nodes, each node
    pinned to its own core (``taskset``) with one onnxruntime thread: the pipeline's real gain, because
    while stage 2 runs one session's step, stage 1 runs another's.

@@ -357,3 +357,22 @@ def test_modules_are_timed_one_after_the_other_as_a_pipeline_runs_them() -> None
     assert order == [0, 1] * 6  # a warm-up round, then 5 rounds in pipeline order
     assert medians[0] == pytest.approx(0.002, abs=0.001) and medians[1] == pytest.approx(0.006, abs=0.001)
     assert slowdown >= 0.99  # wall time can only exceed CPU time on one thread
+
+
+def test_the_wait_per_step_keeps_a_stage_busy_without_spending_its_cpu_budget() -> None:
+    """``Overheads.wait_s``: wall time per step on the stage (wake-ups), not CPU: one session on a 1-core
+    stage of 60 ms pays it once per token; four sessions batched pay it once per batch, so they still
+    run as batches of 4 (a wait between a token and its next step would split them); and a quota is
+    charged the modules' CPU only."""
+    plan = fixed_plan(("a", 0, 6))
+    over = Overheads(wait_s=0.010)
+    work = Workload(sessions=1, prompt_tokens=8, max_tokens=50, duration_s=30, warmup_s=5)
+    one = Simulator(costs(), [dev("a")], {}, no_replan, plan=plan, overheads=over).run(work)
+    assert one.token_latency_s == pytest.approx(0.070, rel=1e-6)
+    sim = Simulator(costs(batch4_ms=15.0), [dev("a")], {}, no_replan, plan=plan, overheads=over)
+    sim.run(replace(work, sessions=4, max_tokens=32, duration_s=60))
+    assert sim.batches[4] > 10 * (sim.batches[1] + sim.batches[2] + sim.batches[3])
+    # at 0.5 of a core, 60 ms of CPU per step: the budget refills while the stage waits, so a step costs
+    # 60 / 0.5 = 120 ms (it would be 130 if waiting were charged like computing)
+    quota = Simulator(costs(), [dev("a")], {}, no_replan, plan=plan, overheads=over, quotas={"a": 0.5})
+    assert quota.run(work).token_latency_s == pytest.approx(0.120, rel=0.02)

@@ -45,7 +45,12 @@ PlanFn = Callable[[list[DeviceProfile]], Plan]
 class Overheads:
     """Fixed costs of the daemon around the modules, in seconds (calibrated, see ``bench sim``)."""
 
-    step_s: float = 0.0  # per step at a stage: decode/encode the tensor, thread hand-off, sampling
+    step_s: float = 0.0  # CPU per step at a stage: frames, the executor hand-off, the loop, sampling
+    # waiting per step at a stage (thread wake-ups, the GIL): the stage is busy but spends no CPU. Per
+    # step, not per token at the entry: a 1-node run with 4 sessions ran batches of 4 (a wait between a
+    # token and the next step longer than the stage's 5 ms gather wait would have split them, as a
+    # fixed one did in the simulator: 3 + 1, -28 % tok/s), so the wait is where the batch is
+    wait_s: float = 0.0
     hop_s: float = 0.0  # per message between two nodes: framing, encryption, event loop
     token_s: float = 0.0  # per token at the entry: detokenize, stream to the client
 
@@ -325,7 +330,7 @@ class Simulator:
         # the daemon's per-step work (tensor decode/encode, hand-off, sampling) is CPU like the modules
         step = self.over.step_s * self.costs.reference_flops_per_s / speed
         began = self.now
-        finish = self._cpu_done(dev, self.now, (work + step) * self.slow[dev])
+        finish = self._cpu_done(dev, self.now, (work + step) * self.slow[dev]) + self.over.wait_s
 
         def complete() -> None:
             if decode:

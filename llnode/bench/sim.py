@@ -373,6 +373,16 @@ async def run_config(cfg: Config, shards: Path, args: argparse.Namespace) -> dic
         }
         for s in sorted({1, args.sessions}):
             out[f"measured_{s}"] = await measure_load(cluster, s, args.tokens, 4.0, args.measure_s)
+            # The plan in force at the end of the window: the leader may re-plan after start-up (a
+            # re-profiled member), and predicting the start-up plan then compares two different
+            # pipelines (a 2-node row predicted one node holding all 32 modules while two served, +126 %).
+            async with aiohttp.ClientSession(headers=cluster.headers) as session:
+                doc = await cluster.status(0, session) or {}
+            now = Plan.from_dict(doc["pipeline"]["plan"]["plan"])  # type: ignore[index]
+            out[f"_plan_{s}"] = now
+            out[f"plan_{s}"] = [
+                [names.get(st.device_id, st.device_id), st.start, st.end] for st in now.stages
+            ]
         async with aiohttp.ClientSession(headers=cluster.headers) as session:
             after = [await cluster.status(i, session) or {} for i in range(cluster.nodes)]
         out["batches"] = {}  # decode batches by size over both runs, per stage node: the simulator's check
@@ -451,7 +461,7 @@ def validation(shards: Path, args: argparse.Namespace, log: list[str]) -> dict[s
         share = node_share(r[f"measured_{sessions}"]["cpu_share"], cores)
         return predict(
             costs,
-            r["_plan"],
+            r.get(f"_plan_{sessions}", r["_plan"]),
             speeds,
             None if startup else r["_quotas"],
             1.0 if startup else share,
@@ -481,7 +491,7 @@ def validation(shards: Path, args: argparse.Namespace, log: list[str]) -> dict[s
     wait_s = max(0.0, m1["token_latency_s"] - bare["token_latency_s"])
     # What a hop between daemons adds (the bridge, two event loops' wake-ups) beyond all the above.
     chain = sim(calib2, Overheads(step_s=step_s, wait_s=wait_s), 1)
-    hops = len(calib2["_plan"].stages)  # entry -> stage 0 is local; stage i -> i+1 and last -> entry
+    hops = len(calib2["_plan_1"].stages)  # entry -> stage 0 is local; stage i -> i+1 and last -> entry
     hop_s = max(0.0, (calib2["measured_1"]["token_latency_s"] - chain["token_latency_s"]) / hops)
     over = Overheads(step_s=step_s, wait_s=wait_s, hop_s=hop_s)
     print(
@@ -509,7 +519,8 @@ def validation(shards: Path, args: argparse.Namespace, log: list[str]) -> dict[s
     )
     for r in (calib, calib2):  # the calibration runs at 4 sessions check batching (not counted)
         p, m = sim(r, over, args.sessions), r[f"measured_{args.sessions}"]
-        print(_line("(calibration) " + r["config"], _plan_text(r), args.sessions, p, m), flush=True)
+        plan_now = {"plan": r[f"plan_{args.sessions}"]}
+        print(_line("(calibration) " + r["config"], _plan_text(plan_now), args.sessions, p, m), flush=True)
     for cfg in configs:
         r = asyncio.run(run_config(cfg, shards, args))
         for s in sorted({1, args.sessions}):
@@ -517,7 +528,8 @@ def validation(shards: Path, args: argparse.Namespace, log: list[str]) -> dict[s
             p0 = sim(r, over, s, startup=True)
             row = {
                 "config": r["config"],
-                "plan": r["plan"],
+                "plan": r[f"plan_{s}"],  # in force at the end of this window
+                "startup_plan": r["plan"],
                 "quotas": r["quotas"],
                 "mbit": r["mbit"],
                 "sessions": s,
@@ -542,7 +554,7 @@ def validation(shards: Path, args: argparse.Namespace, log: list[str]) -> dict[s
                 "own_cpu_ms_per_step": [round(_own_ms(n), 2) for n in m["nodes"]],
             }
             rows.append(row)
-            line = _line(r["config"], _plan_text(r), s, p, m)
+            line = _line(r["config"], _plan_text(row), s, p, m)
             print(line, flush=True)
             log.append(line)
     within = sum(1 for r in rows if _within(r, 0.15))
@@ -650,7 +662,7 @@ def repredict(saved: dict[str, Any], over: Overheads | None = None) -> list[dict
         {
             "config": "(calibration) " + c["config"],
             "calibration": True,
-            "plan": c["plan"],
+            "plan": c.get(f"plan_{s}", c["plan"]),
             "quotas": c["quotas"],
             "mbit": c["mbit"],
             "sessions": s,

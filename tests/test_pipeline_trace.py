@@ -198,3 +198,13 @@ def test_bench_sorts_a_profile_by_kind() -> None:
     assert kinds["thread hand-offs"] == pytest.approx(0.5)
     assert kinds["links"] == pytest.approx(1.5)  # entry -> stage 0, stage 0 -> stage 9, stage 9 -> entry
     assert kinds["rest"] == pytest.approx(0.05)
+
+
+def test_bench_latency_is_the_median_fresh_cluster() -> None:
+    """`bench pipeline` reports the median of several fresh clusters' latencies (lower middle if even)."""
+    from llnode.bench.pipeline import _median_run
+
+    runs = [{"decode_ms": 43.5, "id": "a"}, {"decode_ms": 36.9, "id": "b"}, {"decode_ms": 38.2, "id": "c"}]
+    assert _median_run(runs)["id"] == "c"
+    assert _median_run(runs[:2])["id"] == "b"
+    assert _median_run(runs[:1])["id"] == "a"

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by quickstart.sh and test.sh: one way to make .venv and install llnode with the given extras.
 # usage: . scripts/venv.sh EXTRAS   (run from the repository root)
 PY=${PYTHON:-python3}

@@ -43,6 +43,18 @@ def rss_bytes(pid: int | None = None, *, peak: bool = False) -> int:
     return 0
 
 
+def cpu_seconds(pid: int | None = None, tid: int | None = None) -> float | None:
+    """User + system CPU seconds a process (all its threads) or one of its threads (``tid``) has used,
+    from /proc; None if it is gone or /proc is unreadable (each caller decides what that counts as)."""
+    base = f"/proc/{pid or os.getpid()}"
+    try:
+        fields = Path(base + ("/stat" if tid is None else f"/task/{tid}/stat")).read_text().rsplit(")", 1)[1]
+        utime, stime = fields.split()[11:13]
+        return (int(utime) + int(stime)) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def open_fds(pid: int | None = None) -> int:
     """Open file descriptors of a process (-1 if unreadable)."""
     try:

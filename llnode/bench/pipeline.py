@@ -53,7 +53,7 @@ from llnode.cluster import LocalCluster, free_base_port
 from llnode.model.manifest import load_manifest
 from llnode.model.runner import ChainRunner, disable_spinning
 from llnode.model.tokenizer import load_tokenizer
-from llnode.process import rss_bytes
+from llnode.process import cpu_seconds, rss_bytes
 
 # A raw-completion prompt the instruct model continues at length (a finished question would often get an
 # immediate end-of-turn, and a benchmark needs every request to decode its full token budget).
@@ -158,12 +158,9 @@ def chain_in_subprocess(
 
 
 def _cpu_s(pid: int) -> float:
-    """CPU seconds a process has used (user + system)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds a process has used (user + system); NaN once it is gone."""
+    cpu = cpu_seconds(pid)
+    return float("nan") if cpu is None else cpu
 
 
 async def prefill_interference(url: str, model: str, long_prompt: str) -> dict[str, float]:

@@ -47,6 +47,7 @@ from llnode.emulate.profiles import LinkClass
 from llnode.model.manifest import load_manifest
 from llnode.model.tokenizer import load_tokenizer
 from llnode.plan.types import DeviceProfile, Plan, Stage
+from llnode.process import cpu_seconds
 from llnode.sim.costs import ModuleCosts
 from llnode.sim.engine import Overheads, Simulator, Workload
 
@@ -210,12 +211,7 @@ async def measure_load(
 
 def _proc_cpu_s(pid: int, tid: int | None = None) -> float:
     """utime + stime of a process (all its threads), or of one of its threads, in seconds (0 if gone)."""
-    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
-    try:
-        fields = Path(path).read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return cpu_seconds(pid, tid) or 0.0
 
 
 def _thread_cpu_s(pids: list[int]) -> dict[str, float]:

@@ -32,7 +32,7 @@ from llnode.pipeline.rebalance import (
 )
 from llnode.plan import profile as profile_mod
 from llnode.plan.costs import ModelCosts
-from llnode.plan.profile import profile_device, sustained_s
+from llnode.plan.profile import profile_device, sustained
 from llnode.plan.solve import solve
 from llnode.plan.synthetic import synthetic_manifest
 from llnode.plan.types import DeviceProfile, PlanOptions
@@ -158,9 +158,9 @@ def test_only_rebalances_that_missed_their_prediction_raise_the_bar() -> None:
 
 
 def test_sustained_step_time() -> None:
-    assert sustained_s(0.005, 0.005, 0.3) == pytest.approx(0.005 / 0.3)
-    assert sustained_s(0.005, 0.008, 2.0) == 0.005  # two threads on two cores: wall time
-    assert sustained_s(0.005, 0.005, 0.0) > 1.0  # no CPU at all: as good as unusable, never a crash
+    assert sustained(0.005, 0.005, 0.3) == pytest.approx(0.005 / 0.3)
+    assert sustained(0.005, 0.008, 2.0) == 0.005  # two threads on two cores: wall time
+    assert sustained(0.005, 0.005, 0.0) > 1.0  # no CPU at all: as good as unusable, never a crash
 
 
 def test_the_profile_prices_a_quota_limited_device_by_cpu_over_the_limit(

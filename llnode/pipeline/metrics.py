@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from llnode.net.resources import cpu_limit
+from llnode.plan.profile import sustained
 
 BUSY_WINDOW_S = 30.0  # busy fraction over this recent window (a cumulative one hides a slowdown)
 RECENT_STEPS = 7  # decode_ms_recent: the median of this many latest decode steps
@@ -142,7 +143,7 @@ class StageMetrics:
         cpu = self.recent_cpu_ms() if recent else self.cpu_ms
         if wall is None or cpu is None:
             return wall
-        return max(wall, cpu / max(self.cpu_limit(), 1e-3))
+        return sustained(wall, cpu, self.cpu_limit())
 
     def snapshot(self) -> dict[str, Any]:
         return {

@@ -55,10 +55,11 @@ def _time_steps(run: Callable[[], object], repeats: int) -> tuple[float, float]:
     return statistics.median(walls), statistics.median(cpus)
 
 
-def sustained_s(wall_s: float, cpu_s: float, limit: float) -> float:
-    """Seconds a step takes when the device runs such steps back to back: its wall time, or its CPU
-    time spread over the cores the process may use, whichever is longer."""
-    return max(wall_s, cpu_s / max(limit, 1e-3))
+def sustained(wall: float, cpu: float, limit: float) -> float:
+    """How long a step takes when the device runs such steps back to back (in the unit of ``wall`` and
+    ``cpu``): its wall time, or its CPU time spread over the ``limit`` cores the process may use,
+    whichever is longer. The start-up profile and the stage metrics both price a device by it."""
+    return max(wall, cpu / max(limit, 1e-3))
 
 
 def profile_device(
@@ -125,7 +126,7 @@ def profile_device(
             r.free(sid)
 
         pf_wall, pf_cpu = _time_steps(prefill, 2)
-        pf = sustained_s(pf_wall, pf_cpu, limit)
+        pf = sustained(pf_wall, pf_cpu, limit)
         prefill_s += pf
         prefill_flops += prompt_tokens * sum(m.flops.at(prompt_tokens // 2) for m in mods)
         # decode: fill a context, then time single-token steps
@@ -140,7 +141,7 @@ def profile_device(
             p[0] += 1
 
         dc_wall, dc_cpu = _time_steps(decode, repeats)
-        dc = sustained_s(dc_wall, dc_cpu, limit)
+        dc = sustained(dc_wall, dc_cpu, limit)
         runner.free(sid)
         decode_s += dc
         decode_flops += sum(m.flops.at(context) for m in mods)

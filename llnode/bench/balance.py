@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import statistics
 import struct
 import tempfile
 import time
@@ -62,7 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quotas", default="1.0,0.6,0.3", help="static part: share of a core per node")
     parser.add_argument("--sessions", type=int, default=4, help="concurrent sessions")
     parser.add_argument("--tokens", type=int, default=32, help="decode tokens per request")
-    parser.add_argument("--measure-s", type=float, default=25.0, help="seconds of load per static plan")
+    parser.add_argument("--measure-s", type=float, default=10.0, help="seconds per plan and round")
+    parser.add_argument("--warmup-s", type=float, default=4.0, help="static part: load before each window")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="static part: interleaved rounds over the candidate plans (medians reported)")
     parser.add_argument("--candidates", type=int, default=3, help="brute-force plans measured for real")
     parser.add_argument("--drift-s", type=float, default=90.0, help="length of each drift run")
     parser.add_argument("--cut-at-s", type=float, default=25.0, help="when the quota is cut")
@@ -178,10 +182,12 @@ async def _impose(cluster: LocalCluster, session: aiohttp.ClientSession, leader:
     return epoch
 
 
-async def _measure(load: Load, session: aiohttp.ClientSession, seconds: float) -> float:
-    """Tokens/s with ``load.sessions`` concurrent sessions, after a short warm-up."""
+async def _measure(load: Load, session: aiohttp.ClientSession, seconds: float,
+                   warmup_s: float | None = None) -> float:
+    """Tokens/s with ``load.sessions`` concurrent sessions, after a warm-up (default: a third of the
+    window, at most 8 s)."""
     await load.start(session)
-    await asyncio.sleep(min(8.0, seconds / 3))
+    await asyncio.sleep(min(8.0, seconds / 3) if warmup_s is None else warmup_s)
     t0 = time.monotonic()
     await asyncio.sleep(seconds)
     t1 = time.monotonic()
@@ -220,7 +226,69 @@ def _brute_candidates(costs: ModelCosts, speeds: dict[str, float], k: int) -> li
     return [s for _, s in scored[:k]]
 
 
-async def static_part(args: argparse.Namespace, shards: Path, log: list[str]) -> dict[str, Any]:
+def distinct_plans(plans: dict[str, Ranges]) -> tuple[dict[str, Ranges], dict[str, str]]:
+    """The plans to measure, each once (first label wins), and every label's measured stand-in:
+    the memory split is the even split when memory is equal, and the MILP on measured speeds is usually
+    one of the brute-force candidates; measuring a plan twice per round would only spend the budget."""
+    unique: dict[str, Ranges] = {}
+    alias: dict[str, str] = {}
+    by_key: dict[str, str] = {}
+    for label, ranges in plans.items():
+        key = json.dumps(ranges)
+        if key not in by_key:
+            by_key[key] = label
+            unique[label] = ranges
+        alias[label] = by_key[key]
+    return unique, alias
+
+
+def round_orders(labels: Sequence[str], rounds: int) -> list[list[str]]:
+    """Interleaved rounds, each round rotated by one (A B C, B C A, C A B, ...): every plan is measured
+    once per round, so a drift of the host over minutes moves every plan alike, and rotating keeps a
+    plan from always running first after a cluster that just served the same one (or right after a
+    particular other plan)."""
+    n = len(labels)
+    return [[labels[(r + k) % n] for k in range(n)] for r in range(rounds)]
+
+
+def summarize_rounds(samples: dict[str, list[float]], alias: dict[str, str]) -> dict[str, Any]:
+    """Median, min, max and relative spread ((max - min) / median) of every plan's rounds, under each of
+    its labels, and the ratios the issue asks for, from medians: one 25 s draw per plan said 0.41 in one
+    run and 0.81 in the next for the same code. ``paired_milp_over_best`` is the median over rounds of
+    the MILP-on-measured-speeds plan over the best brute-force plan *of that round* (plans measured
+    minutes apart share the host's state within a round)."""
+    stats: dict[str, dict[str, float]] = {}
+    for label, base in alias.items():
+        xs = samples.get(base) or []
+        if not xs:
+            continue
+        mid = statistics.median(xs)
+        stats[label] = {"median": mid, "min": min(xs), "max": max(xs),
+                        "spread": (max(xs) - min(xs)) / mid if mid > 0 else float("nan"), "rounds": len(xs)}
+    med = {k: v["median"] for k, v in stats.items()}
+    brutes = [k for k in med if k.startswith("brute")]
+    best = max(brutes, key=lambda k: med[k])
+    rounds = min(len(samples[alias[k]]) for k in [*brutes, "milp_measured"])
+    paired = [samples[alias["milp_measured"]][r] / max(samples[alias[k]][r] for k in brutes)
+              for r in range(rounds)]
+    return {
+        "stats": stats, "medians": med, "best": best,
+        "milp_over_best": med["milp_measured"] / med[best],
+        "milp_startup_over_best": med["milp"] / med[best],
+        "milp_over_even": med["milp"] / med["even"],
+        "milp_over_memory": med["milp"] / med["memory"],
+        "milp_measured_over_even": med["milp_measured"] / med["even"],
+        "paired_milp_over_best": statistics.median(paired) if paired else None,
+        "paired_rounds": [round(x, 3) for x in paired],
+    }
+
+
+async def static_part(args: argparse.Namespace, shards: Path) -> dict[str, Any]:
+    """Every candidate plan measured ``args.rounds`` times in interleaved rounds on one cluster.
+
+    First the leader's start-up plan serves a calibration window, from which the stages' sustained
+    speeds are read (what the leader would re-plan with); the candidates are then imposed in turn. One
+    draw per plan was not a figure: the same code gave ``milp_over_best`` 0.41 and 0.81 in two runs."""
     quotas = [float(q) for q in args.quotas.split(",")]
     cluster = _bench_cluster(
         shards, len(quotas), "llnode-balance-",
@@ -241,10 +309,9 @@ async def static_part(args: argparse.Namespace, shards: Path, log: list[str]) ->
                 names[(await _status(cluster, session, i)).get("id", "")] = f"node{i}"
             milp = await _plan(cluster, session, leader)
             milp_ranges = _ranges(milp, names)
-            results: dict[str, float] = {}
             load = Load(cluster, args.sessions, args.tokens)
-            results["milp"] = await _measure(load, session, args.measure_s)
-            log.append(f"MILP {milp_ranges}: {results['milp']:.2f} tok/s")
+            calibration = await _measure(load, session, args.measure_s, args.warmup_s)
+            print(f"calibration: MILP {milp_ranges}: {calibration:.2f} tok/s", flush=True)
             # speeds measured while serving the MILP plan (ms/token of each stage's range)
             speeds: dict[str, float] = {}
             for i in range(cluster.nodes):
@@ -258,7 +325,8 @@ async def static_part(args: argparse.Namespace, shards: Path, log: list[str]) ->
                     ref = next(iter(speeds))
                     speeds[f"node{i}"] = speeds[ref] * quotas[i] / quotas[int(ref[4:])]
             even_cuts = _split([1.0] * len(quotas), m)
-            plans = {
+            plans: dict[str, Ranges] = {
+                "milp": milp_ranges,
                 "even": [(f"node{i}", even_cuts[i], even_cuts[i + 1]) for i in range(len(quotas))],
                 # every node has the same memory here, so the memory split is the even split in memory order
                 "memory": [(f"node{i}", even_cuts[i], even_cuts[i + 1]) for i in range(len(quotas))],
@@ -272,30 +340,29 @@ async def static_part(args: argparse.Namespace, shards: Path, log: list[str]) ->
             plans["milp_measured"] = [(s.device_id, s.start, s.end) for s in remilp.stages]
             for j, cand in enumerate(_brute_candidates(costs, speeds, args.candidates)):
                 plans[f"brute{j}"] = cand
-            measured: dict[str, float] = {}
+            unique, alias = distinct_plans(plans)
             for label, ranges in plans.items():
-                if label == "memory" and ranges == plans["even"]:
-                    continue
-                key = json.dumps(ranges)
-                if key in measured:
-                    results[label] = measured[key]
-                    continue
-                if ranges == milp_ranges:
-                    results[label] = measured[key] = results["milp"]
-                    continue
-                await _impose(cluster, session, leader, ranges)
-                results[label] = measured[key] = await _measure(load, session, args.measure_s)
-                log.append(f"{label} {ranges}: {results[label]:.2f} tok/s")
-            results["memory"] = results.get("memory", results["even"])
-            best_label = max((k for k in results if k.startswith("brute")), key=lambda k: results[k])
+                same = f" (= {alias[label]})" if alias[label] != label else ""
+                print(f"plan {label} {ranges}{same}", flush=True)
+            samples: dict[str, list[float]] = {k: [] for k in unique}
+            for r, order in enumerate(round_orders(list(unique), args.rounds)):
+                for label in order:
+                    await _impose(cluster, session, leader, unique[label])
+                    rate = await _measure(load, session, args.measure_s, args.warmup_s)
+                    samples[label].append(rate)
+                    print(f"round {r + 1} {label}: {rate:.2f} tok/s", flush=True)
+            summary = summarize_rounds(samples, alias)
+            for label, st in summary["stats"].items():
+                print(f"{label:14s} median {st['median']:6.2f} tok/s  min {st['min']:6.2f}  "
+                      f"max {st['max']:6.2f}  spread {100 * st['spread']:4.0f} %  {plans[label]}")
             out.update(
-                plans={k: v for k, v in plans.items()}, milp_plan=milp_ranges, tokens_per_s=results,
+                plans=plans, milp_plan=milp_ranges, samples=samples, alias=alias,
+                calibration_tokens_per_s=calibration,
+                tokens_per_s=summary["medians"], stats=summary["stats"],
                 speeds_gflops={k: v / 1e9 for k, v in speeds.items()}, cost_context=options.cost_context,
-                milp_over_even=results["milp"] / results["even"],
-                milp_over_memory=results["milp"] / results["memory"],
-                milp_startup_over_best=results["milp"] / results[best_label], best=best_label,
-                milp_over_best=results["milp_measured"] / results[best_label],
-                milp_measured_over_even=results["milp_measured"] / results["even"],
+                **{k: summary[k] for k in ("milp_over_even", "milp_over_memory", "milp_startup_over_best",
+                                           "best", "milp_over_best", "milp_measured_over_even",
+                                           "paired_milp_over_best", "paired_rounds")},
                 failed_requests=len(load.failed), failures=load.failed[:5],
             )
     finally:
@@ -543,24 +610,46 @@ def _ratio(drift: dict[str, Any], key: str) -> float | None:
     return round(drift["with"][key] / drift["without"][key], 3)
 
 
+def retained_gain(drift: dict[str, Any], key: str = "tokens_per_s_after") -> float | None:
+    """With over without rebalancing, each run's throughput after the cut taken over *its own* before the
+    cut. The two runs are two fresh clusters, and fresh clusters of the same code on the same shards
+    differ by up to 20 % in onnxruntime time (the session-4 quiet run: 29.6 vs 33.4 tok/s before the
+    cut, same quotas, same load); ``rebalance_gain`` carries that draw, this ratio cancels it. It is the
+    conservative one: a rebalance *before* the cut raises the with-run's own baseline."""
+    if not drift:
+        return None
+    w, wo = drift["with"], drift["without"]
+    if min(w["tokens_per_s_before"], wo["tokens_per_s_before"], wo[key]) <= 0:
+        return None
+    return round((w[key] / w["tokens_per_s_before"]) / (wo[key] / wo["tokens_per_s_before"]), 3)
+
+
+def gain_ceiling(drift: dict[str, Any]) -> float | None:
+    """What a fresh cluster started with the cut quota serves over the run without rebalancing: about the
+    most a rebalance could gain in this scenario (the session-4 quiet run: 1.20, against a 1.3 target)."""
+    if not drift or drift["without"]["tokens_per_s_after"] <= 0:
+        return None
+    return round(drift["fresh"]["tokens_per_s"] / drift["without"]["tokens_per_s_after"], 3)
+
+
 def run(args: argparse.Namespace) -> int:
     reason = unavailable_reason()
     if reason:
         print(f"llnode bench balance: needs cgroup v1 CPU quotas: {reason}")
         return 2
     shards = shard_dir(args.shards)
-    log: list[str] = []
     summary: dict[str, Any] = {}
 
     async def main() -> None:
         if not args.skip_static:
-            static = await static_part(args, shards, log)
+            static = await static_part(args, shards)
             summary["static"] = static
-            print("\n".join(log))
-            print(f"static: MILP {static['tokens_per_s']['milp']:.2f} tok/s; "
-                  f"over even x{static['milp_over_even']:.2f}, "
-                  f"over memory x{static['milp_over_memory']:.2f}, over best brute force "
-                  f"x{static['milp_over_best']:.2f} ({static['best']})", flush=True)
+            print(f"static, medians of {args.rounds} rounds: start-up MILP "
+                  f"{static['tokens_per_s']['milp']:.2f} tok/s, over even x{static['milp_over_even']:.2f}, "
+                  f"over memory x{static['milp_over_memory']:.2f}, over the best brute-force plan "
+                  f"x{static['milp_startup_over_best']:.2f}; MILP on measured speeds over the best "
+                  f"x{static['milp_over_best']:.2f} ({static['best']}; per round "
+                  f"{static['paired_rounds']}, median x{static['paired_milp_over_best']:.2f})", flush=True)
         if not args.skip_drift:
             # the slowed node is the busiest stage's; with equal quotas that is node 0 or 1 whatever the
             # run, and the fresh plan does not depend on which equal node is slow: measure it first
@@ -582,6 +671,11 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  rebalance epoch {rb['epoch']}: predicted {rb['predicted_gain']}, "
                       f"measured {rb['measured_gain']}")
             summary["drift"] = {"without": without, "with": with_rb, "fresh": reference}
+            print(f"rebalance_gain x{_ratio(summary['drift'], 'tokens_per_s_after')} (last third "
+                  f"x{_ratio(summary['drift'], 'tokens_per_s_tail')}); each run over its own pre-cut rate "
+                  f"x{retained_gain(summary['drift'])} (last third "
+                  f"x{retained_gain(summary['drift'], 'tokens_per_s_tail')}); ceiling (fresh cluster with "
+                  f"the cut quota over no rebalancing) x{gain_ceiling(summary['drift'])}", flush=True)
             write_timeline_png(
                 args.png,
                 [(without["timeline"]["t"], without["timeline"]["tokens_per_s"], (200, 40, 40)),
@@ -612,8 +706,13 @@ def run(args: argparse.Namespace) -> int:
         "milp_over_best": round(static["milp_over_best"], 3) if static else None,
         "milp_startup_over_best": round(static["milp_startup_over_best"], 3) if static else None,
         "milp_measured_over_even": round(static["milp_measured_over_even"], 3) if static else None,
+        "paired_milp_over_best": round(static["paired_milp_over_best"], 3) if static else None,
+        "static_rounds": args.rounds if static else None,
         "rebalance_gain": _ratio(drift, "tokens_per_s_after"),
         "rebalance_gain_tail": _ratio(drift, "tokens_per_s_tail"),
+        "rebalance_gain_retained": retained_gain(drift),
+        "rebalance_gain_retained_tail": retained_gain(drift, "tokens_per_s_tail"),
+        "rebalance_gain_ceiling": gain_ceiling(drift),
         "recovery_s": drift["with"]["recovery_s"] if drift else None,
         "rebalances": drift["with"]["rebalances"] if drift else None,
         "fresh_tokens_per_s": drift["fresh"]["tokens_per_s"] if drift else None,

@@ -125,6 +125,31 @@ async def test_simultaneous_dials_keep_exactly_one_connection() -> None:
         await b.stop()
 
 
+async def test_a_replaced_connection_is_reported_like_a_drop(pair: tuple[Links, Links]) -> None:
+    """A second connection that wins over the live one closes it: whatever was in flight on the old one
+    may be lost, so the disconnect callbacks must hear of it on both sides (the pipeline fails the steps
+    it was waiting for on that link instead of waiting out their timeout). Its read loop's own drop finds
+    it no longer registered and was silent."""
+    a, b = pair
+    down: list[tuple[str, str]] = []
+    a.disconnect_callbacks.append(lambda peer: down.append(("a", peer)))
+    b.disconnect_callbacks.append(lambda peer: down.append(("b", peer)))
+    old = a._conns["bbbb"]
+    await a.connect("127.0.0.1", b.port)  # dialed by the smaller id again: it replaces the old one
+    await _until(lambda: ("a", "bbbb") in down and ("b", "aaaa") in down)
+    assert old.closed and a._conns["bbbb"] is not old
+    got: list[Any] = []
+
+    async def on_ping(peer: str, p: Any) -> None:
+        got.append(p)
+
+    b.on("ping", on_ping)
+    await a.send("bbbb", "ping", 1)  # the new connection carries traffic
+    await _until(lambda: got == [1])
+    await asyncio.sleep(0.2)
+    assert sorted(down) == [("a", "bbbb"), ("b", "aaaa")]  # once each: the old read loop's end is silent
+
+
 async def test_reconnects_after_peer_restart() -> None:
     a = Links("aaaa", KEY, host="127.0.0.1", max_backoff=0.5)
     b = Links("bbbb", KEY, host="127.0.0.1")

@@ -177,3 +177,48 @@ def test_a_new_session_is_not_held_back_by_others_decoding(tiny_llama_shards: Pa
 
     asyncio.run(scenario())
     assert finished[0] == "s4", finished
+
+
+class LossyWire(Wire):
+    """The link from stage a to stage b drops once, taking the ``lose_at``-th step on it with it (written
+    into the connection, never read): what a dropped or replaced TCP connection does to frames in flight."""
+
+    def __init__(self, shards: Path, lose_at: int) -> None:
+        super().__init__(shards)
+        self.lose_at = lose_at
+        self.steps_to_b = 0
+
+    async def send(self, peer: str, msg_type: str, payload: dict[str, Any]) -> None:
+        if peer == "b" and msg_type == protocol.STEP:
+            self.steps_to_b += 1
+            if self.steps_to_b == self.lose_at:
+                # The links layer calls the disconnect hooks once it notices (service._on_link_down).
+                asyncio.get_running_loop().call_later(0.05, lambda: asyncio.ensure_future(
+                    self.workers["a"].link_down("b")))  # fmt: skip
+                return
+        await super().send(peer, msg_type, payload)
+
+
+def test_a_step_lost_with_a_dropped_link_is_retried_at_once(tiny_llama_shards: Path) -> None:
+    """A decode step lost on the link between two stages is reported to the entry by the stage that sent
+    it, when that link goes down: the session re-prefills and its greedy output is exact. Before, the
+    entry waited out its 30 s step timeout, the client seeing neither a token nor an error; the route
+    here allows 10 minutes per step, so only the report can finish the generation within the wait."""
+    prompts = _prompts(load_manifest(tiny_llama_shards).vocab_size, [5, 8])
+    wire = LossyWire(tiny_llama_shards, lose_at=6)  # a decode step of one of them
+    orig_start = wire.start
+
+    def start() -> None:
+        orig_start()
+        route = Route(epoch=1, nodes=("a", "b"), step_timeout_s=600)
+        wire.engine._route = lambda: route
+
+    wire.start = start  # type: ignore[method-assign]
+
+    async def bounded() -> dict[str, list[int]]:
+        return await asyncio.wait_for(wire.run(prompts), 60)
+
+    assert asyncio.run(bounded()) == _reference(tiny_llama_shards, prompts)
+    assert wire.steps_to_b > 6
+    assert wire.engine.recoveries == 1  # the lost step was re-prefilled once, through the report
+    assert wire.left == {"a": 0, "b": 0}

@@ -395,9 +395,12 @@ class Links:
             if old_by == preferred and new_by != preferred:
                 conn.close()
                 return False
+        self._conns[conn.peer_id] = conn
         if existing is not None:
             existing.close()
-        self._conns[conn.peer_id] = conn
+            # Frames written on the replaced connection may never arrive: tell the listeners, as for a
+            # drop (its read loop's own _drop no longer finds it registered and stays silent).
+            self._notify_down(conn.peer_id)
         if not conn.outbound and conn.peer_id not in self._dialers:
             port = conn.info.get("peer_port")
             if isinstance(port, int) and 0 < port < 65536:
@@ -453,14 +456,19 @@ class Links:
             if pid == conn.peer_id and not fut.done():
                 fut.set_exception(PeerUnavailable(f"link to {pid} dropped: {reason}"))
                 self._pending.pop(rid, None)
-        for cb in list(self.disconnect_callbacks):
-            try:
-                cb(conn.peer_id)
-            except Exception:
-                log.exception("disconnect callback failed")
+        self._notify_down(conn.peer_id)
         dialer = self._dialers.get(conn.peer_id)
         if dialer is not None:
             dialer.wake.set()
+
+    def _notify_down(self, peer_id: str) -> None:
+        """A connection to ``peer_id`` is gone (dropped or replaced): whatever was written on it and not
+        yet read may be lost, and listeners (the pipeline) must not wait for answers to it."""
+        for cb in list(self.disconnect_callbacks):
+            try:
+                cb(peer_id)
+            except Exception:
+                log.exception("disconnect callback failed")
 
     async def _dispatch(self, conn: Connection, msg_type: str, kind: int, rid: int, payload: Any) -> None:
         if kind in (RESPONSE, ERROR):

@@ -259,12 +259,13 @@ class DistributedEngine:
                 live.trace = None  # a stage that does not trace: no profile for this step
         live.waiter.set_result(token)
 
-    def on_route_lost(self, dead: set[str]) -> None:
-        """Nodes died or the plan changed: fail the waiting step of every session that used them."""
+    def on_route_lost(self, dead: set[str], why: str = "lost") -> None:
+        """Nodes died, the plan changed, or the link to a stage node dropped (``why``): fail the waiting
+        step of every session that used them; they re-prefill on the next route."""
         for live in self._live.values():
             if live.waiter is not None and not live.waiter.done() and dead & set(live.route.nodes):
                 lost = sorted(dead & set(live.route.nodes))
-                live.waiter.set_exception(StepFailed(f"stage node(s) {lost} lost"))
+                live.waiter.set_exception(StepFailed(f"stage node(s) {lost} {why}"))
 
     async def _recover(self, old: Route | None, failing_since: float) -> Route:
         """Wait for a route to re-prefill on: a newer plan at once, or the same plan again after a

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from llnode.api.routes import setup_openai_routes
@@ -92,6 +93,7 @@ class PipelineService:
         node.links.on(protocol.TOKEN, self._on_token, inline=True)
         node.links.on(protocol.FREE, self._on_free, inline=True)
         node.links.on(SHARD_MSG, self._on_shard)
+        node.links.disconnect_callbacks.append(self._on_link_down)
         node.status_providers["pipeline"] = self.status
         self.rebalancer = Rebalancer(self)  # drift detection and rebalance requests (rebalance.py)
         node.subscribe(self._on_node_event)
@@ -396,6 +398,12 @@ class PipelineService:
         self.problem = None
         return Route(epoch=plan.epoch, nodes=nodes)
 
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` as a task this service holds until it ends (cancelled by ``stop``)."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
     def _set_route(self, route: Route | None) -> None:
         old = self._route
         if route == old:
@@ -411,9 +419,7 @@ class PipelineService:
             async with self._route_changed:
                 self._route_changed.notify_all()
 
-        task = asyncio.ensure_future(notify())
-        self._tasks.append(task)
-        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+        self._spawn(notify())
 
     async def _switch(self, plan: Plan) -> None:
         """Load this node's range of ``plan`` (fetching missing modules), then announce readiness."""
@@ -523,6 +529,17 @@ class PipelineService:
         if not isinstance(reply, dict):
             raise ShardError("shard reply is not a map", "bad_reply")
         return reply
+
+    def _on_link_down(self, peer: str) -> None:
+        """A link to ``peer`` dropped or was replaced: frames on it may be lost without a trace. Steps
+        waiting on it must fail now (and re-prefill) rather than wait out the 30 s step timeout, during
+        which a client sees no token and no error: the entry fails its sessions' steps through ``peer``,
+        and a stage reports what it forwarded to ``peer`` to those steps' entries."""
+        if self.engine is not None:
+            self.engine.on_route_lost({peer}, "unreachable: the link dropped")
+        for worker in [self.worker, *self._retiring.values()]:
+            if worker is not None:
+                self._spawn(worker.link_down(peer))
 
     def _on_node_event(self, kind: str) -> None:
         if kind != "membership" or self.engine is None or self._route is None:

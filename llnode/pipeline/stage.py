@@ -105,6 +105,9 @@ class StageWorker:
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
         self._samplers: dict[str, Sampler] = {}
         self._last_used: dict[str, float] = {}
+        # session -> (entry, seq) of its newest step handed to the next stage's link: what to report lost
+        # when that link goes down (link_down), instead of leaving the entry to its step timeout.
+        self._forwarded: dict[str, tuple[str, int]] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{self.start}")
         self._task: asyncio.Task[None] | None = None
         self._mark = f"s{self.start}."  # prefix of this stage's trace labels
@@ -114,6 +117,17 @@ class StageWorker:
     # ---- lifecycle --------------------------------------------------------------------------------
     def start_worker(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"stage-{self.start}-{self.end}")
+        self._task.add_done_callback(self._worker_ended)
+
+    def _worker_ended(self, task: asyncio.Task[None]) -> None:
+        """A worker loop that died of a bug would leave the stage taking steps that nobody runs: every
+        entry would wait out its step timeout again and again. Say so and start a new loop (the steps it
+        held time out at their entries and re-prefill)."""
+        if task.cancelled() or task.exception() is None or self._stopping:
+            return
+        log.error("stage %d-%d: the worker loop died, restarting it", self.start, self.end,
+                  exc_info=task.exception())
+        self.start_worker()
 
     async def close(self) -> None:
         """Stop taking steps, free every session's KV, release the thread."""
@@ -176,7 +190,20 @@ class StageWorker:
         """Drop a session's KV (and sampler). Runs on the worker thread, after any queued step."""
         self._samplers.pop(session, None)
         self._last_used.pop(session, None)
+        self._forwarded.pop(session, None)
         self._executor.submit(self.runner.free, session)
+
+    async def link_down(self, peer: str) -> None:
+        """The link to ``peer`` dropped (or was replaced): if it is the next stage's, the steps this stage
+        forwarded on it may be lost with the connection. Report each session's newest one to its entry as
+        failed, so the entry re-prefills now instead of waiting out its step timeout (30 s per chunk) with
+        the client seeing nothing. An entry that already has that step's token ignores the report (its
+        seq is older than the one it waits for); one whose step did arrive re-prefills once, harmlessly."""
+        if peer != self.next_node:
+            return
+        lost, self._forwarded = self._forwarded, {}
+        for session, (entry, seq) in lost.items():
+            await self._fail(entry, session, seq, f"the link to the next stage ({peer}) dropped")
 
     # ---- the worker -------------------------------------------------------------------------------
     def batch_limit(self) -> int:
@@ -422,6 +449,7 @@ class StageWorker:
             return
         assert isinstance(out, np.ndarray) and self.next_node is not None
         step.hidden = None
+        self._forwarded[step.session] = (step.entry, step.seq)
         await self.send(self.next_node, protocol.STEP, step.to_wire(encode_tensor(out)))
 
     async def _fail(self, entry: str, session: str, seq: int, reason: str) -> None:

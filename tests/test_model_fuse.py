@@ -213,6 +213,58 @@ def test_fused_blocks_map_their_weights_from_the_module_files(
         np.testing.assert_array_equal(a, b)
 
 
+_MAPPED_FILES = """
+import sys
+from pathlib import Path
+from llnode.model.runner import ModuleRunner
+runner = ModuleRunner(sys.argv[1], threads=1)
+maps = Path("/proc/self/maps").read_text()
+print(sorted({line.split()[-1] for line in maps.splitlines() if sys.argv[1] in line}))
+"""
+
+
+def _mapped_module_files(shard: Path, env: dict[str, str]) -> list[str]:
+    """The module files a fresh process that built a runner over ``shard`` keeps mapped (its own process:
+    pytest's holds mappings of other tests' runners)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _MAPPED_FILES, str(shard)],
+        env={**os.environ, **env}, capture_output=True, text=True, check=True, timeout=120,
+    ).stdout  # fmt: skip
+    return [Path(f).name for f in json.loads(out.strip().replace("'", '"'))]
+
+
+def test_map_weights_switch_copies_the_weights_and_keeps_the_numbers(
+    tiny_llama_shards: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    embed = load_manifest(tiny_llama_shards).modules[0].file
+    # Mapped (the default): the embedding table, which onnxruntime does not prepack, stays a mapping of
+    # its module file; LLNODE_MAP_WEIGHTS=0: no module file is mapped, the weights were copied.
+    assert embed in _mapped_module_files(tiny_llama_shards, {})
+    assert _mapped_module_files(tiny_llama_shards, {"LLNODE_MAP_WEIGHTS": "0"}) == []
+    mapped = ModuleRunner(tiny_llama_shards, threads=1)
+    calls: list[bool] = []
+    spied = fuse_files
+
+    def spy(*args: Any, external: bool = False, **kwargs: Any) -> bytes:
+        calls.append(external)
+        return spied(*args, external=external, **kwargs)
+
+    monkeypatch.setattr("llnode.model.runner.fuse.fuse_files", spy)
+    monkeypatch.setenv("LLNODE_MAP_WEIGHTS", "0")
+    copied = ModuleRunner(tiny_llama_shards, threads=1)
+    assert calls == []  # not even tried: the block went through the temporary file
+    toks, seen = _greedy(mapped, [3, 1, 4, 1, 5], 6)
+    toks_c, seen_c = _greedy(copied, [3, 1, 4, 1, 5], 6)
+    assert toks == toks_c
+    for a, b in zip(seen, seen_c, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_a_block_fuses_in_memory_without_a_temporary_directory(
     tiny_llama_shards: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

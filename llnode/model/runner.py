@@ -201,6 +201,15 @@ class Unit:
         return {k: v for k, v in feeds.items() if k in self.inputs}
 
 
+def map_weights() -> bool:
+    """Do fused blocks map their weights from the module files (``$LLNODE_MAP_WEIGHTS``, default on)?
+
+    ``0``/``off``: each block is written with its weights to a temporary file and onnxruntime copies them
+    into its own (anonymous) memory, as before session 4. The switch exists to measure the two side by
+    side (see docs/model.md, "Weights mapped from the module files"); the outputs are the same."""
+    return os.environ.get("LLNODE_MAP_WEIGHTS", "1").strip().lower() not in ("0", "off", "no", "false")
+
+
 def fuse_block() -> int:
     """Modules per fused session: ``$LLNODE_FUSE`` (0 or 1: one session per module), default
     :data:`FUSE_BLOCK`."""
@@ -319,14 +328,15 @@ class ModuleRunner:
         sessions); the file is in the page cache and deleted once loaded."""
         head = self.manifest.num_modules - 1
         files = [(m.index, m.file) for m in modules]
-        try:
-            graph = fuse.fuse_files(self.shard_dir, files, head_index=head, external=True)
-            sess = ort.InferenceSession(graph, self._so_mapped, providers=["CPUExecutionProvider"])
-            sess._model_bytes = None  # see below
-            return Unit.of(modules, sess)
-        except Exception as exc:  # onnxruntime raises its own classes
-            log.info("modules [%d, %d): weights not mapped from the module files (%s)",
-                     modules[0].index, modules[-1].index + 1, exc)  # fmt: skip
+        if map_weights():
+            try:
+                graph = fuse.fuse_files(self.shard_dir, files, head_index=head, external=True)
+                sess = ort.InferenceSession(graph, self._so_mapped, providers=["CPUExecutionProvider"])
+                sess._model_bytes = None  # see below
+                return Unit.of(modules, sess)
+            except Exception as exc:  # onnxruntime raises its own classes
+                log.info("modules [%d, %d): weights not mapped from the module files (%s)",
+                         modules[0].index, modules[-1].index + 1, exc)  # fmt: skip
         try:
             with tempfile.NamedTemporaryFile(prefix="llnode-fused-", suffix=".onnx") as f:
                 fuse.write_fused(self.shard_dir, files, f, head_index=head)

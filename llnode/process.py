@@ -30,17 +30,48 @@ from pathlib import Path
 from typing import Any
 
 
+def _status(pid: int | None, fields: tuple[str, ...]) -> dict[str, int]:
+    """Fields of /proc/<pid>/status given in kB, as bytes; missing ones (process gone, no /proc) are 0."""
+    out = dict.fromkeys(fields, 0)
+    try:
+        for line in Path(f"/proc/{pid or os.getpid()}/status").read_text().splitlines():
+            key = line.split(":", 1)[0]
+            if key in out:
+                out[key] = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
 def rss_bytes(pid: int | None = None, *, peak: bool = False) -> int:
     """Resident set size of a process from /proc, now or its peak so far (``peak``: VmHWM); 0 if it is
     gone or /proc is unreadable."""
-    field = "VmHWM:" if peak else "VmRSS:"
+    field = "VmHWM" if peak else "VmRSS"
+    return _status(pid, (field,))[field]
+
+
+def memory(pid: int | None = None) -> dict[str, int]:
+    """Bytes: ``rss`` and ``peak`` (VmHWM) split as ``anon`` (heap, onnxruntime's prepacked weights,
+    activations, KV: what the process really owns) and ``file`` (pages of mapped files: shared libraries'
+    code and weights mapped from module files, which the kernel can drop and re-read). WHY the split:
+    the two react to different fixes, and only ``anon`` is pressure the OS cannot relieve by itself."""
+    st = _status(pid, ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"))
+    return {
+        "rss": st["VmRSS"],
+        "peak": st["VmHWM"],
+        "anon": st["RssAnon"],
+        "file": st["RssFile"] + st["RssShmem"],
+    }
+
+
+def reset_peak() -> bool:
+    """Restart this process's VmHWM from its current RSS (``/proc/self/clear_refs``, Linux >= 4.0); True
+    if done. WHY: a benchmark can then tell the peak of a workload from the peak of loading before it."""
     try:
-        for line in Path(f"/proc/{pid or os.getpid()}/status").read_text().splitlines():
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 def cpu_seconds(pid: int | None = None, tid: int | None = None) -> float | None:

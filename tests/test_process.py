@@ -11,10 +11,11 @@ import asyncio
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from llnode.process import _glibc, open_fds, release_memory, rss_bytes, snapshot
+from llnode.process import _glibc, memory, open_fds, release_memory, rss_bytes, snapshot
 
 MB = 2**20
 
@@ -25,6 +26,47 @@ def test_readers_see_this_process_and_a_missing_one() -> None:
     assert open_fds() >= 3
     assert rss_bytes(2**22 + 12345) == 0  # no such pid
     assert open_fds(2**22 + 12345) == -1
+
+
+_SPLIT = """
+import json, mmap, sys
+from llnode.process import memory, reset_peak
+out = {"start": memory()}
+with open(sys.argv[1], "rb") as f:
+    m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    sum(m[i] for i in range(0, len(m), 4096))  # touch every page of the file
+    out["mapped"] = memory()
+    block = bytearray(64 << 20)
+    block[::4096] = b"x" * len(block[::4096])  # touch every page of anonymous memory
+    out["anon"] = memory()
+    del block
+    out["freed"] = memory()
+    out["reset"] = reset_peak()
+    out["after_reset"] = memory()
+print(json.dumps(out))
+"""
+
+
+def test_memory_splits_anonymous_and_file_pages_and_the_peak_resets(tmp_path: Path) -> None:
+    import json
+
+    data = tmp_path / "weights.bin"
+    data.write_bytes(os.urandom(32 * MB))
+    out = subprocess.run(
+        [sys.executable, "-c", _SPLIT, str(data)], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    r = json.loads(out)
+    for m in r.values():
+        if isinstance(m, dict):
+            assert m["rss"] == m["anon"] + m["file"] and m["peak"] >= m["rss"]
+    # 32 MiB of a mapped file count as file pages, 64 MiB of touched heap as anonymous ones
+    assert r["mapped"]["file"] - r["start"]["file"] > 30 * MB
+    assert abs(r["mapped"]["anon"] - r["start"]["anon"]) < 8 * MB
+    assert r["anon"]["anon"] - r["mapped"]["anon"] > 60 * MB
+    # freed: the peak remembers the block until it is reset
+    assert r["freed"]["peak"] - r["freed"]["rss"] > 60 * MB
+    assert r["reset"] and r["after_reset"]["peak"] - r["after_reset"]["rss"] < 8 * MB
+    assert memory(2**22 + 12345) == {"rss": 0, "peak": 0, "anon": 0, "file": 0}  # no such pid
 
 
 def test_snapshot_counts_running_tasks() -> None:

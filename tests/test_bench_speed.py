@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llnode.bench.speed import choose_default
+from llnode.bench.speed import choose_default, parse_variants
 from llnode.cli import main
 
 
@@ -39,10 +39,12 @@ def test_bench_speed_json(
     monkeypatch.setenv("LLNODE_CACHE", str(tmp_path))
     args = ["bench", "speed", "--model", str(tiny_model_dirs["llama"]), "--json"]
     args += ["--rounds", "1", "--steps", "2", "--threads", "1", "--contexts", "4,40"]
+    args += ["--variant", "nomap:LLNODE_MAP_WEIGHTS=0"]
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(out["decode_ms"]) == {"fp32", "int8", "int4"}
-    assert all(v > 0 for v in out["decode_ms_all"].values()) and len(out["decode_ms_all"]) == 6
+    assert all(v > 0 for v in out["decode_ms_all"].values())
+    assert len(out["decode_ms_all"]) == 8  # 3 precisions and the variant, at 2 contexts
     assert out["default_precision"] in out["decode_ms"]
     assert out["quality"]["fp32"]["ppl_ratio"] == 1.0 and out["quality"]["fp32"]["kl"] == 0.0
     assert 0.0 < out["quality"]["int8"]["top1_agreement"] <= 1.0
@@ -51,3 +53,22 @@ def test_bench_speed_json(
     assert 10 < base < load <= peak  # the interpreter alone, then the sessions, then the workload on top
     assert 0 < out["rss_above_baseline_over_shard_bytes"] < out["rss_over_shard_bytes"]
     assert (tmp_path / "test-shards" / "llama-int4" / "manifest.json").is_file()
+    # the breakdown: what the sessions added (anonymous + file pages) is what loading added to the RSS
+    parts = out["sessions_mib"]["int4/1t"]
+    assert parts["anon"] > 0 and parts["file"] >= 0
+    assert base + parts["anon"] + parts["file"] <= load + 0.2
+    assert out["kv_mib"]["int4/1t"] > 0 and out["workload_peak_rss_mib"]["int4/1t"] > 0
+    assert out["peak_rss_mib"]["int4/1t"] == max(load, out["workload_peak_rss_mib"]["int4/1t"])
+    variant = out["variants"]["int4+nomap"]
+    assert variant["env"] == {"LLNODE_MAP_WEIGHTS": "0"} and variant["decode_ms"] > 0
+    assert "int4+nomap" not in out["decode_ms"]  # variants never compete for the default
+
+
+def test_variants_parse_or_say_what_is_wrong() -> None:
+    assert parse_variants(["nomap:LLNODE_MAP_WEIGHTS=0", "thp:A=1,B=x=y"]) == {
+        "nomap": {"LLNODE_MAP_WEIGHTS": "0"},
+        "thp": {"A": "1", "B": "x=y"},
+    }
+    for bad in (["nomap"], [":A=1"], ["x:A"], ["x:A=1,B"], ["x:A=1", "x:B=2"]):
+        with pytest.raises(ValueError, match="NAME:VAR=VALUE"):
+            parse_variants(bad)

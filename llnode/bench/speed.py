@@ -14,7 +14,14 @@ Memory: ``rss_over_shard_bytes`` is the peak RSS (VmHWM) of a worker process tha
 ran every measured prefill (in ``PREFILL_CHUNK``-token chunks with the LM head on the last token, as a node
 prefills) and decode, divided by the bytes of that set's module files. The interpreter's own footprint
 (numpy, onnxruntime, llnode imported, nothing loaded: ~50 MiB, a third of an int4 SmolLM2) is in it, so
-the baseline and ``rss_above_baseline_over_shard_bytes`` are printed next to it.
+the baseline and ``rss_above_baseline_over_shard_bytes`` are printed next to it, with a breakdown: what
+building the sessions added as anonymous pages (onnxruntime's prepacked weights, graphs) and as file pages
+(weights mapped from the module files, code), the load peak, the KV buffers, and the workload's own peak
+(VmHWM is reset after loading, so prefill activations are told apart from the load transient).
+
+``--variant NAME:VAR=VALUE`` adds workers running the smallest shard set with those environment variables
+(e.g. ``LLNODE_MAP_WEIGHTS=0``, ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``), measured in the same rounds: an
+A/B of a runtime setting is only worth its ratio side by side on the same machine state.
 
 Quality, on a fixed English text (``PPL_TEXT`` x3, ~200 tokens): perplexity ratio to fp32, teacher-forced
 top-1 agreement (the share of positions where the argmax equals fp32's; free-running greedy agreement
@@ -36,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from llnode.process import rss_bytes
+from llnode.process import memory, reset_peak
 
 PRECISIONS = ("fp32", "int8", "int4")
 THREADS = (1, 2)
@@ -55,6 +62,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
     parser.add_argument("--llama-bench", type=Path, default=None, help="a llama.cpp llama-bench binary")
     parser.add_argument("--gguf", type=Path, default=None, help="GGUF for llama-bench (default: the model's)")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:VAR=VALUE[,VAR=VALUE]",
+        help="also measure the default precision with these environment variables set, side by side "
+        "(e.g. nomap:LLNODE_MAP_WEIGHTS=0); repeatable",
+    )
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     parser.add_argument("--worker", nargs=2, metavar=("SHARD_DIR", "THREADS"), help=argparse.SUPPRESS)
 
@@ -63,8 +78,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _rss() -> dict[str, int]:
-    """Current and peak resident set size of this process in bytes (zeros where /proc is missing)."""
-    return {"rss": rss_bytes(), "peak_rss": rss_bytes(peak=True)}
+    """Current and peak resident set size of this process in bytes, the current one split into anonymous
+    and file pages (zeros where /proc is missing). The peak is the workload's: reset after loading."""
+    m = memory()
+    return {"rss": m["rss"], "peak_rss": m["peak"], "anon": m["anon"], "file": m["file"]}
 
 
 def _worker(shard_dir: Path, threads: int) -> int:
@@ -75,14 +92,18 @@ def _worker(shard_dir: Path, threads: int) -> int:
     from llnode.pipeline.local import PREFILL_CHUNK
     from llnode.process import release_memory
 
-    baseline = rss_bytes()  # the interpreter with numpy, onnxruntime and llnode imported, nothing loaded
+    base = memory()  # the interpreter with numpy, onnxruntime and llnode imported, nothing loaded
     runner = ModuleRunner(shard_dir, threads=threads)
     chain = ChainStepper(runner, "speed")
     tok = load_tokenizer(shard_dir, runner.manifest.tokenizer_file)
     text = tok.encode(PPL_TEXT * 3)[: runner.manifest.max_context]
     rng = np.random.default_rng(0)
     vocab = runner.manifest.vocab_size
-    print(json.dumps({"ready": True, "baseline_rss": baseline, **_rss()}), flush=True)
+    loaded = _rss()
+    # From here VmHWM is the workload's own peak (prefill activations, KV), apart from the load peak.
+    reset_peak()
+    ready = {"baseline_rss": base["rss"], "baseline_anon": base["anon"], "baseline_file": base["file"]}
+    print(json.dumps({"ready": True, **ready, **loaded}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["op"] == "decode":
@@ -95,6 +116,7 @@ def _worker(shard_dir: Path, threads: int) -> int:
                 part = slice(c, c + PREFILL_CHUNK)
                 logits = runner.step(chain.sid, prompt[:, part], positions[:, part], last_only=True)
             prefill = time.perf_counter() - t0
+            kv = runner.kv_bytes(chain.sid)
             t0 = time.perf_counter()
             for i in range(steps):
                 nxt = int(np.argmax(logits[0, -1])) if i % 2 else int(rng.integers(0, vocab))
@@ -102,7 +124,11 @@ def _worker(shard_dir: Path, threads: int) -> int:
             decode = time.perf_counter() - t0
             chain.reset()
             release_memory()  # what a node does after a burst; "rss" is then the steady footprint
-            reply: dict[str, Any] = {"prefill_ms": prefill * 1000, "decode_ms": decode * 1000 / steps}
+            reply: dict[str, Any] = {
+                "prefill_ms": prefill * 1000,
+                "decode_ms": decode * 1000 / steps,
+                "kv_bytes": kv,
+            }
         elif cmd["op"] == "quality":
             logits = chain.step(np.asarray([text], np.int64), np.arange(len(text), dtype=np.int64)[None])[0]
             chain.reset()
@@ -138,8 +164,8 @@ def _save_logp(logp: np.ndarray) -> Path:
 class Worker:
     """A child process holding one shard set at one thread count, answering one JSON line per command."""
 
-    def __init__(self, shard_dir: Path, threads: int) -> None:
-        env = {**os.environ, "LLNODE_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    def __init__(self, shard_dir: Path, threads: int, env: Mapping[str, str] | None = None) -> None:
+        env = {**os.environ, **(env or {}), "LLNODE_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "llnode", "bench", "speed", "--worker", str(shard_dir), str(threads)],
             stdin=subprocess.PIPE,
@@ -242,6 +268,18 @@ def choose_default(
     return min(tied, key=lambda p: ((shard_bytes or {}).get(p, 0.0), decode_ms[p]))
 
 
+def parse_variants(specs: list[str]) -> dict[str, dict[str, str]]:
+    """``NAME:VAR=VALUE[,VAR=VALUE]`` -> {name: environment}; a clear error for anything else."""
+    out: dict[str, dict[str, str]] = {}
+    for spec in specs:
+        name, _, assigns = spec.partition(":")
+        env = dict(a.split("=", 1) for a in assigns.split(",") if "=" in a)
+        if not name or not env or len(env) != len([a for a in assigns.split(",") if a]) or name in out:
+            raise ValueError(f"--variant wants NAME:VAR=VALUE[,VAR=VALUE] with a new name, got {spec!r}")
+        out[name] = env
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     if args.worker:
         return _worker(Path(args.worker[0]), int(args.worker[1]))
@@ -253,16 +291,26 @@ def run(args: argparse.Namespace) -> int:
         precisions.insert(0, "fp32")  # the quality reference
     threads = [int(t) for t in args.threads.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
+    variants = parse_variants(args.variant)
     shards = {p: _shards(args.model, p) for p in precisions}
     shard_bytes = {p: sum(m.size_bytes for m in load_manifest(d).modules) for p, d in shards.items()}
-    workers = {(p, t): Worker(shards[p], t) for p in precisions for t in threads}
+    # Variants run the smallest set (the default when speeds tie) with extra environment variables.
+    small = min(precisions, key=lambda p: shard_bytes[p])
+    rows: dict[str, tuple[str, dict[str, str]]] = {p: (p, {}) for p in precisions} | {
+        f"{small}+{n}": (small, e) for n, e in variants.items()
+    }
+    prec = {label: p for label, (p, _) in rows.items()}
+    shard_bytes |= {label: shard_bytes[p] for label, p in prec.items()}
+    workers = {(lb, t): Worker(shards[p], t, env) for lb, (p, env) in rows.items() for t in threads}
     baseline = {k: int(w.loaded["baseline_rss"]) for k, w in workers.items()}
     load_peak = {k: int(w.loaded["peak_rss"]) for k, w in workers.items()}
+    kv: dict[tuple[str, int], int] = {}
     gguf = args.gguf or (_gguf(args.model) if args.llama_bench else None)
     dec: dict[tuple[str, int, int], list[float]] = {}
     pre: dict[tuple[str, int, int], list[float]] = {}
     llama: dict[tuple[int, int], list[float]] = {}
     peak: dict[tuple[str, int], int] = {}
+    work_peak: dict[tuple[str, int], int] = {}
     steady: dict[tuple[str, int], int] = {}
     try:
         for w in workers.values():  # warm-up
@@ -273,13 +321,15 @@ def run(args: argparse.Namespace) -> int:
                     r = w.ask(op="decode", context=c, steps=args.steps)
                     dec.setdefault((p, t, c), []).append(r["decode_ms"])
                     pre.setdefault((p, t, c), []).append(r["prefill_ms"])
+                    kv[(p, t)] = max(kv.get((p, t), 0), int(r["kv_bytes"]))
             if args.llama_bench and gguf is not None:
                 for t in threads:
                     for c, ms in llama_bench(args.llama_bench, gguf, t, contexts, args.steps).items():
                         llama.setdefault((t, c), []).append(ms)
         for (p, t), w in workers.items():  # peak of the decode workload, before the quality pass
             r = w.ask(op="decode", context=8, steps=1)
-            peak[(p, t)], steady[(p, t)] = r["peak_rss"], r["rss"]
+            work_peak[(p, t)], steady[(p, t)] = r["peak_rss"], r["rss"]  # VmHWM was reset after loading
+            peak[(p, t)] = max(load_peak[(p, t)], work_peak[(p, t)])
         qual_t = 2 if 2 in threads else threads[0]
         quality = _quality({p: workers[(p, qual_t)].ask(op="quality") for p in precisions})
     finally:
@@ -294,29 +344,41 @@ def run(args: argparse.Namespace) -> int:
         f"{args.steps} decode steps, median of {args.rounds} rounds"
     )
     print(
-        f"{'precision':9s} {'thr':>3s} "
+        f"{'precision':14s} {'thr':>3s} "
         + " ".join(f"{'ctx ' + str(c) + ': decode, prefill':>28s}" for c in contexts)
     )
     for p, t in workers:
         cells = " ".join(f"{med[(p, t, c)]:9.2f} ms/tok {pmed[(p, t, c)]:7.0f} ms" for c in contexts)
-        print(f"{p:9s} {t:3d} {cells}")
+        print(f"{p:14s} {t:3d} {cells}")
+    for label, (p, env) in rows.items():
+        if label != p:
+            env_s = ",".join(f"{k}={v}" for k, v in env.items())
+            ratio = " ".join(f"x{med[(label, t, c)] / med[(p, t, c)]:.3f}" for t in threads for c in contexts)
+            print(f"{label}: {env_s}; decode over {p} side by side (threads x contexts): {ratio}")
     print(
-        "memory, MiB of RSS of each worker process: 'baseline' after importing numpy, onnxruntime "
-        "and llnode (nothing loaded); 'load' its peak after building the sessions; 'peak' its peak "
-        f"over loading and every measured prefill (in {PREFILL_CHUNK}-token chunks, as a node does) "
-        "and decode; 'steady' after the decode rounds and a trim; ratios divide by the bytes of the "
-        "shard set's module files"
+        "memory, MiB of RSS of each worker process: 'base' after importing numpy, onnxruntime and llnode "
+        "(nothing loaded); 'anon'/'file': what building the sessions added, as anonymous pages "
+        "(onnxruntime's prepacked weights, graphs) and file pages (weights mapped from the module files, "
+        "code); 'load' the peak while building; 'kv' the KV buffers at the largest context; 'work' the "
+        f"peak of the measured prefills (in {PREFILL_CHUNK}-token chunks, as a node does) and decodes "
+        "alone; 'peak' the larger of load and work; 'steady' after the decode rounds and a trim; ratios "
+        "divide by the bytes of the shard set's module files"
     )
     print(
-        f"{'precision':9s} {'thr':>3s} {'shards':>7s} {'baseline':>8s} {'load':>6s} {'peak':>6s} "
-        f"{'peak/shards':>11s} {'(peak-baseline)/shards':>22s} {'steady':>7s} {'steady/shards':>13s}"
+        f"{'precision':14s} {'thr':>3s} {'shards':>6s} {'base':>5s} {'anon':>5s} {'file':>5s} {'load':>5s} "
+        f"{'kv':>4s} {'work':>5s} {'peak':>5s} {'peak/shards':>11s} {'(peak-base)/shards':>18s} "
+        f"{'steady':>6s} {'steady/shards':>13s}"
     )
+    mib = 2**20
     for p, t in workers:
-        sb, base, pk = shard_bytes[p], baseline[(p, t)], peak[(p, t)]
+        sb, base, pk, info = shard_bytes[p], baseline[(p, t)], peak[(p, t)], workers[(p, t)].loaded
+        anon = (info["anon"] - info["baseline_anon"]) / mib
+        file = (info["file"] - info["baseline_file"]) / mib
         print(
-            f"{p:9s} {t:3d} {sb / 2**20:7.0f} {base / 2**20:8.0f} {load_peak[(p, t)] / 2**20:6.0f} "
-            f"{pk / 2**20:6.0f} {pk / sb:10.2f}x {(pk - base) / sb:21.2f}x "
-            f"{steady[(p, t)] / 2**20:7.0f} {steady[(p, t)] / sb:12.2f}x"
+            f"{p:14s} {t:3d} {sb / mib:6.0f} {base / mib:5.0f} {anon:5.0f} {file:5.0f} "
+            f"{load_peak[(p, t)] / mib:5.0f} {kv.get((p, t), 0) / mib:4.0f} {work_peak[(p, t)] / mib:5.0f} "
+            f"{pk / mib:5.0f} {pk / sb:10.2f}x {(pk - base) / sb:17.2f}x "
+            f"{steady[(p, t)] / mib:6.0f} {steady[(p, t)] / sb:12.2f}x"
         )
     for (t, c), ms in sorted(lmed.items()):
         print(f"llama.cpp {t:3d} threads, context {c}: {ms:7.2f} ms/tok")
@@ -348,9 +410,29 @@ def run(args: argparse.Namespace) -> int:
         "steady_rss_mib": {f"{p}/{t}t": round(v / 2**20, 1) for (p, t), v in steady.items()},
         "baseline_rss_mib": {f"{p}/{t}t": round(v / 2**20, 1) for (p, t), v in baseline.items()},
         "load_peak_rss_mib": {f"{p}/{t}t": round(v / 2**20, 1) for (p, t), v in load_peak.items()},
+        "workload_peak_rss_mib": {f"{p}/{t}t": round(v / 2**20, 1) for (p, t), v in work_peak.items()},
+        "kv_mib": {f"{p}/{t}t": round(v / 2**20, 3) for (p, t), v in kv.items()},
+        "sessions_mib": {
+            f"{p}/{t}t": {
+                part: round((w.loaded[part] - w.loaded[f"baseline_{part}"]) / 2**20, 1)
+                for part in ("anon", "file")
+            }
+            for (p, t), w in workers.items()
+        },
         "shard_mib": {p: round(v / 2**20, 1) for p, v in shard_bytes.items()},
         "quality": {p: {k: round(v, 4) for k, v in q.items()} for p, q in quality.items()},
     }
+    if variants:
+        result["variants"] = {
+            label: {
+                "env": env,
+                "decode_ms": round(med[(label, t2, c0)], 3),
+                "over_base": round(med[(label, t2, c0)] / med[(p, t2, c0)], 3),
+                "peak_rss_mib": round(peak[(label, t2)] / 2**20, 1),
+            }
+            for label, (p, env) in rows.items()
+            if label != p
+        }
     if (t2, c0) in lmed:
         result["llamacpp_decode_ms"] = {f"{t}t/ctx{c}": round(v, 3) for (t, c), v in lmed.items()}
         result["over_llamacpp"] = round(decode_ms[default] / lmed[(t2, c0)], 3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -231,3 +232,43 @@ def test_solve_exact_matches_brute_on_smollm2_sized_model() -> None:
     brute = brute_force(inst)
     assert brute is not None
     assert res.evaluation.objective_value == pytest.approx(brute.objective_value, rel=1e-6)
+
+
+def test_a_stage_is_priced_as_a_fixed_cost_plus_its_modules() -> None:
+    """cost(k) = a + b * k: the device's own CPU per step and its fused runs' fixed cost, once per stage."""
+    man = synthetic_manifest(num_layers=14)  # 16 modules: two fused blocks of 8
+    dev = DeviceProfile(
+        "d", 5e9, memory_available_bytes=8 * GB, step_overhead_s=1.5e-3, call_overhead_s=0.4e-3, fuse_block=8
+    )
+    inst = build_instance(man, [dev], [], PlanOptions(max_sessions=1, max_context=512))
+    bare = build_instance(man, [replace(dev, step_overhead_s=0.0, call_overhead_s=0.0)], [], inst.options)
+    whole = evaluate(inst, [0], [0, 16]).compute_s[0]
+    # 16 modules cost their own work, the step's 1.5 ms and one run's 0.4 ms per 8 modules on average
+    expected = evaluate(bare, [0], [0, 16]).compute_s[0] + 1.5e-3 + 0.4e-3 * (1 + 15 / 8)
+    assert whole == pytest.approx(expected, rel=1e-9)
+    assert inst.compute_s(0, 3, 5) - bare.compute_s(0, 3, 5) == pytest.approx(1.5e-3 + 0.4e-3 * (1 + 1 / 8))
+
+
+@pytest.mark.parametrize("formulation", ["arcs", "layers"])
+def test_a_large_fixed_cost_per_step_keeps_a_slow_device_out(formulation: str) -> None:
+    """A slow device helps the bottleneck only while its fixed cost per step is small: the MILP (either
+    formulation), the DP and the brute force agree where it stops paying."""
+    fast = DeviceProfile("fast", 10e9, memory_available_bytes=8 * GB)
+    slow = DeviceProfile("slow", 4e9, memory_available_bytes=8 * GB)
+    options = PlanOptions(
+        max_sessions=1, max_context=512, default_rtt_s=1e-4, default_bandwidth_bytes_per_s=1e9
+    )
+    used = {}
+    for step_s in (0.0, 0.005, 0.02):
+        inst = build_instance(SMALL, [fast, replace(slow, step_overhead_s=step_s)], [], options)
+        res = solve_exact(inst, time_limit_s=30, formulation=formulation)
+        brute = brute_force(inst)
+        dps = [dp_fixed_order(inst, order) for order in ([0, 1], [1, 0])]
+        assert res.optimal and res.evaluation is not None and brute is not None
+        assert res.evaluation.objective_value == pytest.approx(brute.objective_value, rel=1e-9)
+        dp = min(ev.objective_value for ev in dps if ev is not None)
+        assert dp == pytest.approx(brute.objective_value, rel=1e-9)
+        used[step_s] = (len(res.evaluation.order), res.evaluation.cuts)
+    assert used[0.0][0] == 2 and used[0.02] == (1, (0, SMALL.num_modules))
+    # in between the slow device still helps, with fewer modules than when its steps were free
+    assert used[0.005][0] == 2 and used[0.005][1][1] < used[0.0][1][1]

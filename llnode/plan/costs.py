@@ -6,7 +6,9 @@ assignment (device order + cut points); the MILP encodes exactly the same arithm
 optimum values of all solvers agree to rounding, which the tests check.
 
 Model (per generated token, decode):
-- compute of module m on device d: ``flops_m(cost_context) / decode_flops_per_s_d + module_overhead_s_d``;
+- compute of module m on device d: ``flops_m(cost_context) / decode_flops_per_s_d + module_overhead_s_d``
+  plus its share of the fused runs' fixed cost; every stage step adds a fixed cost of its device (its
+  own CPU per step and its first run, :func:`stage_fixed_s`): a range costs ``a_d + b_d * k``;
 - a hop d -> d' after module m: ``rtt/2 + bytes_after(m) / bandwidth``; the last stage sends the token id
   back to the first (a ring), a one-stage plan sends nothing;
 - stage time: compute of its range + its outgoing hop;
@@ -32,6 +34,32 @@ FLOAT_BYTES = 4
 # Working set of one module for one prefill token, in units of hidden-state bytes: input and output
 # hidden states, q/k/v, attention output and the MLP intermediate (~2.7x hidden, gate and up).
 ACTIVATION_HIDDEN_FACTOR = 10
+
+
+def runs_per_step(start: int, end: int, block: int) -> int:
+    """``session.run`` calls one step of modules ``[start, end)`` makes: the runner fuses blocks of
+    ``block`` modules aligned to module indices (``llnode.model.runner.ModuleRunner``), so a range pays
+    one call per block it touches (``block`` <= 1: one per module). Why it matters: each call has a
+    fixed CPU cost that a per-module price would charge once per module."""
+    if end <= start:
+        return 0
+    if block <= 1:
+        return end - start
+    return (end - 1) // block - start // block + 1
+
+
+def stage_fixed_s(device: DeviceProfile) -> float:
+    """What one stage step of ``device`` costs whatever its range: its own CPU per step and its first
+    ``session.run``. A range of k modules makes ``1 + (k - 1) / block`` runs on average over the block
+    alignments, so the cost model charges ``call * (1 - 1 / block)`` here and ``call / block`` per module
+    (:func:`module_call_s`): cost(k) = a + b * k, linear, and one constant per used device."""
+    block = max(1, device.fuse_block)
+    return device.step_overhead_s + device.call_overhead_s * (1.0 - 1.0 / block)
+
+
+def module_call_s(device: DeviceProfile) -> float:
+    """The per-module share of the fused runs' fixed cost (see :func:`stage_fixed_s`)."""
+    return device.call_overhead_s / max(1, device.fuse_block)
 
 
 def energy_factor(device: DeviceProfile) -> float:
@@ -101,6 +129,9 @@ class Instance:
     energy: list[float]
     current: dict[int, tuple[int, int]] = field(default_factory=dict)  # device index -> current range
     movement_ref_s: float = 0.0
+    # fixed[d]: seconds every stage step of device d costs whatever its range (``stage_fixed_s``); a
+    # stage of [j, k) costs ``fixed[d] + sum(t[d][j:k])``: in the MILP a constant on each range binary
+    fixed: list[float] = field(default_factory=list)
 
     @property
     def num_devices(self) -> int:
@@ -117,7 +148,11 @@ class Instance:
         return self.rtt[d][e] + self.model.out_bytes[after] * self.inv_bw[d][e]
 
     def compute_s(self, d: int, start: int, end: int) -> float:
-        return sum(self.t[d][start:end])
+        """Decode seconds of one stage step of device d over ``[start, end)``: fixed + per module."""
+        return self.fixed_s(d) + sum(self.t[d][start:end])
+
+    def fixed_s(self, d: int) -> float:
+        return self.fixed[d] if self.fixed else 0.0
 
     def memory_bytes(self, start: int, end: int) -> int:
         m = self.model
@@ -197,7 +232,10 @@ def build_instance(
             rtt[j][i], inv_bw[j][i] = rtt[i][j], inv_bw[i][j]
     for i in range(n):
         rtt[i][i] = inv_bw[i][i] = 0.0
-    t = [[f / d.decode_flops_per_s + d.module_overhead_s for f in costs.decode_flops] for d in devices]
+    t = [
+        [f / d.decode_flops_per_s + d.module_overhead_s + module_call_s(d) for f in costs.decode_flops]
+        for d in devices
+    ]
     tp = [[f / d.prefill_speed + d.module_overhead_s / 1.0 for f in costs.prefill_flops] for d in devices]
     usable = [int(d.memory_available_bytes * options.memory_fraction) for d in devices]
     inst = Instance(
@@ -211,6 +249,7 @@ def build_instance(
         usable=usable,
         overhead=options.runtime_overhead_bytes,
         energy=[energy_factor(d) for d in devices],
+        fixed=[stage_fixed_s(d) for d in devices],
     )
     if current:
         for dev, (s, e) in current.items():

@@ -64,7 +64,7 @@ def dp_fixed_order(
                 for e in range(j + 1, m + 1):
                     if not inst.fits(d, j, e):
                         break
-                    c = prefix[p][e] - prefix[p][j]
+                    c = prefix[p][e] - prefix[p][j] + inst.fixed_s(d)
                     pen = opts.energy_weight * inst.energy[d] * c
                     if move_scale:
                         pen += move_scale * inst.moved_bytes(d, j, e)

@@ -118,11 +118,15 @@ def solve_layers(
     te = {d: inst.t[d][0] for d in devs}
     tl = {d: inst.t[d][1] if n_l else 0.0 for d in devs}
     th = {d: inst.t[d][n_m - 1] for d in devs}
+    fx = {d: inst.fixed_s(d) for d in devs}  # every stage step's fixed cost: a constant on ``a[d]``
 
     hops = {(d, e): inst.hop_s(d, e, 0) for d in devs for e in devs if d != e}
     rets = {(d, e): inst.hop_s(d, e, n_m - 1) for d in devs for e in devs if d != e}
 
     def kappa(budget: float, d: int) -> int:
+        if budget < 0:
+            return -1
+        budget -= fx[d]
         if budget < 0:
             return -1
         if tl[d] <= 0 or math.isinf(budget):
@@ -131,7 +135,7 @@ def solve_layers(
 
     a, s, last, g, n, pos = {}, {}, {}, {}, {}, {}
     for d in devs:
-        single_ok = shape.single[d] and te[d] + n_l * tl[d] + th[d] <= cap
+        single_ok = shape.single[d] and fx[d] + te[d] + n_l * tl[d] + th[d] <= cap
         a[d] = _binary(f"a{d}", True)
         s[d] = _binary(f"s{d}", shape.first[d] >= 0)
         last[d] = _binary(f"l{d}", shape.last[d] >= 0)
@@ -144,7 +148,7 @@ def solve_layers(
         for e in devs:
             if d == e:
                 continue
-            if te[d] + hops[d, e] <= cap and kappa(cap - hops[d, e], d) >= 0:
+            if fx[d] + te[d] + hops[d, e] <= cap and kappa(cap - hops[d, e], d) >= 0:
                 u[d, e] = _binary(f"u{d}_{e}", True)
             if kappa(cap - th[d] - rets[d, e], d) >= 0:
                 r[d, e] = _binary(f"r{d}_{e}", True)
@@ -195,6 +199,7 @@ def solve_layers(
             row([*mtz, (var, float(n_l))], le, n_l)
         stage[d] = pulp.LpAffineExpression(
             [
+                (a[d], SCALE * fx[d]),
                 (s[d], SCALE * te[d]),
                 (n[d], SCALE * tl[d]),
                 (last[d], SCALE * th[d]),
@@ -208,7 +213,10 @@ def solve_layers(
             arcs += [(v, -float(max(kappa(cap - th[d] - rets[d, e], d), 0))) for e, v in out_r[d]]
             row([(n[d], 1.0), *arcs, (g[d], -float(n_l))], le, 0)
     energy = pulp.lpSum(
-        SCALE * opts.energy_weight * inst.energy[d] * (te[d] * s[d] + tl[d] * n[d] + th[d] * last[d])
+        SCALE
+        * opts.energy_weight
+        * inst.energy[d]
+        * (fx[d] * a[d] + te[d] * s[d] + tl[d] * n[d] + th[d] * last[d])
         for d in devs
         if opts.energy_weight > 0 and inst.energy[d] > 0
     )

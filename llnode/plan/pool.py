@@ -40,7 +40,7 @@ def candidate_pool(inst: Instance, k: int) -> tuple[list[int], Evaluation | None
         fit = 0
         while mid + fit < inst.num_modules and inst.fits(d, mid, mid + fit + 1):
             fit += 1
-        return min(max(cap - hop, 0.0) / inst.t[d][mid], float(fit))
+        return min(max(cap - hop - inst.fixed_s(d), 0.0) / inst.t[d][mid], float(fit))
 
     ranked = sorted(range(n), key=lambda d: (-score(d), -inst.devices[d].decode_flops_per_s, d))
     pool = members + [d for d in ranked if d not in members][: max(0, k - len(members))]

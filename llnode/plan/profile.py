@@ -41,18 +41,26 @@ def read_load(cores: int | None = None) -> float:
         return 0.0
 
 
-def _time_steps(run: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """(median wall seconds, median process CPU seconds) of ``repeats`` calls after one warm-up (the
-    first run allocates). CPU is the whole process's (every onnxruntime thread, and whatever else the
-    daemon does meanwhile): what a quota charges."""
-    run()
-    walls, cpus = [], []
+def _time_rounds(calls: list[Callable[[], object]], repeats: int) -> list[tuple[float, float]]:
+    """Per call, (median wall seconds, median process CPU seconds) over ``repeats`` rounds of all the
+    calls in turn, after one warm-up round (the first run allocates). CPU is the whole process's (every
+    onnxruntime thread, and whatever else the daemon does meanwhile): what a quota charges.
+
+    Why in turn and not each call ``repeats`` times in a row: in a hot loop a few layers keep their
+    weights in the L3 cache (two SmolLM2 layers, 28 MB, fit in 36 MB; four do not), which made two
+    layers cost more than half of four; a pipeline reads its weights from memory. Between two runs of a
+    probe the others run, the head's 113 MB among them."""
+    for call in calls:
+        call()
+    walls: list[list[float]] = [[] for _ in calls]
+    cpus: list[list[float]] = [[] for _ in calls]
     for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        run()
-        walls.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
-    return statistics.median(walls), statistics.median(cpus)
+        for k, call in enumerate(calls):
+            t0, c0 = time.perf_counter(), time.process_time()
+            call()
+            walls[k].append(time.perf_counter() - t0)
+            cpus[k].append(time.process_time() - c0)
+    return [(statistics.median(w), statistics.median(c)) for w, c in zip(walls, cpus, strict=True)]
 
 
 def sustained(wall: float, cpu: float, limit: float) -> float:
@@ -60,6 +68,14 @@ def sustained(wall: float, cpu: float, limit: float) -> float:
     ``cpu``): its wall time, or its CPU time spread over the ``limit`` cores the process may use,
     whichever is longer. The start-up profile and the stage metrics both price a device by it."""
     return max(wall, cpu / max(limit, 1e-3))
+
+
+# The daemon's own CPU per stage step (frames, the executor hand-off, the event loop, streaming), which
+# no module timing sees: ``llnode bench sim`` measures it from the nodes' threads in its calibration
+# clusters, 1.0-2.0 ms per step on one core of the build machine (docs/simulation.md). Charged per step
+# at the device's CPU limit, like everything else here. A stage's measured ms per token (rebalancing)
+# includes it.
+DAEMON_STEP_CPU_S = 1.5e-3
 
 
 def profile_device(
@@ -73,23 +89,30 @@ def profile_device(
     threads: int | None = None,
     context: int = 32,
     prompt_tokens: int = 32,
-    layers: int = 2,
+    layers: int = 4,
     memory_limit: int = 0,
 ) -> DeviceProfile:
     """Time real modules of ``shard_dir`` for decode and prefill and read memory, cores and battery.
 
     Probes: ``module`` alone if given, else up to ``layers`` consecutive decoder layers and the head,
     whichever of them are on disk (a fresh node may hold only the one module it fetched to profile
-    with). Decode is timed at a context of ``context`` tokens (prefilled first) over ``repeats`` steps;
-    FLOPs are taken at the same context so the speed carries over to other modules. Keep the defaults
-    small: the result must come in a few seconds even on a phone.
+    with). The layers run as ONE fused session, as the daemon runs its range (``ModuleRunner``'s fused
+    blocks), twice: all of them and the first half, so that the step time splits into a per-run fixed
+    cost and a per-layer cost (cost(k) = a + b * k). Why: a per-module time carries the fixed cost of
+    one ``session.run`` per module, which a daemon running fused blocks of 8 does not pay (SmolLM2 on
+    one core: 74.8 ms per token priced per module, 64.3 measured by the 1-node daemon). The head is
+    timed alone (one run: its own cost is that time minus ``a``). Decode is timed at a context of
+    ``context`` tokens (prefilled first) over ``repeats`` steps; FLOPs are taken at the same context so
+    the speed carries over to other modules. Keep the defaults small: the result must come in a few
+    seconds even on a phone.
     """
-    from llnode.model.runner import ModuleRunner
+    from llnode.model.runner import ModuleRunner, fuse_block
 
     t_start = time.perf_counter()
     manifest = manifest or load_manifest(shard_dir)
     on_disk = [m for m in manifest.modules if (Path(shard_dir) / m.file).is_file()]
     probes: list[tuple[int, int]] = []
+    split = False  # probes 0 and 1: the first half of the layer run and all of it
     if module is not None:
         if not 0 <= module < manifest.num_modules:
             raise PlanError(f"module {module} is not in 0..{manifest.num_modules - 1}")
@@ -99,6 +122,9 @@ def profile_device(
         for m in on_disk:
             if m.kind == "layer" and len(run) < layers and (not run or m.index == run[-1] + 1):
                 run.append(m.index)
+        if len(run) >= 2:
+            probes.append((run[0], run[0] + len(run) // 2))
+            split = True
         if run:
             probes.append((run[0], run[-1] + 1))
         head = manifest.num_modules - 1
@@ -109,14 +135,18 @@ def profile_device(
     hidden = manifest.hidden_size
     limit = resources.cpu_limit()
     rng = np.random.default_rng(0)
-    decode_s = prefill_s = 0.0
-    decode_flops = prefill_flops = 0.0
     measured: dict[str, float] = {}
+    timed: list[tuple[float, float, float, float]] = []  # per probe: decode s, its FLOPs, prefill s, FLOPs
+    cpu_ms: list[float] = []  # per probe: decode CPU ms per step
+    prefills: list[Callable[[], object]] = []
+    decodes: list[Callable[[], object]] = []
+    runners = []
     for start, end in probes:
-        runner = ModuleRunner(shard_dir, manifest, start, end, threads=threads)
-        mods = manifest.modules[start:end]
         if start == 0:
             raise PlanError("profile a decoder layer or the head, not the embedding (a table lookup)")
+        # one session for the whole probe wherever it sits (``fuse`` >= every module index: one block)
+        runner = ModuleRunner(shard_dir, manifest, start, end, threads=threads, fuse=manifest.num_modules)
+        runners.append(runner)
         x_prompt = rng.standard_normal((1, prompt_tokens, hidden), dtype=np.float32)
         pos_prompt = np.arange(prompt_tokens, dtype=np.int64)[None, :]
 
@@ -125,30 +155,56 @@ def profile_device(
             r.step(sid, x, p)
             r.free(sid)
 
-        pf_wall, pf_cpu = _time_steps(prefill, 2)
-        pf = sustained(pf_wall, pf_cpu, limit)
-        prefill_s += pf
-        prefill_flops += prompt_tokens * sum(m.flops.at(prompt_tokens // 2) for m in mods)
         # decode: fill a context, then time single-token steps
-        sid = "profile-decode"
         ctx = rng.standard_normal((1, context, hidden), dtype=np.float32)
-        runner.step(sid, ctx, np.arange(context, dtype=np.int64)[None, :])
+        runner.step("profile-decode", ctx, np.arange(context, dtype=np.int64)[None, :])
         one = rng.standard_normal((1, 1, hidden), dtype=np.float32)
-        pos = [context]
 
-        def decode(r: ModuleRunner = runner, x: np.ndarray = one, p: list[int] = pos, s: str = sid) -> None:
-            r.step(s, x, np.array([[p[0]]], dtype=np.int64))
+        def decode(r: ModuleRunner = runner, x: np.ndarray = one, p: list[int] = [context]) -> None:  # noqa: B006
+            r.step("profile-decode", x, np.array([[p[0]]], dtype=np.int64))
             p[0] += 1
 
-        dc_wall, dc_cpu = _time_steps(decode, repeats)
+        prefills.append(prefill)
+        decodes.append(decode)
+    pf_times = _time_rounds(prefills, 2)
+    dc_times = _time_rounds(decodes, repeats)
+    for runner in runners:
+        runner.free("profile-decode")
+    for (start, end), (pf_wall, pf_cpu), (dc_wall, dc_cpu) in zip(probes, pf_times, dc_times, strict=True):
+        mods = manifest.modules[start:end]
+        pf = sustained(pf_wall, pf_cpu, limit)
         dc = sustained(dc_wall, dc_cpu, limit)
-        runner.free(sid)
-        decode_s += dc
-        decode_flops += sum(m.flops.at(context) for m in mods)
+        timed.append(
+            (
+                dc,
+                sum(m.flops.at(context) for m in mods),
+                pf,
+                prompt_tokens * sum(m.flops.at(prompt_tokens // 2) for m in mods),
+            )
+        )
+        cpu_ms.append(dc_cpu * 1e3)
         measured[f"decode_ms_modules_{start}_{end}"] = dc * 1e3
         measured[f"decode_wall_ms_modules_{start}_{end}"] = dc_wall * 1e3
         measured[f"decode_cpu_ms_modules_{start}_{end}"] = dc_cpu * 1e3
         measured[f"prefill_ms_modules_{start}_{end}_{prompt_tokens}tok"] = pf * 1e3
+    call = 0.0
+    if split:
+        # Split by CPU time, then scale to the sustained time: on a loaded machine the wall time of a
+        # few-ms step is mostly waiting for the core (2 and 4 layers took 29.5 and 29.0 ms of wall time
+        # at load 11, 3.9 and 7.7 ms of CPU), while CPU time is the work's own and is what a quota charges.
+        (s_half, e_half), (s_full, e_full) = probes[:2]
+        half, full = cpu_ms[0], cpu_ms[1]
+        per_layer = (full - half) / ((e_full - s_full) - (e_half - s_half))
+        # negative only by timing noise (the two probes a few ms apart): no fixed cost then
+        call = max(0.0, full - (e_full - s_full) * per_layer) / full * timed[1][0] if full > 0 else 0.0
+        timed = timed[1:]  # the half probe served the split; the speed comes from the full one and the head
+    decode_s = sum(t[0] for t in timed) - call * len(timed)
+    decode_flops = sum(t[1] for t in timed)
+    prefill_s = sum(t[2] for t in timed)
+    prefill_flops = sum(t[3] for t in timed)
+    if decode_s <= 0:  # cannot happen unless the fixed cost swallowed everything: price it per module
+        decode_s, call = sum(t[0] for t in timed), 0.0
+    measured["call_overhead_ms"] = call * 1e3
     mem = resources.memory()
     avail, total = mem.get("free", 0), mem.get("total", 0)
     if memory_limit:
@@ -167,6 +223,9 @@ def profile_device(
         decode_flops_per_s=decode_flops / decode_s,
         prefill_flops_per_s=prefill_flops / prefill_s,
         module_overhead_s=0.0,
+        call_overhead_s=call,
+        step_overhead_s=sustained(0.0, DAEMON_STEP_CPU_S, limit),
+        fuse_block=fuse_block(),
         memory_available_bytes=avail,
         memory_total_bytes=total,
         cores=cores,

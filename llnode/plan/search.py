@@ -53,13 +53,14 @@ class SearchTables:
         out: dict[int, int] = {}
         for d in self.devs:
             prefix, mem_end, hop = self.prefix[d], self.mem_end[d], self.min_hop[d]
+            fixed = self.inst.fixed_s(d)
             best = 0
             for j in range(n_m):
-                if mem_end[j] == n_m and prefix[n_m] - prefix[j] <= cap:
+                if mem_end[j] == n_m and prefix[n_m] - prefix[j] + fixed <= cap:
                     best = max(best, n_m - j)  # up to the end: no hop in a one-stage plan
                     continue
                 k = j
-                while k < min(mem_end[j], n_m - 1) and prefix[k + 1] - prefix[j] + hop <= cap:
+                while k < min(mem_end[j], n_m - 1) and prefix[k + 1] - prefix[j] + fixed + hop <= cap:
                     k += 1
                 best = max(best, k - j)
             out[d] = best
@@ -106,7 +107,7 @@ def ring_under_cap(tables: SearchTables, cap: float, node_limit: int = 2000) -> 
             return None
         if mem_end[d][j] >= n_m:
             back = 0.0 if d == first else rtt[d][first] + ob[n_m - 1] * inv_bw[d][first]
-            if prefix[d][n_m] - prefix[d][j] + back <= cap:
+            if prefix[d][n_m] - prefix[d][j] + inst.fixed_s(d) + back <= cap:
                 return [*path, (d, j)]
         reach = longest[d] + sum(longest[e] for e in useful if not used >> index[e] & 1)
         if reach < n_m - j:
@@ -117,8 +118,8 @@ def ring_under_cap(tables: SearchTables, cap: float, node_limit: int = 2000) -> 
         for e in useful:
             if used >> index[e] & 1:
                 continue
-            k = j
-            while k < limit and prefix[d][k + 1] - prefix[d][j] + rtt[d][e] + ob[k] * inv_bw[d][e] <= cap:
+            k, base = j, inst.fixed_s(d) - prefix[d][j]
+            while k < limit and prefix[d][k + 1] + base + rtt[d][e] + ob[k] * inv_bw[d][e] <= cap:
                 k += 1
             if k > j:
                 options.append((k, e))
@@ -193,7 +194,7 @@ def recut(inst: Instance, order: Sequence[int], rounds: int = 40) -> Evaluation 
                 ok = inst.fits(d, j, n_m) and inst.compute_s(d, j, n_m) + back <= cap
                 return [*cuts, n_m] if ok and j < n_m else None
             e = order[i + 1]
-            k, c = j, 0.0
+            k, c = j, inst.fixed_s(d)
             while k < n_m - (len(order) - 1 - i) and inst.fits(d, j, k + 1):
                 c += inst.t[d][k]
                 if c + inst.rtt[d][e] + ob[k] * inst.inv_bw[d][e] > cap:
@@ -204,7 +205,7 @@ def recut(inst: Instance, order: Sequence[int], rounds: int = 40) -> Evaluation 
             cuts.append(k)
         return None
 
-    lo, hi = 0.0, sum(max(inst.t[d]) for d in order) * n_m + 1.0
+    lo, hi = 0.0, sum(max(inst.t[d]) * n_m + inst.fixed_s(d) for d in order) + 1.0
     best = cuts_under(hi)
     if best is None:
         return None

@@ -318,7 +318,7 @@ def _explain(inst: Instance, ev: Evaluation, plan: Plan) -> None:
         if d in used:
             continue
         dev = inst.devices[d]
-        one = min(inst.t[d])
+        one = min(inst.t[d]) + inst.fixed_s(d)
         hop = min((inst.rtt[d][e] + hidden * inst.inv_bw[d][e] for e in used), default=0.0)
         if one + hop >= ev.bottleneck_s and inst.options.objective == "throughput":
             why = (

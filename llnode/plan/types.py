@@ -63,6 +63,13 @@ class DeviceProfile:
     memory_available_bytes: int
     prefill_flops_per_s: float = 0.0  # 0 -> same as decode
     module_overhead_s: float = 0.0  # fixed cost per module run (session.run call)
+    # A range runs as fused blocks of ``fuse_block`` modules, one ``session.run`` each
+    # (``llnode.model.runner``); each run costs ``call_overhead_s`` beyond its modules' own work, and
+    # every stage step ``step_overhead_s`` more (the daemon's own CPU: frames, hand-off, event loop).
+    # The cost model prices a range as fixed + per-module (``llnode.plan.costs.stage_fixed_s``).
+    call_overhead_s: float = 0.0
+    step_overhead_s: float = 0.0
+    fuse_block: int = 1
     name: str = ""
     memory_total_bytes: int = 0
     cores: int = 1
@@ -108,9 +115,12 @@ class DeviceProfile:
         kind = f"device {d['device_id']!r}"
         _num(d, "decode_flops_per_s", kind, positive=True)
         d["memory_available_bytes"] = int(_num(d, "memory_available_bytes", kind))
-        for key in ("prefill_flops_per_s", "module_overhead_s", "memory_total_bytes", "cores", "load"):
+        numeric = ("prefill_flops_per_s", "module_overhead_s", "call_overhead_s", "step_overhead_s")
+        for key in (*numeric, "fuse_block", "memory_total_bytes", "cores", "load"):
             if key in d:
                 _num(d, key, kind)
+        if "fuse_block" in d:
+            d["fuse_block"] = max(1, int(d["fuse_block"]))
         if d.get("battery_pct") is not None:
             pct = _num(d, "battery_pct", kind)
             if pct > 100:

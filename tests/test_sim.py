@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from llnode.emulate.profiles import LINKS, LinkClass, draw_fleet, pair_links
+from llnode.model.runner import fuse_block
 from llnode.plan import PlanOptions
+from llnode.plan.costs import runs_per_step
 from llnode.plan.synthetic import synthetic_manifest
 from llnode.plan.types import DeviceProfile, Plan, Stage
 from llnode.sim.costs import TOKEN_ID_BYTES, ModuleCosts, cached_costs
@@ -94,6 +96,22 @@ def test_batch_cost_follows_the_measured_curve() -> None:
     ms = {b: c.decode_range_s(0, 2, REF, b) * 1e3 for b in (1, 2, 3, 4, 6, 8, 10)}
     assert ms == pytest.approx({1: 20.0, 2: 24.0, 3: 27.0, 4: 30.0, 6: 38.0, 8: 46.0, 10: 54.0})
     assert c.decode_range_s(0, 2, REF / 2, 4) == pytest.approx(0.060)  # half the speed: twice the time
+
+
+def test_a_fused_range_pays_one_run_per_block_it_touches() -> None:
+    """The daemon runs blocks of ``fuse_block`` modules aligned to module indices, one ``session.run``
+    each: a range is priced at its modules' singles minus the fixed cost of the runs it does not make."""
+    c = replace(costs(), fuse_block=4, call_s=[1e-3, 2e-3, 3e-3, 4e-3], prefill_call_s=2e-3)
+    assert runs_per_step(0, 6, 4) == 2 and runs_per_step(2, 6, 4) == 2 and runs_per_step(3, 4, 4) == 1
+    assert runs_per_step(0, 6, 1) == 6
+    assert c.decode_range_s(0, 6, REF) == pytest.approx(0.060 - 4 * 1e-3)  # [0,4) and [4,6): 2 runs, not 6
+    assert c.decode_range_s(2, 6, REF) == pytest.approx(0.040 - 2 * 1e-3)  # [2,4) and [4,6)
+    assert c.decode_range_s(4, 5, REF) == pytest.approx(0.010)  # one module, one run: as measured
+    assert c.decode_range_s(0, 6, REF, 4) == pytest.approx(6 * 0.040 - 4 * 3e-3)  # the batch's own call cost
+    # prefill: the per-run cost does not grow with the tokens (16 tokens: twice the 8 measured)
+    body = 0.040 - 2e-3
+    assert c.prefill_range_s(0, 5, 16, REF) == pytest.approx(5 * body * 2 + 2 * 2e-3)
+    assert replace(c, fuse_block=1).decode_range_s(0, 6, REF) == pytest.approx(0.060)  # unfused: singles
 
 
 def test_prefill_runs_the_head_on_the_last_token_only() -> None:
@@ -224,6 +242,10 @@ def test_module_profile_on_a_real_shard_set(tiny_llama_shards: Path, tmp_path: P
     assert not cached and c.num_modules == 4
     assert all(t > 0 for t in c.decode_s) and all(t > 0 for t in c.prefill_s)
     assert c.out_bytes_per_token[-1] == TOKEN_ID_BYTES and c.reference_flops_per_s > 0
+    # the daemon's fused blocks were timed too: each session a range does not run saves a positive cost
+    assert c.fuse_block == fuse_block() and len(c.call_s) == 1 + len(c.batch_sizes)
+    assert all(x > 0 for x in c.call_s)
+    assert c.decode_range_s(0, 4, c.reference_flops_per_s) < sum(c.decode_s)
     again, cached = cached_costs(tiny_llama_shards, cache_dir=tmp_path)
     assert cached and again == c
     (next(tmp_path.iterdir())).write_text("{not json")

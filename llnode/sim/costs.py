@@ -23,17 +23,18 @@ import statistics
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from llnode.model.manifest import Manifest, load_manifest
+from llnode.plan.costs import runs_per_step
 
 CACHE_DIR = Path(os.environ.get("LLNODE_SIM_CACHE", Path.home() / ".cache" / "llnode" / "sim"))
 TOKEN_ID_BYTES = 8  # a token id between the entry and the first/last stage (int64)
 BATCH_SIZES = (2, 4, 8)  # decode batch sizes measured besides single steps (the batching curve)
-FORMAT = 5  # bump when the measured fields change: older caches are re-measured
+FORMAT = 6  # bump when the measured fields change: older caches are re-measured
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,17 @@ class ModuleCosts:
     # mean / fastest decode step while profiling: > 1 when other processes took part of the core (a
     # loaded machine); the simulator's ``cpu_share`` for runs at the same time is its inverse
     load_slowdown: float = 1.0
+    # How the daemon runs a range: blocks of ``fuse_block`` modules aligned to module indices, one
+    # ``session.run`` each (``ModuleRunner``); 1: one session per module, i.e. exactly ``decode_s``.
+    fuse_block: int = 1
+    # CPU seconds each module's own session costs beyond its share of a fused block, per batch size
+    # (1, *batch_sizes): (sum of single-module steps - sum of fused-block steps) / (runs saved). Empty: 0.
+    call_s: list[float] = field(default_factory=list)
+    prefill_call_s: float = 0.0  # the same for a prefill
+
+    def _saved_runs(self, start: int, end: int) -> int:
+        """``session.run`` calls a fused range makes fewer than one per module."""
+        return (end - start) - runs_per_step(start, end, self.fuse_block)
 
     @property
     def num_modules(self) -> int:
@@ -70,6 +82,9 @@ class ModuleCosts:
         batch of 2 too cheaply. Never cheaper than a smaller batch."""
         sizes = [1, *self.batch_sizes]
         times = [sum(self.decode_s[start:end])] + [sum(b[start:end]) for b in self.decode_batch_s]
+        saved = self._saved_runs(start, end)
+        if saved and self.call_s:
+            times = [t - saved * c for t, c in zip(times, self.call_s, strict=True)]
         for i in range(1, len(times)):
             times[i] = max(times[i], times[i - 1])
         k = next((i for i in range(1, len(sizes)) if batch <= sizes[i]), len(sizes) - 1)
@@ -81,9 +96,12 @@ class ModuleCosts:
         """A prefill of ``tokens`` tokens through ``[start, end)``, linear in tokens from the measured one;
         the head (the last module) runs on the last token only (``last_only``), so its cost is fixed."""
         head = self.num_modules - 1
-        linear = sum(self.prefill_s[start : min(end, head)]) * tokens / self.prompt_tokens
-        fixed = self.prefill_s[head] if end > head else 0.0
-        return (linear + fixed) * self.reference_flops_per_s / flops_per_s
+        call = self.prefill_call_s  # a run's fixed cost does not grow with the tokens
+        body = sum(t - call for t in self.prefill_s[start : min(end, head)])
+        fixed = (self.prefill_s[head] - call if end > head else 0.0) + call * runs_per_step(
+            start, end, self.fuse_block
+        )
+        return (body * tokens / self.prompt_tokens + fixed) * self.reference_flops_per_s / flops_per_s
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -142,7 +160,7 @@ def profile_modules(
     """Time every module of ``shard_dir`` as a pipeline runs them: one after the other, a decode step at
     ``context``, decode batches of ``BATCH_SIZES``, and one prefill of the prompt."""
     from llnode.model.batching import decode_batch
-    from llnode.model.runner import ModuleRunner
+    from llnode.model.runner import ModuleRunner, fuse_block
 
     t_start = time.perf_counter()
     manifest: Manifest = load_manifest(shard_dir)
@@ -188,18 +206,43 @@ def profile_modules(
 
         return run
 
-    kinds = [i.kind for i in manifest.modules]
-    prefill, _ = _in_pipeline_order([prefill_call(r) for r in runners], 3)
-    decode, slowdown = _in_pipeline_order(
-        [decode_call(r, k, 1) for r, k in zip(runners, kinds, strict=True)], repeats
-    )
-    batched = [
-        _in_pipeline_order([decode_call(r, k, size) for r, k in zip(runners, kinds, strict=True)], repeats)[0]
-        for size in BATCH_SIZES
-    ]
-    for r in runners:
-        for sid in r.sessions():
-            r.free(sid)
+    def measure(rs: list[ModuleRunner]) -> tuple[list[float], list[float], list[list[float]], float]:
+        """(prefill, decode, decode per batch size, load slowdown) of runners in pipeline order."""
+        kinds = ["layer" if r.layers else "other" for r in rs]
+        prefill, _ = _in_pipeline_order([prefill_call(r) for r in rs], 3)
+        decode, slowdown = _in_pipeline_order(
+            [decode_call(r, k, 1) for r, k in zip(rs, kinds, strict=True)], repeats
+        )
+        batched = [
+            _in_pipeline_order([decode_call(r, k, size) for r, k in zip(rs, kinds, strict=True)], repeats)[0]
+            for size in BATCH_SIZES
+        ]
+        for r in rs:
+            for sid in r.sessions():
+                r.free(sid)
+        return prefill, decode, batched, slowdown
+
+    prefill, decode, batched, slowdown = measure(runners)
+    del runners
+    # The daemon's blocks (``fuse_block``), timed the same way: what a fused run saves over one session
+    # per module is the fixed cost of the runs it does not make (cost(k) = calls * a + sum of bodies).
+    block = fuse_block()
+    n = manifest.num_modules
+    call_s: list[float] = []
+    prefill_run = 0.0
+    saved = n - runs_per_step(0, n, block)
+    if saved > 0:
+        fused = [
+            ModuleRunner(shard_dir, manifest, a, min(a + block, n), threads=threads)
+            for a in range(0, n, block)
+        ]
+        f_prefill, f_decode, f_batched, _ = measure(fused)
+        del fused
+        call_s = [
+            max(0.0, (sum(single) - sum(joint)) / saved)
+            for single, joint in zip([decode, *batched], [f_decode, *f_batched], strict=True)
+        ]
+        prefill_run = max(0.0, (sum(prefill) - sum(f_prefill)) / saved)
     layers = [i.index for i in manifest.modules if i.kind == "layer"]
     flops = sum(manifest.modules[m].flops.at(context) for m in layers)
     out = [manifest.boundary_bytes(m) for m in range(manifest.num_modules - 1)] + [TOKEN_ID_BYTES]
@@ -217,6 +260,9 @@ def profile_modules(
         measured_at=time.time(),
         profile_s=time.perf_counter() - t_start,
         load_slowdown=slowdown,
+        fuse_block=block if saved > 0 else 1,
+        call_s=call_s,
+        prefill_call_s=prefill_run,
     )
 
 

@@ -47,7 +47,7 @@ from llnode.model.manifest import Manifest
 from llnode.model.runner import fuse_block
 from llnode.pipeline.metrics import live_context
 from llnode.plan.bruteforce import brute_force_work
-from llnode.plan.costs import ModelCosts, build_instance, evaluate
+from llnode.plan.costs import ModelCosts, build_instance, evaluate, module_call_s, stage_fixed_s
 from llnode.plan.solve import make_plan, solve
 from llnode.plan.types import DeviceProfile, LinkProfile, Plan, PlanError, PlanOptions
 
@@ -211,7 +211,9 @@ def measured_profiles(
             continue
         flops = sum(costs.decode_flops[start:end])
         seconds = ms / 1000.0
-        seconds = max(seconds - (end - start) * base.module_overhead_s, 0.1 * seconds)
+        # the cost model adds the fixed parts back (per module, per run, per stage step): take them out
+        fixed = (end - start) * (base.module_overhead_s + module_call_s(base)) + stage_fixed_s(base)
+        seconds = max(seconds - fixed, 0.1 * seconds)
         if flops <= 0:
             continue
         new = base.with_measured_decode(flops, seconds)

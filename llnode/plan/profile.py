@@ -198,6 +198,10 @@ def profile_device(
         # negative only by timing noise (the two probes a few ms apart): no fixed cost then
         call = max(0.0, full - (e_full - s_full) * per_layer) / full * timed[1][0] if full > 0 else 0.0
         timed = timed[1:]  # the half probe served the split; the speed comes from the full one and the head
+        # a probe is one run: it cannot cost less than a run's fixed cost. Only noise makes the split say
+        # so (tiny layers, where the fixed cost is most of a step), and then the speed left over would be
+        # absurd (60 GFLOP/s for a throttled tiny model): bound the fixed cost by the cheapest probe.
+        call = min(call, *(t[0] for t in timed))
     decode_s = sum(t[0] for t in timed) - call * len(timed)
     decode_flops = sum(t[1] for t in timed)
     prefill_s = sum(t[2] for t in timed)

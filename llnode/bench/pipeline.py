@@ -279,6 +279,7 @@ async def _cluster_run(
         "throughput": {},
         "cpu_bound": {},
         "busy": {},
+        "cpu_ms": {},
     }
     async with aiohttp.ClientSession() as s:  # the latency rounds' per-hop profile (every step traced)
         entry: dict[str, Any] = await cluster.status(0, s) or {}
@@ -298,6 +299,9 @@ async def _cluster_run(
         # Each node's share of its (pinned) core: ~1.0 is a saturated node, well below 1 on every node
         # means the sessions wait for each other (queueing order, hand-offs) or for the host.
         out["busy"][n] = [u / span for u in used]
+        # Each node's CPU ms per token served: how evenly the plan split the work (the pinned cores are
+        # alike, so an uneven split is the planner's start-up profiles, measured under whatever load).
+        out["cpu_ms"][n] = [1000 * u / done for u in used]
     async with aiohttp.ClientSession() as s:
         status: dict[str, Any] = await cluster.status(0, s) or {}
     stages = status.get("pipeline", {}).get("plan", {}).get("plan", {}).get("stages", [])
@@ -469,14 +473,21 @@ def run(args: argparse.Namespace) -> int:
     tput: dict[str, dict[int, dict[int, float]]] = {}
     bound: dict[str, dict[int, dict[int, float]]] = {}
     busy: dict[str, dict[int, list[float]]] = {}
+    cpu_ms: dict[str, dict[int, list[float]]] = {}
     for mode, env in modes:
         by_nodes = {n: _run_cluster(shards, n, args.tokens, 1, sessions, pin=True, env=env) for n in (1, 2)}
         tput[mode] = {n: r["throughput"] for n, r in by_nodes.items()}
         bound[mode] = {n: r["cpu_bound"] for n, r in by_nodes.items()}
         busy[mode] = by_nodes[2]["busy"]
+        cpu_ms[mode] = by_nodes[2]["cpu_ms"]
         print(
-            f"{mode}, 2 nodes {by_nodes[2]['stages']}: each node's busy share of its core at "
-            + ", ".join(f"{n} sessions {[round(b, 2) for b in busy[mode][n]]}" for n in sessions),
+            f"{mode}, 2 nodes {by_nodes[2]['stages']}, each node's busy share of its core / CPU ms per "
+            "token: "
+            + ", ".join(
+                f"{n} sessions {[round(b, 2) for b in busy[mode][n]]} / "
+                f"{[round(c, 1) for c in cpu_ms[mode][n]]}"
+                for n in sessions
+            ),
             flush=True,
         )
     # With batching, two stages each batch half the sessions (two groups keep both busy), so two
@@ -550,6 +561,7 @@ def run(args: argparse.Namespace) -> int:
         "cpu_bound_1": bound["batched"][1],
         "cpu_bound_2": bound["batched"][2],
         "busy_2": busy,  # mode -> sessions -> each node's CPU seconds per wall second
+        "cpu_ms_per_token_2": cpu_ms,  # mode -> sessions -> each node's CPU ms per token served
         "prefill_gap_ms": {"chunked": chunked["max_gap_ms"], "whole": unchunked["max_gap_ms"]},
         "prefill_long_s": {"chunked": chunked["long_ttft_s"], "whole": unchunked["long_ttft_s"]},
         "hops_2": hop_summary(two["hops"]),

@@ -85,6 +85,7 @@ def _rss() -> dict[str, int]:
 
 
 def _worker(shard_dir: Path, threads: int) -> int:
+    from llnode.model.manifest import load_manifest
     from llnode.model.reference import ChainStepper
     from llnode.model.runner import ModuleRunner
     from llnode.model.tokenizer import load_tokenizer
@@ -93,16 +94,20 @@ def _worker(shard_dir: Path, threads: int) -> int:
     from llnode.process import release_memory
 
     base = memory()  # the interpreter with numpy, onnxruntime and llnode imported, nothing loaded
-    runner = ModuleRunner(shard_dir, threads=threads)
+    manifest = load_manifest(shard_dir)
+    # The tokenizer first, so its share (only an entry node needs it) is told apart from the sessions'.
+    tok = load_tokenizer(shard_dir, manifest.tokenizer_file)
+    tok_mem = memory()
+    runner = ModuleRunner(shard_dir, manifest, threads=threads)
     chain = ChainStepper(runner, "speed")
-    tok = load_tokenizer(shard_dir, runner.manifest.tokenizer_file)
     text = tok.encode(PPL_TEXT * 3)[: runner.manifest.max_context]
     rng = np.random.default_rng(0)
     vocab = runner.manifest.vocab_size
     loaded = _rss()
     # From here VmHWM is the workload's own peak (prefill activations, KV), apart from the load peak.
     reset_peak()
-    ready = {"baseline_rss": base["rss"], "baseline_anon": base["anon"], "baseline_file": base["file"]}
+    ready = {"baseline_rss": base["rss"], "tokenizer_rss": tok_mem["rss"] - base["rss"]}
+    ready |= {"before_sessions_anon": tok_mem["anon"], "before_sessions_file": tok_mem["file"]}
     print(json.dumps({"ready": True, **ready, **loaded}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -357,7 +362,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{label}: {env_s}; decode over {p} side by side (threads x contexts): {ratio}")
     print(
         "memory, MiB of RSS of each worker process: 'base' after importing numpy, onnxruntime and llnode "
-        "(nothing loaded); 'anon'/'file': what building the sessions added, as anonymous pages "
+        "(nothing loaded); 'tok' what loading the tokenizer added (an entry node's); 'anon'/'file': "
+        "what building the sessions added, as anonymous pages "
         "(onnxruntime's prepacked weights, graphs) and file pages (weights mapped from the module files, "
         "code); 'load' the peak while building; 'kv' the KV buffers at the largest context; 'work' the "
         f"peak of the measured prefills (in {PREFILL_CHUNK}-token chunks, as a node does) and decodes "
@@ -365,17 +371,19 @@ def run(args: argparse.Namespace) -> int:
         "divide by the bytes of the shard set's module files"
     )
     print(
-        f"{'precision':14s} {'thr':>3s} {'shards':>6s} {'base':>5s} {'anon':>5s} {'file':>5s} {'load':>5s} "
+        f"{'precision':14s} {'thr':>3s} {'shards':>6s} {'base':>5s} {'tok':>4s} {'anon':>5s} {'file':>5s} "
+        f"{'load':>5s} "
         f"{'kv':>4s} {'work':>5s} {'peak':>5s} {'peak/shards':>11s} {'(peak-base)/shards':>18s} "
         f"{'steady':>6s} {'steady/shards':>13s}"
     )
     mib = 2**20
     for p, t in workers:
         sb, base, pk, info = shard_bytes[p], baseline[(p, t)], peak[(p, t)], workers[(p, t)].loaded
-        anon = (info["anon"] - info["baseline_anon"]) / mib
-        file = (info["file"] - info["baseline_file"]) / mib
+        anon = (info["anon"] - info["before_sessions_anon"]) / mib
+        file = (info["file"] - info["before_sessions_file"]) / mib
         print(
-            f"{p:14s} {t:3d} {sb / mib:6.0f} {base / mib:5.0f} {anon:5.0f} {file:5.0f} "
+            f"{p:14s} {t:3d} {sb / mib:6.0f} {base / mib:5.0f} {info['tokenizer_rss'] / mib:4.0f} "
+            f"{anon:5.0f} {file:5.0f} "
             f"{load_peak[(p, t)] / mib:5.0f} {kv.get((p, t), 0) / mib:4.0f} {work_peak[(p, t)] / mib:5.0f} "
             f"{pk / mib:5.0f} {pk / sb:10.2f}x {(pk - base) / sb:17.2f}x "
             f"{steady[(p, t)] / mib:6.0f} {steady[(p, t)] / sb:12.2f}x"
@@ -411,10 +419,13 @@ def run(args: argparse.Namespace) -> int:
         "baseline_rss_mib": {f"{p}/{t}t": round(v / 2**20, 1) for (p, t), v in baseline.items()},
         "load_peak_rss_mib": {f"{p}/{t}t": round(v / 2**20, 1) for (p, t), v in load_peak.items()},
         "workload_peak_rss_mib": {f"{p}/{t}t": round(v / 2**20, 1) for (p, t), v in work_peak.items()},
+        "tokenizer_mib": {
+            f"{p}/{t}t": round(w.loaded["tokenizer_rss"] / 2**20, 1) for (p, t), w in workers.items()
+        },
         "kv_mib": {f"{p}/{t}t": round(v / 2**20, 3) for (p, t), v in kv.items()},
         "sessions_mib": {
             f"{p}/{t}t": {
-                part: round((w.loaded[part] - w.loaded[f"baseline_{part}"]) / 2**20, 1)
+                part: round((w.loaded[part] - w.loaded[f"before_sessions_{part}"]) / 2**20, 1)
                 for part in ("anon", "file")
             }
             for (p, t), w in workers.items()

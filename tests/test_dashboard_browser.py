@@ -133,10 +133,16 @@ def test_lists_three_peers_and_the_leader(browser: Any, cluster: list[Daemon]) -
     assert leaders == [leader_name]
     assert page.get_attribute("#conn", "data-state") == "live"
     assert leader_name in page.inner_text("#summary")
-    # every node shows the same cluster: bravo's page agrees
+    # every node shows the same cluster: bravo's page agrees. Both pages are read together, until they
+    # agree: a rebalance (a loaded machine makes measured speeds drift) may change the roles between two
+    # reads, and gossip reaches the two nodes a moment apart.
     other = _open(browser, cluster[1].url + "/")
     other.wait_for_function("document.querySelectorAll('#peers .card[data-status=alive]').length === 3")
-    assert {n: c["roles"] for n, c in _cards(other).items()} == {n: c["roles"] for n, c in cards.items()}
+
+    def roles(p: Any) -> dict[str, str]:
+        return {n: c["roles"] for n, c in _cards(p).items()}
+
+    wait_until(lambda: roles(other) == roles(page), 15, what=f"same roles on two pages: {roles(page)}")
     assert page.errors == [] and other.errors == []
     other.close()
     page.close()
@@ -165,13 +171,18 @@ def test_chat_box_streams_an_answer(browser: Any, cluster: list[Daemon]) -> None
     page.wait_for_selector("#peers .card")
     page.fill("#chat-input", "Say something about distributed inference.")
     page.click("#chat-send")
-    page.wait_for_selector("#chat-log .msg.assistant[data-state=streaming]", timeout=10000)
-    page.wait_for_selector("#chat-log .msg.assistant[data-state=done]", timeout=60000)
+    # Wait for the end of the exchange, not for the transient "streaming" state: a short answer from the
+    # tiny model can stream completely between two polls, and a failed request removes the message and
+    # shows an error instead. Either way the chat log then says what happened.
+    page.wait_for_selector(
+        "#chat-log .msg.assistant[data-state=done], #chat-log .msg.error", timeout=60000
+    )
     assert not page.query_selector("#chat-log .msg.error"), page.inner_text("#chat-log")
     stats = page.inner_text("#chat-log .msg.assistant .stats")
     chunks = int(re.match(r"(\d+) chunks", stats).group(1))  # type: ignore[union-attr]
     answer = page.inner_text("#chat-log .msg.assistant").replace(stats, "").strip()
-    assert chunks >= 2 and answer, stats
+    # streamed: several delta chunks, and the first one arrived before the end (its time is shown)
+    assert chunks >= 2 and answer and "first after" in stats, stats
     # the tokens went through the pipeline: the throughput chart has a non-zero sample soon after
     page.wait_for_function(
         "(document.getElementById('tps-now').textContent || '').match(/[1-9]/)", timeout=15000

@@ -6,9 +6,12 @@ share of one core (:mod:`llnode.emulate.cgroups`); never sleeps.
 1. Static heterogeneity: 3 nodes at 100 % / 60 % / 30 % of a core, 4 concurrent sessions. Measured
    tokens/s of the MILP plan the leader chose, of an even split, of a memory-proportional split, and of
    the best few plans of a brute force over every order and cut point (ranked by the cost model with the
-   speeds the nodes measured, then each measured for real). Plans other than the leader's own are
-   imposed through ``POST /api/bench/impose-plan`` (enabled only by ``LLNODE_BENCH_IMPOSE=1``), with
-   rebalancing off so that nothing moves while a plan is measured.
+   speeds the nodes measured, then each measured for real). Plans are imposed through
+   ``POST /api/bench/impose-plan`` (enabled only by ``LLNODE_BENCH_IMPOSE=1``), with rebalancing off so
+   that nothing moves while a plan is measured, in ``--rounds`` interleaved rounds (each rotated by
+   one) on the same cluster; the figures are medians, every round is printed with each stage's mean
+   decode batch. One draw per plan was not a figure: the same code gave ``milp_over_best`` 0.41 and
+   0.81 in two quiet runs, one plan shape measuring 12.8 and 29.9 tok/s.
 2. Drift: 3 equal nodes, then the busiest stage node's quota is cut to 30 % mid-run. Tokens/s over time
    with and without rebalancing (fresh clusters), recovery time and where it went (detection, decision,
    loading, re-prefill, back to speed), failed requests; a timeline PNG. Recovered means within 10 % of
@@ -21,8 +24,9 @@ Plans are costed at the context the benchmark's sessions are really at (prompt +
 tokens), as the leader does once it measures it: at the planner's default (half the model's maximum
 context) a layer's attention weighs 2.3x more against the head than it does here.
 
-The last line (``--json``) holds ``milp_over_even``, ``milp_over_best``, ``rebalance_gain``,
-``failed_requests``, ``recovery_s`` and ``steady_replans``.
+The last line (``--json``) holds ``milp_over_even``, ``milp_over_best``, ``paired_milp_over_best``,
+``rebalance_gain``, ``rebalance_gain_retained`` (each drift run over its own pre-cut rate),
+``rebalance_gain_ceiling``, ``failed_requests``, ``recovery_s`` and ``steady_replans``.
 """
 
 from __future__ import annotations

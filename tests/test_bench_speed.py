@@ -39,7 +39,7 @@ def test_bench_speed_json(
     monkeypatch.setenv("LLNODE_CACHE", str(tmp_path))
     args = ["bench", "speed", "--model", str(tiny_model_dirs["llama"]), "--json"]
     args += ["--rounds", "1", "--steps", "2", "--threads", "1", "--contexts", "4,40"]
-    args += ["--variant", "nomap:LLNODE_MAP_WEIGHTS=0"]
+    args += ["--variant", "nomap:LLNODE_MAP_WEIGHTS=0", "--profile"]
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(out["decode_ms"]) == {"fp32", "int8", "int4"}
@@ -62,6 +62,10 @@ def test_bench_speed_json(
     variant = out["variants"]["int4+nomap"]
     assert variant["env"] == {"LLNODE_MAP_WEIGHTS": "0"} and variant["decode_ms"] > 0
     assert "int4+nomap" not in out["decode_ms"]  # variants never compete for the default
+    # the profile: shares of real operators that add up to the whole kernel time, inside the runs' time
+    prof = out["op_profile"]["int4/1t"]
+    assert "MatMulNBits" in prof["ops"] and abs(sum(prof["ops"].values()) - 1.0) < 0.01
+    assert 0.0 < prof["kernel_over_run"] <= 1.0
 
 
 def test_variants_parse_or_say_what_is_wrong() -> None:

@@ -70,6 +70,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also measure the default precision with these environment variables set, side by side "
         "(e.g. nomap:LLNODE_MAP_WEIGHTS=0); repeatable",
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile the smallest set's decode per operator type at each thread count",
+    )
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     parser.add_argument("--worker", nargs=2, metavar=("SHARD_DIR", "THREADS"), help=argparse.SUPPRESS)
 
@@ -134,6 +139,8 @@ def _worker(shard_dir: Path, threads: int) -> int:
                 "decode_ms": decode * 1000 / steps,
                 "kv_bytes": kv,
             }
+        elif cmd["op"] == "profile":
+            reply = _op_profile(shard_dir, runner.manifest, threads, int(cmd["steps"]))
         elif cmd["op"] == "quality":
             logits = chain.step(np.asarray([text], np.int64), np.arange(len(text), dtype=np.int64)[None])[0]
             chain.reset()
@@ -151,6 +158,54 @@ def _worker(shard_dir: Path, threads: int) -> int:
             reply = {"error": f"unknown op {cmd['op']!r}"}
         print(json.dumps({**reply, **_rss()}), flush=True)
     return 0
+
+
+def _op_profile(shard_dir: Path, manifest: Any, threads: int, steps: int) -> dict[str, Any]:
+    """onnxruntime's profiler over ``steps`` decode steps after a 32-token prompt, on a second runner
+    built with profiling on: kernel time per operator type, and kernel time over the runs' time (the rest
+    is the executor between kernels: thread-pool hand-offs, allocation). WHY in the bench: which ops
+    dominate at 2 threads, beyond MatMulNBits, is only worth knowing from a quiet machine, i.e. from the
+    same command that measures the ratios. Run after the memory figures (this runner adds its sessions)."""
+    import tempfile
+
+    import llnode.model.runner as runner_mod
+
+    plain = runner_mod._session_options
+    tmp = tempfile.mkdtemp(prefix="llnode-profile-")
+
+    def profiling(threads: int | None) -> Any:
+        so = plain(threads)
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(tmp) / "ort")
+        return so
+
+    runner_mod._session_options = profiling  # only for this runner's sessions
+    try:
+        prof = runner_mod.ModuleRunner(shard_dir, manifest, threads=threads)
+    finally:
+        runner_mod._session_options = plain
+    ids = np.arange(100, 132, dtype=np.int64)[None]
+    logits = prof.step("p", ids, np.arange(32, dtype=np.int64)[None], last_only=True)
+    for i in range(steps):
+        nxt = np.asarray([[int(np.argmax(logits[0, -1]))]], np.int64)
+        logits = prof.step("p", nxt, np.asarray([[32 + i]], np.int64))
+    ops: dict[str, float] = {}
+    run_us = 0.0
+    for unit in prof.units():
+        trace = Path(unit.session.end_profiling())
+        for ev in json.loads(trace.read_text()):
+            if ev.get("cat") == "Node" and str(ev.get("name", "")).endswith("_kernel_time"):
+                op = ev.get("args", {}).get("op_name", "?")
+                ops[op] = ops.get(op, 0.0) + float(ev.get("dur", 0))
+            elif ev.get("cat") == "Session" and ev.get("name") == "model_run":
+                run_us += float(ev.get("dur", 0))
+        trace.unlink(missing_ok=True)
+    os.rmdir(tmp)
+    kernel = sum(ops.values()) or 1.0
+    return {
+        "ops": {k: v / kernel for k, v in sorted(ops.items(), key=lambda kv: -kv[1])},
+        "kernel_over_run": kernel / run_us if run_us else 0.0,
+    }
 
 
 def _save_logp(logp: np.ndarray) -> Path:
@@ -310,6 +365,7 @@ def run(args: argparse.Namespace) -> int:
     baseline = {k: int(w.loaded["baseline_rss"]) for k, w in workers.items()}
     load_peak = {k: int(w.loaded["peak_rss"]) for k, w in workers.items()}
     kv: dict[tuple[str, int], int] = {}
+    profiles: dict[int, dict[str, Any]] = {}
     gguf = args.gguf or (_gguf(args.model) if args.llama_bench else None)
     dec: dict[tuple[str, int, int], list[float]] = {}
     pre: dict[tuple[str, int, int], list[float]] = {}
@@ -337,6 +393,8 @@ def run(args: argparse.Namespace) -> int:
             peak[(p, t)] = max(load_peak[(p, t)], work_peak[(p, t)])
         qual_t = 2 if 2 in threads else threads[0]
         quality = _quality({p: workers[(p, qual_t)].ask(op="quality") for p in precisions})
+        if args.profile:  # the smallest set (the default when speeds tie), every thread count
+            profiles = {t: workers[(small, t)].ask(op="profile", steps=args.steps) for t in threads}
     finally:
         for w in workers.values():
             w.close()
@@ -390,6 +448,12 @@ def run(args: argparse.Namespace) -> int:
         )
     for (t, c), ms in sorted(lmed.items()):
         print(f"llama.cpp {t:3d} threads, context {c}: {ms:7.2f} ms/tok")
+    for t, prof in profiles.items():
+        top = ", ".join(f"{op} {share:.0%}" for op, share in list(prof["ops"].items())[:10])
+        print(
+            f"profile {small}, {t} thread(s), {args.steps} decode steps: kernel time "
+            f"{prof['kernel_over_run']:.0%} of the runs'; by operator: {top}"
+        )
     for p, q in quality.items():
         print(
             f"quality {p}: perplexity {q['ppl']:.3f} (x{q['ppl_ratio']:.3f} fp32), top-1 agreement "
@@ -433,6 +497,14 @@ def run(args: argparse.Namespace) -> int:
         "shard_mib": {p: round(v / 2**20, 1) for p, v in shard_bytes.items()},
         "quality": {p: {k: round(v, 4) for k, v in q.items()} for p, q in quality.items()},
     }
+    if profiles:
+        result["op_profile"] = {
+            f"{small}/{t}t": {
+                "kernel_over_run": round(prof["kernel_over_run"], 3),
+                "ops": {k: round(v, 4) for k, v in prof["ops"].items()},
+            }
+            for t, prof in profiles.items()
+        }
     if variants:
         result["variants"] = {
             label: {

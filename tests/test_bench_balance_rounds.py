@@ -82,3 +82,14 @@ def test_the_retained_gain_cancels_which_fresh_cluster_each_drift_run_drew() -> 
     same = {**drift, "with": {**drift["with"], "tokens_per_s_before": 33.396}}
     assert retained_gain(same) == pytest.approx(23.384 / 22.246, abs=1e-3)
     assert retained_gain({}) is None and gain_ceiling({}) is None
+
+
+def test_quota_use_says_whether_a_nodes_quota_binds() -> None:
+    from llnode.bench.balance import quota_use
+
+    # over 10 s: a node at 0.6 of a core that used 6 s is held to its quota; one that used 3 s is not;
+    # a node at 0.3 that used 3 s is; a gone process (None) has no figure
+    use = quota_use([1.0, 2.0, 0.5, None], [7.0, 5.0, 3.5, 4.0], 10.0, [0.6, 0.6, 0.3, 0.6])
+    assert use == [1.0, 0.5, 1.0, None]
+    assert quota_use([0.0], [1.0], 0.0, [0.6]) == [None]
+

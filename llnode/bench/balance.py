@@ -58,6 +58,7 @@ from llnode.plan.baselines import _split
 from llnode.plan.costs import ModelCosts
 from llnode.plan.solve import solve
 from llnode.plan.types import DeviceProfile, PlanOptions
+from llnode.process import cpu_seconds
 
 PROMPT = "Once upon a time, in a small village by the river,"
 
@@ -206,10 +207,13 @@ async def _mean_batches(cluster: LocalCluster, session: aiohttp.ClientSession) -
     over the stages (small batches, every stage busy), on the same plan."""
     out: dict[str, float] = {}
     for i in range(cluster.nodes):
-        stage = ((await _status(cluster, session, i)).get("pipeline") or {}).get("stage") or {}
+        pipeline = (await _status(cluster, session, i)).get("pipeline") or {}
+        stage = pipeline.get("stage") or {}
+        if stage.get("epoch") != pipeline.get("epoch"):  # a stage of an older plan, not yet closed
+            continue
         counts = {int(k): v for k, v in (stage.get("batches") or {}).items()}
         if counts:
-            out[f"node{i}"] = sum(k * v for k, v in counts.items()) / sum(counts.values())
+            out[f"node{i}"] = round(sum(k * v for k, v in counts.items()) / sum(counts.values()), 3)
     return out
 
 
@@ -436,6 +440,23 @@ async def reference_run(args: argparse.Namespace, shards: Path, slow: int) -> di
             "failed_requests": len(load.failed), "failures": load.failed[:5], "mean_batch": batches}
 
 
+BEFORE_FROM_S = 8.0  # a drift run's "before the cut" starts this long after the load (warm-up)
+
+
+def _cpu_seconds(cluster: LocalCluster) -> list[float | None]:
+    """Every node process's CPU seconds so far (all its threads: what its CPU group's quota charges)."""
+    return [cpu_seconds(p.pid) for p in cluster.procs]
+
+
+def quota_use(start: Sequence[float | None], end: Sequence[float | None], seconds: float,
+              quotas: Sequence[float]) -> list[float | None]:
+    """Each node's share of its CPU quota used over ``seconds``: 1.0 means the quota binds. Why: a cut
+    from 0.6 to 0.3 of a core can only halve a node's speed if the 0.6 bound before the cut; on a host
+    whose cores bind first (3 x 0.6 cores on 2), the cut costs less and so can a rebalance gain less."""
+    return [None if a is None or b is None or seconds <= 0 or q <= 0 else round((b - a) / (seconds * q), 3)
+            for a, b, q in zip(start, end, quotas, strict=True)]
+
+
 async def drift_run(args: argparse.Namespace, shards: Path, rebalance: bool,
                     reference: dict[str, Any] | None = None) -> dict[str, Any]:
     env = {"LLNODE_THREADS": "1", "LLNODE_REBALANCE": "1" if rebalance else "0",
@@ -451,15 +472,18 @@ async def drift_run(args: argparse.Namespace, shards: Path, rebalance: bool,
             load = Load(cluster, args.sessions, args.tokens)
             await load.start(session)
             t0 = time.monotonic()
-            await asyncio.sleep(args.cut_at_s)
+            await asyncio.sleep(min(BEFORE_FROM_S, args.cut_at_s))
+            t_from, cpu_from = time.monotonic(), _cpu_seconds(cluster)
+            await asyncio.sleep(max(0.0, args.cut_at_s - BEFORE_FROM_S))
             # the busiest stage of the plan in force at the cut (a rebalance may have moved it since)
             now = ((await _status(cluster, session, leader))["pipeline"]["plan"] or {}).get("plan") or plan
             biggest = max(now["stages"], key=lambda s: s["end"] - s["start"])
             slow = ids.index(biggest["device_id"])
+            cpu_cut = _cpu_seconds(cluster)
             cluster.set_quota(slow, args.cut_to)
             t_cut, wall_cut = time.monotonic(), time.time()
             await asyncio.sleep(max(0.0, args.drift_s - args.cut_at_s))
-            t_end = time.monotonic()
+            t_end, cpu_end = time.monotonic(), _cpu_seconds(cluster)
             await load.stop()
             batches = await _mean_batches(cluster, session)  # the plan in force at the end
             events: list[dict[str, Any]] = []
@@ -474,7 +498,8 @@ async def drift_run(args: argparse.Namespace, shards: Path, rebalance: bool,
     bucket = 2.0
     times = np.arange(0.0, t_end - t0, bucket)
     rates = [load.rate(t0 + b, t0 + b + bucket) for b in times]
-    before = load.rate(t0 + 8.0, t_cut)
+    before = load.rate(t0 + BEFORE_FROM_S, t_cut)
+    quotas_after = [args.cut_to if i == slow else args.drift_quota for i in range(3)]
     after = load.rate(t_cut, t_end)
     tail = load.rate(t_end - (t_end - t_cut) / 3, t_end)
     fresh = reference["tokens_per_s"] if reference else 0.0
@@ -491,6 +516,8 @@ async def drift_run(args: argparse.Namespace, shards: Path, rebalance: bool,
         "timeline": {"t": [float(t) for t in times], "tokens_per_s": [round(r, 3) for r in rates]},
         "cut_at_s": round(t_cut - t0, 1), "failed_requests": len(load.failed), "failures": load.failed[:5],
         "completed": load.completed, "mean_batch": batches,
+        "quota_use_before": quota_use(cpu_from, cpu_cut, t_cut - t_from, [args.drift_quota] * 3),
+        "quota_use_after": quota_use(cpu_cut, cpu_end, t_end - t_cut, quotas_after),
         "rebalances": predicted_vs_measured(events),
         "events": [{k: ev.get(k) for k in ("kind", "node", "message", "predicted_gain", "measured_gain",
                                            "solve_s")}
@@ -683,14 +710,16 @@ def run(args: argparse.Namespace) -> int:
             without = await drift_run(args, shards, rebalance=False, reference=reference)
             print(f"drift without rebalancing: {without['tokens_per_s_before']:.2f} -> "
                   f"{without['tokens_per_s_after']:.2f} tok/s ({without['after_over_fresh']} of the fresh "
-                  f"plan), recovered {without['recovery_s']} s; mean decode batch {without['mean_batch']}",
-                  flush=True)
+                  f"plan), recovered {without['recovery_s']} s; mean decode batch {without['mean_batch']}; "
+                  f"share of each node's quota used before / after the cut {without['quota_use_before']} / "
+                  f"{without['quota_use_after']}", flush=True)
             with_rb = await drift_run(args, shards, rebalance=True, reference=reference)
             print(f"drift with rebalancing: {with_rb['tokens_per_s_before']:.2f} -> "
                   f"{with_rb['tokens_per_s_after']:.2f} tok/s (tail {with_rb['tokens_per_s_tail']:.2f}; "
                   f"{with_rb['after_over_fresh']} / {with_rb['tail_over_fresh']} of the fresh plan; before "
                   f"the cut {with_rb['before_over_fresh']}), recovery {with_rb['recovery_s']} s; mean decode "
-                  f"batch {with_rb['mean_batch']}", flush=True)
+                  f"batch {with_rb['mean_batch']}; quota used before / after {with_rb['quota_use_before']} / "
+                  f"{with_rb['quota_use_after']}", flush=True)
             for ev in with_rb["events"]:
                 print(f"  event {ev['kind']}: {ev['message']}")
             for rb in with_rb["rebalances"]:

@@ -17,7 +17,7 @@ from llnode.plan import PlanOptions
 from llnode.plan.costs import runs_per_step
 from llnode.plan.synthetic import synthetic_manifest
 from llnode.plan.types import DeviceProfile, Plan, Stage
-from llnode.sim.costs import TOKEN_ID_BYTES, ModuleCosts, cached_costs
+from llnode.sim.costs import TOKEN_ID_BYTES, ModuleCosts, cached_costs, range_check
 from llnode.sim.engine import Event, Overheads, Simulator, Workload, planner
 
 HIDDEN = 2304  # bytes per token of SmolLM2's hidden state
@@ -251,6 +251,17 @@ def test_module_profile_on_a_real_shard_set(tiny_llama_shards: Path, tmp_path: P
     (next(tmp_path.iterdir())).write_text("{not json")
     _, cached = cached_costs(tiny_llama_shards, cache_dir=tmp_path)
     assert not cached  # a broken cache is measured again, not trusted
+
+
+def test_the_range_check_times_the_daemons_own_runner(tiny_llama_shards: Path, tmp_path: Path) -> None:
+    """`bench sim --fused-check`: each range's price next to its runner's CPU per step, in one process."""
+    c, _ = cached_costs(tiny_llama_shards, cache_dir=tmp_path)
+    rows = range_check(tiny_llama_shards, c, (((0, 4),), ((0, 1), (1, 4)), ((2, 9),)), repeats=3)
+    assert [(r["start"], r["end"]) for r in rows] == [(0, 4), (0, 1), (1, 4)]  # [2, 9) is not in the model
+    assert all(r["measured_s"] > 0 for r in rows)
+    whole = rows[0]
+    assert whole["fused_s"] < whole["per_module_s"]  # one run instead of four
+    assert rows[1]["fused_s"] == pytest.approx(rows[1]["per_module_s"])  # one module: one run either way
 
 
 def test_validation_verdict_counts_a_collapsed_run_as_a_miss() -> None:

@@ -77,6 +77,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-scale", action="store_true")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     parser.add_argument(
+        "--fused-check",
+        action="store_true",
+        help="only price the daemon's ranges (fused blocks and per module) against its runner's CPU per "
+        "step, side by side in one process (seconds; no root)",
+    )
+    parser.add_argument(
         "--repredict",
         type=Path,
         default=None,
@@ -728,6 +734,26 @@ def _print_rows(rows: list[dict[str, Any]]) -> int:
     return within
 
 
+def fused_check(shards: Path, as_json: bool, context: int = 25) -> int:
+    """Module costs as the validation measures them, then each range of :data:`CHECK_PIPELINES` priced
+    (fused and per module) next to the CPU of a step of the daemon's own runner over it."""
+    from llnode.sim.costs import profile_modules, range_check
+
+    costs = profile_modules(shards, threads=1, context=context)
+    rows = range_check(shards, costs)
+    print(f"{'range':>9} {'runner CPU ms':>14} {'fused price':>17} {'per-module price':>17}")
+    for r in rows:
+        m, fused, single = r["measured_s"], r["fused_s"], r["per_module_s"]
+        print(
+            f"[{r['start']:>2},{r['end']:>2}) {m * 1e3:14.1f} {fused * 1e3:10.1f} ({fused / m - 1:+4.0%})"
+            f" {single * 1e3:10.1f} ({single / m - 1:+4.0%})"
+        )
+    print(f"fixed cost per session.run saved (batch 1/2/4/8): {[round(c * 1e3, 2) for c in costs.call_s]} ms")
+    if as_json:
+        print(json.dumps({"fused_check": rows, "call_s": costs.call_s, "context": context}))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     if args.repredict is not None:
         saved = json.loads(args.repredict.read_text().strip().splitlines()[-1])
@@ -738,6 +764,8 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps({"validation": rows, "within_15pct": within}, default=str))
         return 0
     shards = shard_dir(args.shards)
+    if args.fused_check:
+        return fused_check(shards, args.json)
     summary: dict[str, Any] = {"validation": [], "plan_s": {}}
     log: list[str] = []
     if not args.skip_validation:

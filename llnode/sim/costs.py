@@ -290,3 +290,63 @@ def cached_costs(
     tmp.write_text(json.dumps(costs.to_dict()))
     tmp.replace(path)
     return costs, False
+
+
+# Pipelines of the daemon's own ranges timed by :func:`range_check`: one node, and the cuts the
+# validation's 2- and 4-node clusters ran (each pipeline's ranges in turn, so that no range finds its
+# weights in the caches).
+CHECK_PIPELINES: tuple[tuple[tuple[int, int], ...], ...] = (
+    ((0, 32),),
+    ((0, 14), (14, 32)),
+    ((0, 22), (22, 32)),
+    ((0, 9), (9, 18), (18, 26), (26, 32)),
+)
+
+
+def range_check(
+    shard_dir: Path,
+    costs: ModuleCosts,
+    pipelines: tuple[tuple[tuple[int, int], ...], ...] = CHECK_PIPELINES,
+    *,
+    threads: int = 1,
+    repeats: int = 9,
+) -> list[dict[str, float]]:
+    """The price of each range (fused and per module) next to the median CPU of a decode step of the
+    daemon's own runner over it (``ModuleRunner``: fused blocks), at ``costs.context``, in the same
+    process as ``costs`` was measured: a check of the module pricing alone, by CPU time, so that the
+    host's load hardly moves it (unlike the clusters' wall time)."""
+    from llnode.model.runner import ModuleRunner
+
+    manifest = load_manifest(shard_dir)
+    n, ctx = manifest.num_modules, costs.context
+    rng = np.random.default_rng(0)
+    rows: list[dict[str, float]] = []
+    for pipeline in pipelines:
+        ranges = [(a, b) for a, b in pipeline if 0 <= a < b <= n]
+        calls: list[Callable[[], None]] = []
+        for a, b in ranges:
+            r = ModuleRunner(shard_dir, manifest, a, b, threads=threads)
+            x = (
+                rng.integers(0, manifest.vocab_size, (1, ctx), dtype=np.int64)
+                if a == 0
+                else rng.standard_normal((1, ctx, manifest.hidden_size), dtype=np.float32)
+            )
+            r.step("check", x, np.arange(ctx, dtype=np.int64)[None, :])
+
+            def step(r: ModuleRunner = r, one: np.ndarray = x[:, :1], pos: list[int] = [ctx]) -> None:  # noqa: B006
+                r.step("check", one, np.array([[pos[0]]], dtype=np.int64))
+                pos[0] += 1
+
+            calls.append(step)
+        cpu, _ = _in_pipeline_order(calls, repeats)
+        for (a, b), measured in zip(ranges, cpu, strict=True):
+            rows.append(
+                {
+                    "start": a,
+                    "end": b,
+                    "measured_s": measured,
+                    "fused_s": costs.decode_range_s(a, b, costs.reference_flops_per_s),
+                    "per_module_s": sum(costs.decode_s[a:b]),
+                }
+            )
+    return rows

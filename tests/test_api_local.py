@@ -90,7 +90,7 @@ async def test_interleaved_sessions_and_chunked_prefill(
 ) -> None:
     """Concurrent sessions step in turns on one worker; each gets exactly its own sequential answer,
     also when its prompt is prefilled in several chunks."""
-    monkeypatch.setattr(local, "PREFILL_CHUNK", 7)
+    monkeypatch.setenv("LLNODE_PREFILL_CHUNK", "7")
     prompts = [
         _prompt(engine, [{"role": "user", "content": f"Tell me about the number {i}"}]) for i in range(3)
     ]
@@ -110,6 +110,21 @@ async def test_interleaved_sessions_and_chunked_prefill(
     )
     assert a == b
     await _no_live_sessions(engine)
+
+
+def test_prefill_chunk_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node's prefill chunk: the default, an override, 0 for whole prompts, and a clear error for a
+    value that is not a token count (a typo must not silently prefill whole prompts)."""
+    monkeypatch.delenv("LLNODE_PREFILL_CHUNK", raising=False)
+    assert local.prefill_chunk() == local.PREFILL_CHUNK == 256
+    monkeypatch.setenv("LLNODE_PREFILL_CHUNK", "128")
+    assert local.prefill_chunk() == 128
+    monkeypatch.setenv("LLNODE_PREFILL_CHUNK", "0")
+    assert local.prefill_chunk() >= 1 << 30
+    for bad in ("12k", "-5"):
+        monkeypatch.setenv("LLNODE_PREFILL_CHUNK", bad)
+        with pytest.raises(ValueError, match="LLNODE_PREFILL_CHUNK"):
+            local.prefill_chunk()
 
 
 async def test_http_chat_plain_and_streamed(engine: LocalEngine) -> None:

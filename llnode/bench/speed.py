@@ -11,8 +11,9 @@ and the parent asks them in turn, round after round, so every contender sees the
 (ratios side by side, medians over rounds), the same discipline as ``bench modules``.
 
 Memory: ``rss_over_shard_bytes`` is the peak RSS (VmHWM) of a worker process that loaded one shard set and
-ran every measured prefill (in ``PREFILL_CHUNK``-token chunks with the LM head on the last token, as a node
-prefills) and decode, divided by the bytes of that set's module files. The interpreter's own footprint
+ran every measured prefill (in a node's prefill chunks, ``llnode.pipeline.local.prefill_chunk``, with
+the LM head on the last token, as a node prefills) and decode, divided by the bytes of that set's module
+files. The interpreter's own footprint
 (numpy, onnxruntime, llnode imported, nothing loaded: ~50 MiB, a third of an int4 SmolLM2) is in it, so
 the baseline and ``rss_above_baseline_over_shard_bytes`` are printed next to it, with a breakdown: what
 building the sessions added as anonymous pages (onnxruntime's prepacked weights, graphs) and as file pages
@@ -95,10 +96,11 @@ def _worker(shard_dir: Path, threads: int) -> int:
     from llnode.model.runner import ModuleRunner
     from llnode.model.tokenizer import load_tokenizer
     from llnode.model.verify import PPL_TEXT, PROMPT, greedy
-    from llnode.pipeline.local import PREFILL_CHUNK
+    from llnode.pipeline.local import prefill_chunk
     from llnode.process import release_memory
 
     base = memory()  # the interpreter with numpy, onnxruntime and llnode imported, nothing loaded
+    chunk = prefill_chunk()  # a node's (a --variant may set LLNODE_PREFILL_CHUNK)
     manifest = load_manifest(shard_dir)
     # The tokenizer first, so its share (only an entry node needs it) is told apart from the sessions'.
     tok = load_tokenizer(shard_dir, manifest.tokenizer_file)
@@ -122,8 +124,8 @@ def _worker(shard_dir: Path, threads: int) -> int:
             positions = np.arange(ctx, dtype=np.int64)[None]
             t0 = time.perf_counter()
             # As a node prefills: chunk by chunk, the LM head on the last token only.
-            for c in range(0, ctx, PREFILL_CHUNK):
-                part = slice(c, c + PREFILL_CHUNK)
+            for c in range(0, ctx, chunk):
+                part = slice(c, c + chunk)
                 logits = runner.step(chain.sid, prompt[:, part], positions[:, part], last_only=True)
             prefill = time.perf_counter() - t0
             kv = runner.kv_bytes(chain.sid)
@@ -344,7 +346,7 @@ def run(args: argparse.Namespace) -> int:
     if args.worker:
         return _worker(Path(args.worker[0]), int(args.worker[1]))
     from llnode.model.manifest import load_manifest
-    from llnode.pipeline.local import PREFILL_CHUNK
+    from llnode.pipeline.local import prefill_chunk
 
     precisions = [p for p in args.precisions.split(",") if p]
     if "fp32" not in precisions:
@@ -424,7 +426,8 @@ def run(args: argparse.Namespace) -> int:
         "what building the sessions added, as anonymous pages "
         "(onnxruntime's prepacked weights, graphs) and file pages (weights mapped from the module files, "
         "code); 'load' the peak while building; 'kv' the KV buffers at the largest context; 'work' the "
-        f"peak of the measured prefills (in {PREFILL_CHUNK}-token chunks, as a node does) and decodes "
+        f"peak of the measured prefills (in {prefill_chunk()}-token chunks as a node does, unless a "
+        "variant sets LLNODE_PREFILL_CHUNK) and decodes "
         "alone; 'peak' the larger of load and work; 'steady' after the decode rounds and a trim; ratios "
         "divide by the bytes of the shard set's module files"
     )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -36,8 +37,25 @@ from llnode.pipeline.sampling import Sampler
 T = TypeVar("T")
 
 # Prompt tokens per prefill step: long enough to keep prefill efficient, short enough that other
-# sessions' decode steps get a turn between chunks.
+# sessions' decode steps get a turn between chunks. LLNODE_PREFILL_CHUNK overrides it (prefill_chunk).
 PREFILL_CHUNK = 256
+
+
+def prefill_chunk() -> int:
+    """Tokens per prefill step on this node: ``LLNODE_PREFILL_CHUNK`` if set (0 prefills a prompt
+    whole), else :data:`PREFILL_CHUNK`. A smaller chunk lowers a node's peak memory (the activations of
+    one chunk) and lets other sessions' decode steps in sooner; ``llnode bench speed --variant`` and
+    ``bench pipeline`` measure the trade-off side by side."""
+    raw = os.environ.get("LLNODE_PREFILL_CHUNK", "").strip()
+    if not raw:
+        return PREFILL_CHUNK
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"LLNODE_PREFILL_CHUNK must be a whole number of tokens, not {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"LLNODE_PREFILL_CHUNK must be >= 0 (0: whole prompts), not {value}")
+    return value or (1 << 30)
 
 # Used when a shard set carries no chat template (base models): plain ChatML, which is what most small
 # instruct models were tuned on, and unambiguous for the rest.
@@ -139,9 +157,10 @@ class LocalEngine:
         sampler = Sampler(request.params.sampling(), prompt)
         try:
             token = -1
-            for start in range(0, len(prompt), PREFILL_CHUNK):
-                last = start + PREFILL_CHUNK >= len(prompt)
-                chunk = prompt[start : start + PREFILL_CHUNK]
+            step = prefill_chunk()
+            for start in range(0, len(prompt), step):
+                last = start + step >= len(prompt)
+                chunk = prompt[start : start + step]
                 token = await self._submit(self._prefill, session, chunk, start, sampler if last else None)
             for produced in range(1, limit + 1):
                 if token in self._eos:

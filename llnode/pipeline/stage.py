@@ -31,7 +31,7 @@ from llnode.model.manifest import Manifest
 from llnode.model.runner import ModuleRunner
 from llnode.net.codec import FrameError, decode_tensor, encode_tensor
 from llnode.pipeline import protocol
-from llnode.pipeline.local import PREFILL_CHUNK
+from llnode.pipeline.local import prefill_chunk
 from llnode.pipeline.metrics import StageMetrics
 from llnode.pipeline.protocol import ProtocolError, Step
 from llnode.pipeline.sampling import Sampler
@@ -92,7 +92,7 @@ class StageWorker:
         self.stages = max(1, stages)  # how many stages the plan has: see batch_limit()
         self.max_batch = int(os.environ.get("LLNODE_MAX_BATCH", "0"))
         # Tokens per prefill chunk; LLNODE_PREFILL_CHUNK=0 prefills whole (the benchmark's comparison).
-        self.prefill_chunk = int(os.environ.get("LLNODE_PREFILL_CHUNK", PREFILL_CHUNK)) or (1 << 30)
+        self.prefill_chunk = prefill_chunk()
         # LLNODE_INLINE_DECODE=1: a lone session's decode step runs on the event loop's thread (see
         # _inline). Off by default: it did not measure faster on a loaded machine (bench pipeline
         # runs both side by side).

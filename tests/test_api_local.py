@@ -18,6 +18,7 @@ from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestClient, TestServer
 
 from llnode.api import setup_openai_routes
+from llnode.config import ConfigError
 from llnode.model.runner import ChainRunner
 from llnode.pipeline import local
 from llnode.pipeline.engine import Engine, GenerationParams, GenerationRequest
@@ -123,7 +124,7 @@ def test_prefill_chunk_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     assert local.prefill_chunk() >= 1 << 30
     for bad in ("12k", "-5"):
         monkeypatch.setenv("LLNODE_PREFILL_CHUNK", bad)
-        with pytest.raises(ValueError, match="LLNODE_PREFILL_CHUNK"):
+        with pytest.raises(ConfigError, match="LLNODE_PREFILL_CHUNK"):
             local.prefill_chunk()
 
 

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from llnode.config import ConfigError
 from llnode.model.manifest import Manifest, load_manifest
 from llnode.model.runner import ModuleRunner
 from llnode.model.tokenizer import Tokenizer as ModelTokenizer
@@ -52,9 +53,9 @@ def prefill_chunk() -> int:
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(f"LLNODE_PREFILL_CHUNK must be a whole number of tokens, not {raw!r}") from None
+        raise ConfigError(f"LLNODE_PREFILL_CHUNK must be a whole number of tokens, not {raw!r}") from None
     if value < 0:
-        raise ValueError(f"LLNODE_PREFILL_CHUNK must be >= 0 (0: whole prompts), not {value}")
+        raise ConfigError(f"LLNODE_PREFILL_CHUNK must be >= 0 (0: whole prompts), not {value}")
     return value or (1 << 30)
 
 # Used when a shard set carries no chat template (base models): plain ChatML, which is what most small

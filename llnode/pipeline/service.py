@@ -29,7 +29,7 @@ from llnode.model.runner import ModuleRunner, disable_spinning
 from llnode.model.tokenizer import load_tokenizer
 from llnode.pipeline import protocol
 from llnode.pipeline.distributed import DistributedEngine, Route
-from llnode.pipeline.local import ShardTokenizer
+from llnode.pipeline.local import ShardTokenizer, prefill_chunk
 from llnode.pipeline.metrics import live_context
 from llnode.pipeline.rebalance import Rebalancer
 from llnode.pipeline.stage import StageWorker
@@ -66,6 +66,7 @@ class PipelineService:
     def __init__(self, node: Node, *, plan_options: PlanOptions | None = None) -> None:
         if os.environ.get("LLNODE_SPIN", "0") != "1":
             disable_spinning()  # a stage mostly waits for its neighbours: idle threads must sleep
+        prefill_chunk()  # a bad LLNODE_PREFILL_CHUNK stops the daemon now, not at its first prompt
         self.node = node
         self.model = node.config.model
         self.store = ShardStore(node.config.shards_path)

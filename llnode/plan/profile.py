@@ -41,8 +41,8 @@ def read_load(cores: int | None = None) -> float:
         return 0.0
 
 
-def _time_rounds(calls: list[Callable[[], object]], repeats: int) -> list[tuple[float, float]]:
-    """Per call, (median wall seconds, median process CPU seconds) over ``repeats`` rounds of all the
+def _time_rounds(calls: list[Callable[[], object]], repeats: int) -> list[tuple[float, float, float]]:
+    """Per call, (median wall, process CPU and this thread's CPU seconds) over ``repeats`` rounds of all the
     calls in turn, after one warm-up round (the first run allocates). CPU is the whole process's (every
     onnxruntime thread, and whatever else the daemon does meanwhile): what a quota charges.
 
@@ -54,13 +54,16 @@ def _time_rounds(calls: list[Callable[[], object]], repeats: int) -> list[tuple[
         call()
     walls: list[list[float]] = [[] for _ in calls]
     cpus: list[list[float]] = [[] for _ in calls]
+    own: list[list[float]] = [[] for _ in calls]
     for _ in range(repeats):
         for k, call in enumerate(calls):
-            t0, c0 = time.perf_counter(), time.process_time()
+            t0, c0, h0 = time.perf_counter(), time.process_time(), time.thread_time()
             call()
             walls[k].append(time.perf_counter() - t0)
             cpus[k].append(time.process_time() - c0)
-    return [(statistics.median(w), statistics.median(c)) for w, c in zip(walls, cpus, strict=True)]
+            own[k].append(time.thread_time() - h0)
+    med = statistics.median
+    return [(med(w), med(c), med(h)) for w, c, h in zip(walls, cpus, own, strict=True)]
 
 
 def sustained(wall: float, cpu: float, limit: float) -> float:
@@ -89,7 +92,7 @@ def profile_device(
     threads: int | None = None,
     context: int = 32,
     prompt_tokens: int = 32,
-    layers: int = 4,
+    layers: int = 6,
     memory_limit: int = 0,
 ) -> DeviceProfile:
     """Time real modules of ``shard_dir`` for decode and prefill and read memory, cores and battery.
@@ -97,7 +100,7 @@ def profile_device(
     Probes: ``module`` alone if given, else up to ``layers`` consecutive decoder layers and the head,
     whichever of them are on disk (a fresh node may hold only the one module it fetched to profile
     with). The layers run as ONE fused session, as the daemon runs its range (``ModuleRunner``'s fused
-    blocks), twice: all of them and the first half, so that the step time splits into a per-run fixed
+    blocks), as two probes of different lengths, so that the step time splits into a per-run fixed
     cost and a per-layer cost (cost(k) = a + b * k). Why: a per-module time carries the fixed cost of
     one ``session.run`` per module, which a daemon running fused blocks of 8 does not pay (SmolLM2 on
     one core: 74.8 ms per token priced per module, 64.3 measured by the 1-node daemon). The head is
@@ -112,7 +115,7 @@ def profile_device(
     manifest = manifest or load_manifest(shard_dir)
     on_disk = [m for m in manifest.modules if (Path(shard_dir) / m.file).is_file()]
     probes: list[tuple[int, int]] = []
-    split = False  # probes 0 and 1: the first half of the layer run and all of it
+    split = False  # probes 0 and 1: a shorter and a longer run of layers
     if module is not None:
         if not 0 <= module < manifest.num_modules:
             raise PlanError(f"module {module} is not in 0..{manifest.num_modules - 1}")
@@ -122,10 +125,18 @@ def profile_device(
         for m in on_disk:
             if m.kind == "layer" and len(run) < layers and (not run or m.index == run[-1] + 1):
                 run.append(m.index)
-        if len(run) >= 2:
-            probes.append((run[0], run[0] + len(run) // 2))
+        # Two probes of different lengths split a step into a + b * k. Disjoint when there are layers
+        # enough (the first third, then the rest): a probe over layers the other one has just run reads
+        # them from the L3 (overlapping 2- and 4-layer probes put a run's fixed cost at 1.25 ms of CPU
+        # where the daemon's blocks save 0.44 per run).
+        if len(run) >= 3:
+            cut = run[0] + len(run) // 3
+            probes += [(run[0], cut), (cut, run[-1] + 1)]
             split = True
-        if run:
+        elif len(run) == 2:  # a tiny model: everything stays cached anyway
+            probes += [(run[0], run[0] + 1), (run[0], run[-1] + 1)]
+            split = True
+        elif run:
             probes.append((run[0], run[-1] + 1))
         head = manifest.num_modules - 1
         if any(m.index == head for m in on_disk):
@@ -170,7 +181,9 @@ def profile_device(
     dc_times = _time_rounds(decodes, repeats)
     for runner in runners:
         runner.free("profile-decode")
-    for (start, end), (pf_wall, pf_cpu), (dc_wall, dc_cpu) in zip(probes, pf_times, dc_times, strict=True):
+    for (start, end), (pf_wall, pf_cpu, _), (dc_wall, dc_cpu, dc_own) in zip(
+        probes, pf_times, dc_times, strict=True
+    ):
         mods = manifest.modules[start:end]
         pf = sustained(pf_wall, pf_cpu, limit)
         dc = sustained(dc_wall, dc_cpu, limit)
@@ -182,7 +195,11 @@ def profile_device(
                 prompt_tokens * sum(m.flops.at(prompt_tokens // 2) for m in mods),
             )
         )
-        cpu_ms.append(dc_cpu * 1e3)
+        # the split below reads this thread's CPU when it did the work (one onnxruntime thread runs in
+        # the caller's): a daemon profiles while its loop gossips and measures links, and that CPU in
+        # the process's time made the difference of two probes swing (start-up speeds of 1 to 5 GFLOP/s
+        # for the same quota in one validation run)
+        cpu_ms.append((dc_own if dc_own >= 0.5 * dc_cpu else dc_cpu) * 1e3)
         measured[f"decode_ms_modules_{start}_{end}"] = dc * 1e3
         measured[f"decode_wall_ms_modules_{start}_{end}"] = dc_wall * 1e3
         measured[f"decode_cpu_ms_modules_{start}_{end}"] = dc_cpu * 1e3
@@ -197,7 +214,7 @@ def profile_device(
         per_layer = (full - half) / ((e_full - s_full) - (e_half - s_half))
         # negative only by timing noise (the two probes a few ms apart): no fixed cost then
         call = max(0.0, full - (e_full - s_full) * per_layer) / full * timed[1][0] if full > 0 else 0.0
-        timed = timed[1:]  # the half probe served the split; the speed comes from the full one and the head
+        timed = timed[1:]  # the short probe served the split; the speed comes from the long one and the head
         # a probe is one run: it cannot cost less than a run's fixed cost. Only noise makes the split say
         # so (tiny layers, where the fixed cost is most of a step), and then the speed left over would be
         # absurd (60 GFLOP/s for a throttled tiny model): bound the fixed cost by the cheapest probe.

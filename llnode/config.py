@@ -185,15 +185,20 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=dest, type=conv, default=None, help=help_text)
 
 
+# The words an on/off setting accepts (options, and the tuning knobs read from the environment).
+ON_WORDS = ("1", "true", "yes", "on")
+OFF_WORDS = ("0", "false", "no", "off")
+
+
 def _convert(opt: Option, value: Any, source: str) -> Any:
     try:
         if opt.kind == "bool":
             if isinstance(value, bool):
                 return value
             text = str(value).strip().lower()
-            if text in ("1", "true", "yes", "on"):
+            if text in ON_WORDS:
                 return True
-            if text in ("0", "false", "no", "off"):
+            if text in OFF_WORDS:
                 return False
             raise ValueError(f"not a boolean: {value!r}")
         if opt.kind == "list":

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from llnode.config import OFF_WORDS
 from llnode.model import fuse, names
 from llnode.model.manifest import Manifest, ManifestError, ModuleInfo, load_manifest
 from llnode.process import release_memory
@@ -207,7 +208,7 @@ def map_weights() -> bool:
     ``0``/``off``: each block is written with its weights to a temporary file and onnxruntime copies them
     into its own (anonymous) memory, as before session 4. The switch exists to measure the two side by
     side (see docs/model.md, "Weights mapped from the module files"); the outputs are the same."""
-    return os.environ.get("LLNODE_MAP_WEIGHTS", "1").strip().lower() not in ("0", "off", "no", "false")
+    return os.environ.get("LLNODE_MAP_WEIGHTS", "1").strip().lower() not in OFF_WORDS
 
 
 def fuse_block() -> int:

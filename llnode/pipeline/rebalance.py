@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from llnode.config import OFF_WORDS, ON_WORDS
 from llnode.model.manifest import Manifest
 from llnode.model.runner import fuse_block
 from llnode.pipeline.metrics import live_context
@@ -80,7 +81,6 @@ CHURN_WINDOW_S = 60.0
 DELIVERED = 0.5
 # A rebalance may give up this much predicted tokens/s to let a shrinking device keep whole sessions.
 SNAP_LOSS = 0.05
-_OFF = ("0", "false", "no", "off")  # what turns an on/off environment knob off
 
 
 @dataclass(frozen=True)
@@ -122,14 +122,14 @@ class RebalanceConfig:
             if raw is None or f.name in ("enabled", "impose"):
                 continue
             if f.name == "limit_trigger":
-                kw[f.name] = raw not in _OFF
+                kw[f.name] = raw not in OFF_WORDS
                 continue
             try:
                 kw[f.name] = int(raw) if f.name == "min_samples" else float(raw)
             except ValueError as exc:
                 raise ValueError(f"LLNODE_REBALANCE_{f.name.upper()}={raw!r} is not a number") from exc
-        kw["enabled"] = env.get("LLNODE_REBALANCE", "1") not in _OFF
-        kw["impose"] = env.get("LLNODE_BENCH_IMPOSE", "0") in ("1", "true", "yes", "on")
+        kw["enabled"] = env.get("LLNODE_REBALANCE", "1") not in OFF_WORDS
+        kw["impose"] = env.get("LLNODE_BENCH_IMPOSE", "0") in ON_WORDS
         return cls(**kw)
 
 

@@ -124,9 +124,7 @@ def solve_layers(
     rets = {(d, e): inst.hop_s(d, e, n_m - 1) for d in devs for e in devs if d != e}
 
     def kappa(budget: float, d: int) -> int:
-        if budget < 0:
-            return -1
-        budget -= fx[d]
+        budget -= fx[d]  # >= 0: a budget already negative stays so
         if budget < 0:
             return -1
         if tl[d] <= 0 or math.isinf(budget):

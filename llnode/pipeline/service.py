@@ -559,6 +559,8 @@ class PipelineService:
             "problem": self.problem,
             "epoch": self._route.epoch if self._route else None,
             "plan": published,
+            # this node's start-up profile as gossiped (benchmarks re-plan from it the leader's way)
+            "profile": (self.node.gossip.get(self.node.node_id, PROFILE_KEY) or {}).get("device"),
             "stage": None if self.worker is None else {
                 "epoch": self.worker.epoch,
                 "range": [self.worker.start, self.worker.end],

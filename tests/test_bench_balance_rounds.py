@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import pytest
 
-from llnode.bench.balance import distinct_plans, round_orders, summarize_rounds
+from llnode.bench.balance import (
+    confirm_ratios,
+    confirmation_labels,
+    distinct_plans,
+    round_orders,
+    summarize_rounds,
+)
 
 EVEN = [("node0", 0, 11), ("node1", 11, 21), ("node2", 21, 32)]
 MEASURED = [("node1", 0, 12), ("node2", 12, 18), ("node0", 18, 32)]
@@ -93,3 +99,28 @@ def test_quota_use_says_whether_a_nodes_quota_binds() -> None:
     assert use == [1.0, 0.5, 1.0, None]
     assert quota_use([0.0], [1.0], 0.0, [0.6]) == [None]
 
+
+
+def test_fresh_rounds_not_the_ones_that_chose_the_best_give_milp_over_best() -> None:
+    """Three equal plans measured with noise: the largest median wins the selection and looks 6 % better
+    than the MILP; in fresh rounds the same plans measure alike and the ratio is ~1."""
+    _, alias = distinct_plans(_plans())
+    selection = {"milp": [30.0, 29.0, 31.0], "even": [15.0, 15.5, 16.0], "milp_measured": [30.0, 29.5, 30.5],
+                 "brute1": [28.0, 29.0, 30.0], "brute2": [31.0, 32.5, 32.0]}
+    s = summarize_rounds(selection, alias)
+    assert s["best"] == "brute2" and s["milp_over_best"] == pytest.approx(30.0 / 32.0)
+    labels = confirmation_labels(alias, s["best"])
+    assert labels == ["milp_measured", "milp", "brute2"]
+    fresh = {"milp_measured": [30.5, 29.0, 31.0], "milp": [29.0, 30.0, 28.0], "brute2": [30.0, 30.0, 30.5]}
+    r = confirm_ratios(fresh, alias, s["best"])
+    assert r["milp_over_best_rounds"] == [round(30.5 / 30.0, 3), round(29.0 / 30.0, 3), round(31.0 / 30.5, 3)]
+    assert r["milp_over_best"] == pytest.approx(31.0 / 30.5)  # the median round
+    assert r["milp_startup_over_best"] == pytest.approx(29.0 / 30.0)
+
+
+def test_a_milp_plan_that_is_the_best_plan_scores_one_without_fresh_rounds() -> None:
+    _, alias = distinct_plans(_plans())
+    assert confirmation_labels(alias, "brute0") == ["milp_measured", "milp"]
+    r = confirm_ratios({"milp_measured": [], "milp": [20.0]}, alias, "brute0")
+    assert r["milp_over_best"] == 1.0 and r["milp_over_best_rounds"] == []
+    assert r["milp_startup_over_best"] is None  # no fresh rounds measured: no figure, not a guess

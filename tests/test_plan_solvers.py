@@ -10,7 +10,7 @@ import pytest
 
 from llnode.plan import DeviceProfile, LinkProfile, Plan, PlanInfeasible, PlanOptions, solve
 from llnode.plan.baselines import even_split, memory_split
-from llnode.plan.bruteforce import brute_force
+from llnode.plan.bruteforce import brute_force, brute_force_ranked
 from llnode.plan.costs import build_instance, evaluate
 from llnode.plan.dp import dp_fixed_order
 from llnode.plan.milp import solve_exact
@@ -25,6 +25,21 @@ def _instance(seed: int, n: int, **opts: object):  # type: ignore[no-untyped-def
     devices, links = random_fleet(n, rng)
     options = PlanOptions(**opts)  # type: ignore[arg-type]
     return devices, links, options
+
+
+def test_ranked_brute_force_lists_the_k_best_distinct_plans_best_first() -> None:
+    devices, links, options = _instance(3, 3)
+    inst = build_instance(SMALL, devices, links, options)
+    ranked = brute_force_ranked(inst, 5)
+    assert len(ranked) == 5
+    best = brute_force(inst)
+    assert best is not None and (ranked[0].order, ranked[0].cuts) == (best.order, best.cuts)
+    values = [ev.objective_value for ev in ranked]
+    assert values == sorted(values) and values[-1] > values[0]
+    assert len({(ev.order, ev.cuts) for ev in ranked}) == 5
+    # nothing outside the list beats its last entry: the next plans price at least as high
+    assert min(ev.objective_value for ev in brute_force_ranked(inst, 8)[5:]) >= values[-1] - 1e-12
+    assert brute_force_ranked(inst, 0) == []
 
 
 @pytest.mark.parametrize("seed", range(8))

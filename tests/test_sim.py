@@ -15,6 +15,7 @@ from llnode.emulate.profiles import LINKS, LinkClass, draw_fleet, pair_links
 from llnode.model.runner import fuse_block
 from llnode.plan import PlanOptions
 from llnode.plan.costs import runs_per_step
+from llnode.plan.profile import DaemonCpu
 from llnode.plan.synthetic import synthetic_manifest
 from llnode.plan.types import DeviceProfile, Plan, Stage
 from llnode.sim.costs import TOKEN_ID_BYTES, ModuleCosts, cached_costs, range_check
@@ -292,7 +293,7 @@ def test_bench_measures_module_costs_inside_a_cpu_group(tiny_llama_shards: Path)
 def test_the_daemons_own_cpu_per_step_is_its_cpu_outside_the_stage_worker_thread() -> None:
     """Calibration: per node over a window, the process CPU minus its busiest thread's (the stage worker,
     where onnxruntime runs), over the decode steps; a node without a stage contributes nothing."""
-    from llnode.bench.sim import _usage_delta, own_cpu_per_step
+    from llnode.bench.sim import _own_cpu, _usage_delta
 
     def usage(cpu: float, threads: dict[str, float], batches: dict[int, int]) -> dict[str, object]:
         return {"cpu_s": cpu, "threads": threads, "throttled_s": 0.0, "batches": batches,
@@ -303,9 +304,42 @@ def test_the_daemons_own_cpu_per_step_is_its_cpu_outside_the_stage_worker_thread
     a = _usage_delta(before, after)
     assert a["worker_cpu_s"] == pytest.approx(1.6) and a["own_cpu_s"] == pytest.approx(0.4)
     assert a["batches"] == {1: 30, 2: 10}
-    b = {"own_cpu_s": 0.2, "batches": {1: 60}, "range": [3, 6]}
-    idle = {"own_cpu_s": 0.3, "batches": {}, "range": None}
-    assert own_cpu_per_step([{"nodes": [a, b, idle]}]) == pytest.approx(0.6 / 100)
+    assert _own_cpu(a) == (pytest.approx(0.4), 40)
+    assert _own_cpu({"own_cpu_s": 0.3, "batches": {}, "range": None}) == (0.0, 0)  # no stage, no steps
+
+
+def test_the_daemons_cpu_is_measured_per_step_per_row_and_at_the_entry() -> None:
+    """``measure_daemon_cpu``: the other nodes' own CPU splits into per step and per session row (their
+    windows at 1 and at 4 sessions tell them apart), the entry's excess over that is its own part, and
+    the worker threads' CPU over the price of their decode batches and prefills is the module factor.
+    Windows made from known parts come back as those parts."""
+    from llnode.bench.sim import measure_daemon_cpu
+
+    c = costs()
+    w = {"tokens": 10, "prompt_tokens": 8, "measure_s": 10.0}
+    step, row, e_step, e_row, factor = 1.5e-3, 0.3e-3, 0.5e-3, 0.8e-3, 1.2
+
+    def node(
+        entry: bool, rng: tuple[int, int], batches: dict[int, int], requests: float
+    ) -> dict[str, object]:
+        steps, rows = sum(batches.values()), sum(k * v for k, v in batches.items())
+        own = step * steps + row * rows + (e_step * steps + e_row * rows if entry else 0.0)
+        price = sum(c.decode_range_s(*rng, REF, k) * v for k, v in batches.items())
+        price += requests * c.prefill_range_s(*rng, 8, REF)
+        return {"own_cpu_s": own, "worker_cpu_s": factor * price, "batches": batches, "range": list(rng)}
+
+    windows = [
+        {"tokens_per_s": tps, "nodes": [node(True, (0, 2), b, tps), node(False, (2, 6), b, tps)]}
+        for tps, b in ((10.0, {1: 100}), (20.0, {2: 60, 4: 30}))  # 10 tokens per request: tps requests
+    ]
+    got = measure_daemon_cpu(windows, c, w)
+    assert (got.step_s, got.row_s) == (pytest.approx(step), pytest.approx(row))
+    assert (got.entry_step_s, got.entry_row_s) == (pytest.approx(e_step), pytest.approx(e_row))
+    assert got.module_factor == pytest.approx(factor)
+    assert got.own_s(4, entry=True) == pytest.approx(step + e_step + 4 * (row + e_row))
+    # batches of one only: per step and per row cannot be told apart, so it is all per step
+    ones = measure_daemon_cpu(windows[:1], c, w)
+    assert ones.row_s == 0.0 and ones.step_s == pytest.approx(step + row)
 
 
 def test_own_cpu_per_step_is_charged_under_the_nodes_quota() -> None:
@@ -313,12 +347,36 @@ def test_own_cpu_per_step_is_charged_under_the_nodes_quota() -> None:
     60 ms of modules + 20 ms of own CPU per step on 0.4 of a core is busy all the time, 80 / 0.4 ms per
     token; at a full core 80 ms."""
     plan = fixed_plan(("a", 0, 6))
-    over = Overheads(step_s=0.020)
+    over = Overheads(cpu=DaemonCpu(step_s=0.020))
     work = Workload(sessions=1, prompt_tokens=8, max_tokens=50, duration_s=30, warmup_s=5)
     full = Simulator(costs(), [dev("a")], {}, no_replan, plan=plan, overheads=over).run(work)
     assert full.token_latency_s == pytest.approx(0.080, rel=1e-6)
     quota = Simulator(costs(), [dev("a")], {}, no_replan, plan=plan, overheads=over, quotas={"a": 0.4})
     assert quota.run(work).token_latency_s == pytest.approx(0.080 / 0.4, rel=0.05)
+
+
+def test_the_daemons_cpu_is_charged_by_role_rows_and_module_factor() -> None:
+    """``DaemonCpu`` in the simulator: the entry's part only on the entry's stage, the per-row parts per
+    session in the batch, and the worker's factor on the decode modules: one session through a (30 ms)
+    and b (30 ms), entry a: a pays 30 x 1.5 + 2 + 1 + 3 + 4 ms, b 30 x 1.5 + 2 + 1 ms."""
+    plan = fixed_plan(("a", 0, 3), ("b", 3, 6))
+    cpu = DaemonCpu(step_s=0.002, row_s=0.001, entry_step_s=0.003, entry_row_s=0.004, module_factor=1.5)
+    work = Workload(sessions=1, prompt_tokens=8, max_tokens=50, duration_s=30, warmup_s=5)
+    sim = Simulator(costs(), [dev("a"), dev("b")], {}, no_replan, plan=plan, overheads=Overheads(cpu=cpu))
+    assert sim.run(work).token_latency_s == pytest.approx(0.055 + 0.048, rel=1e-6)
+    # the entry elsewhere (b): b pays the entry's part, a does not
+    sim = Simulator(
+        costs(), [dev("a"), dev("b")], {}, no_replan, plan=plan, entries=["b"], overheads=Overheads(cpu=cpu)
+    )
+    assert sim.run(work).token_latency_s == pytest.approx(0.048 + 0.055, rel=1e-6)
+    # four sessions batched on one 60 ms stage (no batching gain): 4 rows of per-row CPU per step
+    one = fixed_plan(("a", 0, 6))
+    sim = Simulator(
+        costs(), [dev("a")], {}, no_replan, plan=one, overheads=Overheads(cpu=replace(cpu, module_factor=1.0))
+    )
+    sim.run(replace(work, sessions=4, max_tokens=32, duration_s=60))
+    assert sim.batches[4] > 10 * (sim.batches[1] + sim.batches[2] + sim.batches[3])
+    assert cpu.own_s(4, entry=True) == pytest.approx(0.002 + 0.003 + 4 * 0.005)
 
 
 def test_a_saved_validation_run_is_predicted_again_offline() -> None:

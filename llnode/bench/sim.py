@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from llnode.emulate.netns import unavailable_reason as netns_reason
 from llnode.emulate.profiles import LinkClass
 from llnode.model.manifest import load_manifest
 from llnode.model.tokenizer import load_tokenizer
+from llnode.plan.profile import DaemonCpu
 from llnode.plan.types import DeviceProfile, Plan, Stage
 from llnode.process import cpu_seconds
 from llnode.sim.costs import ModuleCosts
@@ -480,40 +481,17 @@ def validation(shards: Path, args: argparse.Namespace, log: list[str]) -> dict[s
     # Calibration 1: one node, one core; calibration 2: two nodes at one core each, unshaped.
     calib = asyncio.run(run_config(Config([1.0], None), shards, args))
     calib2 = asyncio.run(run_config(Config([1.0, 1.0], None), shards, args))
-    # The daemon's own CPU per stage step (msgpack frames, the executor hand-off, the event loop, HTTP
-    # streaming, its gossip share): each node's process CPU over the window outside its stage worker
-    # thread, per step. It is CPU, so the simulator charges
-    # it on the stage under the node's CFS budget: charged as a delay instead it neither slowed the
-    # quota-bound nodes nor competed with their modules (4-session rows +11 to +31 % optimistic).
-    step_s = own_cpu_per_step([calib["measured_1"], calib2["measured_1"]])
-    bare = sim(calib, Overheads(step_s=step_s), 1)
-    m1 = calib["measured_1"]
-    # What is left of the 1-node run's time per token once CPU is accounted for is waiting (thread
-    # wake-ups, the GIL): per stage step, where the trace shows it (take -> run, done -> back).
-    wait_s = max(0.0, m1["token_latency_s"] - bare["token_latency_s"])
-    # What a hop between daemons adds (the bridge, two event loops' wake-ups) beyond all the above.
-    chain = sim(calib2, Overheads(step_s=step_s, wait_s=wait_s), 1)
-    hops = len(calib2["_plan_1"].stages)  # entry -> stage 0 is local; stage i -> i+1 and last -> entry
-    hop_s = max(0.0, (calib2["measured_1"]["token_latency_s"] - chain["token_latency_s"]) / hops)
-    over = Overheads(step_s=step_s, wait_s=wait_s, hop_s=hop_s)
-    print(
-        "daemon's own CPU per stage step (process CPU outside the stage's worker thread): "
-        f"{step_s * 1e3:.1f} ms; per node: "
-        + ", ".join(
-            f"{c['config']} node{i} {_own_ms(n):.1f}"
-            for c in (calib, calib2)
-            for i, n in enumerate(c["measured_1"]["nodes"])
-        )
-        + f"\ncalibration 1 (1 node, 1 core): measured "
-        f"{m1['token_latency_s'] * 1e3:.1f} ms/token, modules and own CPU "
-        f"{bare['token_latency_s'] * 1e3:.1f} (CPU share {m1['cpu_share']:.2f}): "
-        f"{wait_s * 1e3:.1f} ms per step waiting\n"
-        f"calibration 2 (2 nodes, 1 core each): measured "
-        f"{calib2['measured_1']['token_latency_s'] * 1e3:.1f} ms/token, modules, own CPU and entry "
-        f"{chain['token_latency_s'] * 1e3:.1f} (CPU share {calib2['measured_1']['cpu_share']:.2f}): "
-        f"{hop_s * 1e3:.1f} ms per hop",
-        flush=True,
-    )
+    workload = {
+        "tokens": args.tokens,
+        "prompt_tokens": prompt_tokens,
+        "warm_s": 4.0,
+        "measure_s": args.measure_s,
+        "cores": cores,
+    }
+    cal = calibrate(costs, [_saved_form(calib), _saved_form(calib2)], workload)
+    over = cal.overheads
+    step_s, wait_s, hop_s = over.cpu.step_s, over.wait_s, over.hop_s
+    print(cal.text, flush=True)
     rows = []
     print(
         f"{'configuration':<40} {'plan':<34} {'S':>2} {'pred tok/s':>10} {'meas tok/s':>10} {'err':>6} "
@@ -560,18 +538,12 @@ def validation(shards: Path, args: argparse.Namespace, log: list[str]) -> dict[s
             print(line, flush=True)
             log.append(line)
     within = sum(1 for r in rows if _within(r, 0.15))
-    workload = {
-        "tokens": args.tokens,
-        "prompt_tokens": prompt_tokens,
-        "warm_s": 4.0,
-        "measure_s": args.measure_s,
-        "cores": cores,
-    }
     print(f"within 15 % on both tokens/s and latency: {within}/{len(rows)}", flush=True)
     return {
         "rows": rows,
         "workload": workload,
         "step_s": step_s,
+        "daemon_cpu": asdict(over.cpu),
         "wait_s": wait_s,
         "hop_s": hop_s,
         "batch_curve_s": {b: costs.decode_range_s(0, costs.num_modules, full, b) for b in (1, 2, 4, 8)},
@@ -598,12 +570,124 @@ def _own_ms(node: dict[str, Any]) -> float:
     return 1e3 * own / steps if steps else float("nan")
 
 
-def own_cpu_per_step(windows: list[dict[str, Any]]) -> float:
-    """The daemon's own CPU per stage step over measured windows (``measure_load`` results): all their
-    stage nodes' CPU outside the worker thread over all their decode steps."""
-    pairs = [_own_cpu(n) for w in windows for n in w["nodes"]]
-    steps = sum(k for _, k in pairs)
-    return max(0.0, sum(o for o, _ in pairs) / steps) if steps else 0.0
+def _fit_step_row(samples: list[tuple[int, int, float]]) -> tuple[float, float]:
+    """(per step, per row) CPU seconds by least squares over (steps, rows, CPU seconds) samples, neither
+    negative. With batches of one only (steps == rows) the two cannot be told apart: all per step."""
+    sxx = sum(k * k for k, _, _ in samples)
+    sxy = sum(k * r for k, r, _ in samples)
+    syy = sum(r * r for _, r, _ in samples)
+    sxc = sum(k * c for k, _, c in samples)
+    syc = sum(r * c for _, r, c in samples)
+    det = sxx * syy - sxy * sxy
+    if det > 1e-9 * max(sxx * syy, 1.0):
+        step, row = (sxc * syy - syc * sxy) / det, (syc * sxx - sxc * sxy) / det
+        if step >= 0 and row >= 0:
+            return step, row
+    steps, rows, cpu = (sum(x[i] for x in samples) for i in range(3))
+    step = cpu / steps if steps else 0.0
+    if step <= 0 and rows:  # only the per-row part can be non-negative then
+        return 0.0, max(0.0, cpu / rows)
+    return max(0.0, step), 0.0
+
+
+def measure_daemon_cpu(windows: list[dict[str, Any]], costs: ModuleCosts, w: dict[str, Any]) -> DaemonCpu:
+    """The daemon's CPU beyond the modules (:class:`DaemonCpu`) from measured windows (``measure_load``
+    results of clusters whose node 0 is the entry): every stage node's CPU outside its worker thread
+    over its decode steps and the session rows they carried, fitted as ``step + row * rows`` on the
+    other nodes and the entry's excess over that on the entry; and the worker threads' CPU over the
+    price of the decode batches and the prefills they ran (``module_factor``; one prefill of the prompt
+    per request, ``w["tokens"]`` tokens each: the worker runs both). Why by role and rows: the nodes
+    spent 1.8-3.9 ms per step at 4 sessions, the entry the most, where one figure for all said 1.6;
+    and the worker threads 1.08-1.39x the modules' price, which a quota-bound node pays."""
+    others: list[tuple[int, int, float]] = []
+    entries: list[tuple[int, int, float]] = []
+    worker = price = 0.0
+    full = costs.reference_flops_per_s
+    for win in windows:
+        requests = win["tokens_per_s"] * w["measure_s"] / w["tokens"]
+        for i, n in enumerate(win["nodes"]):
+            own, steps = _own_cpu(n)
+            if not steps:
+                continue
+            a, b = n["range"]
+            batches = {int(k): int(v) for k, v in n["batches"].items()}
+            rows = sum(k * v for k, v in batches.items())
+            (entries if i == 0 else others).append((steps, rows, own))
+            worker += n["worker_cpu_s"]
+            price += sum(costs.decode_range_s(a, b, full, k) * v for k, v in batches.items())
+            price += requests * costs.prefill_range_s(a, b, w["prompt_tokens"], full)
+    step, row = _fit_step_row(others or entries)
+    entry_step = entry_row = 0.0
+    if others and entries:
+        entry_step, entry_row = _fit_step_row([(k, r, c - step * k - row * r) for k, r, c in entries])
+    return DaemonCpu(step, row, entry_step, entry_row, worker / price if price > 0 and worker > 0 else 1.0)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    overheads: Overheads
+    text: str  # what was measured, for the log
+
+
+def calibrate(costs: ModuleCosts, clusters: list[dict[str, Any]], w: dict[str, Any]) -> Calibration:
+    """The simulator's overheads from the two calibration clusters (saved form, see :func:`repredict`):
+    the daemon's CPU beyond the modules from all their windows (:func:`measure_daemon_cpu`); the waiting
+    per stage step, what is left of the 1-node run's time per token at 1 session once that CPU is
+    simulated (thread wake-ups, the GIL: the trace's take -> run and done -> back); and per hop (the
+    bridge, two event loops' wake-ups) what the 2-node run adds beyond all of that, over its hops.
+    One function for the validation and ``--repredict``, so a saved run is re-calibrated with the
+    model as it is now."""
+    one, two = clusters
+    windows = [c[k] for c in clusters for k in c if k.startswith("measured_")]
+    cpu = measure_daemon_cpu(windows, costs, w)
+
+    def at_one(c: dict[str, Any], over: Overheads) -> float:
+        return float(_predict_saved(costs, _calibration_row(c, 1), over, w)["predicted_latency_s"])
+
+    m1, m2 = one["measured_1"]["token_latency_s"], two["measured_1"]["token_latency_s"]
+    bare = at_one(one, Overheads(cpu=cpu))
+    wait_s = max(0.0, m1 - bare)
+    chain = at_one(two, Overheads(cpu=cpu, wait_s=wait_s))
+    hops = len(two.get("plan_1", two["plan"]))  # entry -> stage 0 is local; stage i -> i+1 and last -> entry
+    hop_s = max(0.0, (m2 - chain) / hops)
+    text = (
+        "the daemon's CPU beyond the modules (calibration clusters): per step "
+        f"{cpu.step_s * 1e3:.2f} ms + {cpu.row_s * 1e3:.2f} per session row, at the entry "
+        f"{cpu.entry_step_s * 1e3:.2f} + {cpu.entry_row_s * 1e3:.2f} per row more; the worker threads "
+        f"ran the modules at x{cpu.module_factor:.2f} their profiled price. Own CPU ms per step by node: "
+        + ", ".join(
+            f"{c['config']} S{k.split('_')[1]} node{i} {_own_ms(n):.2f}"
+            for c in clusters
+            for k in c
+            if k.startswith("measured_")
+            for i, n in enumerate(c[k]["nodes"])
+        )
+        + f"\ncalibration 1 (1 node, 1 core): measured {m1 * 1e3:.1f} ms/token, modules and the daemon's CPU "
+        f"{bare * 1e3:.1f}: {wait_s * 1e3:.1f} ms per step waiting\n"
+        f"calibration 2 (2 nodes, 1 core each): measured {m2 * 1e3:.1f} ms/token, simulated without hops "
+        f"{chain * 1e3:.1f}: {hop_s * 1e3:.1f} ms per hop"
+    )
+    return Calibration(Overheads(cpu=cpu, wait_s=wait_s, hop_s=hop_s), text)
+
+
+def _saved_form(c: dict[str, Any]) -> dict[str, Any]:
+    """A cluster's result as the JSON keeps it (no live plans and ids: node<i> names, quota lists)."""
+    return {k: v for k, v in c.items() if not k.startswith("_")}
+
+
+def _calibration_row(c: dict[str, Any], sessions: int) -> dict[str, Any]:
+    m = c[f"measured_{sessions}"]
+    return {
+        "config": "(calibration) " + c["config"],
+        "calibration": True,
+        "plan": c.get(f"plan_{sessions}", c["plan"]),
+        "quotas": c["quotas"],
+        "mbit": c["mbit"],
+        "sessions": sessions,
+        "cpu_share": m["cpu_share"],
+        "measured_tps": m["tokens_per_s"],
+        "measured_latency_s": m["token_latency_s"],
+    }
 
 
 def _plan_text(r: dict[str, Any]) -> str:
@@ -637,85 +721,87 @@ def _within(row: dict[str, Any], tol: float) -> bool:
     )
 
 
-def repredict(saved: dict[str, Any], over: Overheads | None = None) -> list[dict[str, Any]]:
-    """The saved run's rows predicted again by the simulator as it is now, without re-measuring.
-
-    ``saved`` is the JSON line of ``bench sim --json``: its ``costs``, its rows' plans, quotas, links
-    and CPU shares, the workload and the calibrated overheads (``over`` replaces them: to try a term).
-    Why: a validation run takes ten minutes of a quiet machine; a change to the model is checked
-    against it in a second. Rows come back with fresh ``predicted_*`` figures."""
-    costs = ModuleCosts.from_dict(saved["costs"])
-    full = costs.reference_flops_per_s
-    w = saved.get("workload") or {
+def _workload(saved: dict[str, Any]) -> dict[str, Any]:
+    return saved.get("workload") or {
         "tokens": 24,
         "prompt_tokens": 13,
         "warm_s": 4.0,
         "measure_s": 15.0,
         "cores": 2,
     }
-    if over is None:
+
+
+def _predict_saved(
+    costs: ModuleCosts, row: dict[str, Any], over: Overheads, w: dict[str, Any]
+) -> dict[str, Any]:
+    """``row`` (saved form: node<i> names, a quota list, node 0 the entry) with fresh ``predicted_*``."""
+    quotas = {f"node{i}": q for i, q in enumerate(row["quotas"])}  # plan names are node<i>
+    plan = Plan(
+        epoch=0,
+        objective="",
+        solver="saved",
+        model=costs.model,
+        num_modules=costs.num_modules,
+        stages=[Stage(n, a, b, 0.0, 0.0, 0.0, 0, 0) for n, a, b in row["plan"]],
+        left_out={},
+        bottleneck_s=0.0,
+        latency_s=0.0,
+        objective_value=0.0,
+    )
+    p = predict(
+        costs,
+        plan,
+        dict.fromkeys(quotas, costs.reference_flops_per_s),
+        quotas,
+        node_share(row["cpu_share"], w.get("cores", 2)),
+        row["mbit"],
+        "node0",
+        over,
+        row["sessions"],
+        w["tokens"],
+        w["prompt_tokens"],
+        w["warm_s"],
+        w["measure_s"],
+    )
+    return {
+        **row,
+        "predicted_tps": round(p["tokens_per_s"], 3),
+        "predicted_latency_s": round(p["token_latency_s"], 4),
+        "predicted_ttft_s": round(p["ttft_s"], 3),
+        "predicted_batches": p["batches"],
+    }
+
+
+def repredict(saved: dict[str, Any], over: Overheads | None = None) -> list[dict[str, Any]]:
+    """The saved run's rows predicted again by the simulator as it is now, without re-measuring.
+
+    ``saved`` is the JSON line of ``bench sim --json``: its ``costs``, its rows' plans, quotas, links
+    and CPU shares, the workload, and its calibration clusters, from which the overheads are calibrated
+    again as the validation does now (:func:`calibrate`; a run saved without them keeps its calibrated
+    ``step_s``/``wait_s``/``hop_s``); ``over`` replaces them: to try a term. Why: a validation run takes
+    ten minutes of a quiet machine; a change to the model is checked against it in a second. Rows come
+    back with fresh ``predicted_*`` figures."""
+    costs = ModuleCosts.from_dict(saved["costs"])
+    w = _workload(saved)
+    clusters = saved.get("calibration") or []
+    if over is None and len(clusters) == 2 and all("nodes" in c.get("measured_1", {}) for c in clusters):
+        cal = calibrate(costs, clusters, w)
+        print(cal.text)
+        over = cal.overheads
+    elif over is None:
         over = Overheads(
-            step_s=saved.get("step_s", 0.0),
+            cpu=DaemonCpu(step_s=saved.get("step_s", 0.0)),
             wait_s=saved.get("wait_s", 0.0),
             token_s=saved.get("token_s", 0.0),  # runs before session 4 charged their residual here
             hop_s=saved.get("hop_s", 0.0),
         )
     checks = [  # the calibration clusters under several sessions: not counted, but checked
-        {
-            "config": "(calibration) " + c["config"],
-            "calibration": True,
-            "plan": c.get(f"plan_{s}", c["plan"]),
-            "quotas": c["quotas"],
-            "mbit": c["mbit"],
-            "sessions": s,
-            "cpu_share": c[f"measured_{s}"]["cpu_share"],
-            "measured_tps": c[f"measured_{s}"]["tokens_per_s"],
-            "measured_latency_s": c[f"measured_{s}"]["token_latency_s"],
-        }
-        for c in saved.get("calibration", [])
+        _calibration_row(c, s)
+        for c in clusters
         for s in sorted(int(k.split("_")[1]) for k in c if k.startswith("measured_"))
         if s > 1
     ]
-    out = []
-    for row in checks + saved["validation"]:
-        quotas = {f"node{i}": q for i, q in enumerate(row["quotas"])}  # plan names are node<i>
-        plan = Plan(
-            epoch=0,
-            objective="",
-            solver="saved",
-            model=costs.model,
-            num_modules=costs.num_modules,
-            stages=[Stage(n, a, b, 0.0, 0.0, 0.0, 0, 0) for n, a, b in row["plan"]],
-            left_out={},
-            bottleneck_s=0.0,
-            latency_s=0.0,
-            objective_value=0.0,
-        )
-        p = predict(
-            costs,
-            plan,
-            dict.fromkeys(quotas, full),
-            quotas,
-            node_share(row["cpu_share"], w.get("cores", 2)),
-            row["mbit"],
-            "node0",
-            over,
-            row["sessions"],
-            w["tokens"],
-            w["prompt_tokens"],
-            w["warm_s"],
-            w["measure_s"],
-        )
-        out.append(
-            {
-                **row,
-                "predicted_tps": round(p["tokens_per_s"], 3),
-                "predicted_latency_s": round(p["token_latency_s"], 4),
-                "predicted_ttft_s": round(p["ttft_s"], 3),
-                "predicted_batches": p["batches"],
-            }
-        )
-    return out
+    return [_predict_saved(costs, row, over, w) for row in checks + saved["validation"]]
 
 
 def _print_rows(rows: list[dict[str, Any]]) -> int:
@@ -775,7 +861,9 @@ def run(args: argparse.Namespace) -> int:
         else:
             val = validation(shards, args, log)
             summary["validation"] = val["rows"]
-            for key in ("workload", "step_s", "wait_s", "hop_s", "batch_curve_s", "costs", "calibration"):
+            for key in (
+                "workload", "step_s", "daemon_cpu", "wait_s", "hop_s", "batch_curve_s", "costs", "calibration"
+            ):  # fmt: skip
                 summary[key] = val[key]
             summary["within_15pct"] = val["within_15pct"]
     if not args.skip_scale:

@@ -35,6 +35,7 @@ from llnode.pipeline.local import PREFILL_CHUNK
 from llnode.pipeline.stage import GATHER_MAX_S
 from llnode.plan import solve
 from llnode.plan.costs import ModelCosts as ModelCosts_
+from llnode.plan.profile import DaemonCpu
 from llnode.plan.types import DeviceProfile, Plan, PlanOptions
 from llnode.sim.costs import TOKEN_ID_BYTES, ModuleCosts
 
@@ -45,7 +46,9 @@ PlanFn = Callable[[list[DeviceProfile]], Plan]
 class Overheads:
     """Fixed costs of the daemon around the modules, in seconds (calibrated, see ``bench sim``)."""
 
-    step_s: float = 0.0  # CPU per step at a stage: frames, the executor hand-off, the loop, sampling
+    # the daemon's CPU per stage step beyond the modules, by role and rows, and its worker thread's CPU
+    # over the modules' price (measured, ``DaemonCpu``): charged on the stage under the node's budget
+    cpu: DaemonCpu = field(default_factory=DaemonCpu)
     # waiting per step at a stage (thread wake-ups, the GIL): the stage is busy but spends no CPU. Per
     # step, not per token at the entry: a 1-node run with 4 sessions ran batches of 4 (a wait between a
     # token and the next step longer than the stage's 5 ms gather wait would have split them, as a
@@ -327,10 +330,15 @@ class Simulator:
         else:
             return
         self.busy.add(dev)
-        # the daemon's per-step work (tensor decode/encode, hand-off, sampling) is CPU like the modules
-        step = self.over.step_s * self.costs.reference_flops_per_s / speed
+        # the daemon's per-step work (frames, hand-off, the entry's streaming) is CPU like the modules,
+        # and its worker runs a decode step's modules at ``module_factor`` times their profiled price
+        # (measured on decode steps only: a prefill chunk is priced as profiled)
+        cpu = self.over.cpu
+        own = cpu.own_s(max(1, len(batch)), entry=dev in self.entries)
+        factor = cpu.module_factor if decode else 1.0
+        step = work * factor + own * self.costs.reference_flops_per_s / speed
         began = self.now
-        finish = self._cpu_done(dev, self.now, (work + step) * self.slow[dev]) + self.over.wait_s
+        finish = self._cpu_done(dev, self.now, step * self.slow[dev]) + self.over.wait_s
 
         def complete() -> None:
             if decode:

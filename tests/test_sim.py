@@ -467,3 +467,43 @@ def test_the_wait_per_step_keeps_a_stage_busy_without_spending_its_cpu_budget() 
     # 60 / 0.5 = 120 ms (it would be 130 if waiting were charged like computing)
     quota = Simulator(costs(), [dev("a")], {}, no_replan, plan=plan, overheads=over, quotas={"a": 0.5})
     assert quota.run(work).token_latency_s == pytest.approx(0.120, rel=0.02)
+
+
+def test_a_saved_run_is_calibrated_again_from_its_calibration_clusters() -> None:
+    """``calibrate`` (the validation's and ``--repredict``'s): from the two clusters' windows, the daemon's
+    CPU by role, then the 1-node run's leftover time per token as waiting per step, then the 2-node
+    run's leftover per hop. Clusters built from known parts give those parts back."""
+    from llnode.bench.sim import calibrate
+
+    c = costs()
+    w = {"tokens": 50, "prompt_tokens": 8, "warm_s": 5.0, "measure_s": 25.0, "cores": 2}
+    wait, hop = 0.004, 0.0005
+
+    def node(rng: tuple[int, int], own_ms: float) -> dict[str, object]:
+        worker = 100 * c.decode_range_s(*rng, REF) + 5 * c.prefill_range_s(*rng, 8, REF)
+        return {"own_cpu_s": own_ms * 0.1, "worker_cpu_s": worker, "batches": {"1": 100}, "range": list(rng)}
+
+    def cluster(
+        plan: list[list[object]], nodes: list[dict[str, object]], latency: float
+    ) -> dict[str, object]:
+        window = {"tokens_per_s": 10.0, "token_latency_s": latency, "cpu_share": 1.0, "nodes": nodes}
+        quotas = [1.0] * len(plan)
+        return {
+            "config": f"{len(plan)} nodes",
+            "quotas": quotas,
+            "mbit": None,
+            "plan": plan,
+            "measured_1": window,
+        }
+
+    one = cluster([["node0", 0, 6]], [node((0, 6), 3.0)], 0.060 + 0.003 + wait)
+    # entry node0 [0, 3): 30 ms + 3 ms own + wait; node1 [3, 6): 30 + 2 + wait; two hops
+    two = cluster(
+        [["node0", 0, 3], ["node1", 3, 6]],
+        [node((0, 3), 3.0), node((3, 6), 2.0)],
+        0.033 + 0.032 + 2 * wait + 2 * hop,
+    )
+    over = calibrate(c, [one, two], w).overheads
+    assert over.cpu.step_s == pytest.approx(0.002) and over.cpu.row_s == 0.0
+    assert over.cpu.entry_step_s == pytest.approx(0.001) and over.cpu.module_factor == pytest.approx(1.0)
+    assert over.wait_s == pytest.approx(wait, abs=2e-4) and over.hop_s == pytest.approx(hop, abs=2e-4)

@@ -507,3 +507,22 @@ def test_a_saved_run_is_calibrated_again_from_its_calibration_clusters() -> None
     assert over.cpu.step_s == pytest.approx(0.002) and over.cpu.row_s == 0.0
     assert over.cpu.entry_step_s == pytest.approx(0.001) and over.cpu.module_factor == pytest.approx(1.0)
     assert over.wait_s == pytest.approx(wait, abs=2e-4) and over.hop_s == pytest.approx(hop, abs=2e-4)
+
+
+def test_repredict_refuses_a_file_that_is_not_a_saved_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--repredict`` on a log without the JSON line (runs before session 5) or on JSON without module
+    costs: a one-line error and exit code 2, not a traceback."""
+    import argparse
+
+    from llnode.bench.sim import add_arguments, run
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for text in ("a table, no JSON\n", '{"validation": []}\n', ""):
+        saved = tmp_path / "saved.log"
+        saved.write_text(text)
+        assert run(parser.parse_args(["--repredict", str(saved)])) == 2
+        assert "--repredict" in capsys.readouterr().err
+    assert run(parser.parse_args(["--repredict", str(tmp_path / "missing.log")])) == 2

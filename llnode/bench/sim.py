@@ -842,7 +842,19 @@ def fused_check(shards: Path, as_json: bool, context: int = 25) -> int:
 
 def run(args: argparse.Namespace) -> int:
     if args.repredict is not None:
-        saved = json.loads(args.repredict.read_text().strip().splitlines()[-1])
+        try:
+            lines = args.repredict.read_text().strip().splitlines()
+            saved = json.loads(lines[-1]) if lines else None
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            print(f"--repredict {args.repredict}: cannot read a saved run: {exc}", file=sys.stderr)
+            return 2
+        if not isinstance(saved, dict) or "costs" not in saved or "validation" not in saved:
+            print(
+                f"--repredict {args.repredict}: its last line is not the JSON of 'llnode bench sim --json' "
+                "with the module costs (runs before session 5 did not save them)",
+                file=sys.stderr,
+            )
+            return 2
         rows = repredict(saved)
         within = _print_rows(rows)
         if args.json:

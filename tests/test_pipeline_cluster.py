@@ -21,7 +21,7 @@ import pytest
 from conftest import serving
 
 from llnode.api.sse import sse_events
-from llnode.cluster import LocalCluster, free_base_port
+from llnode.cluster import LocalCluster, _settled, free_base_port
 from llnode.model.reference import greedy_texts
 
 pytestmark = pytest.mark.slow
@@ -92,6 +92,23 @@ def test_plan_spans_nodes_and_every_node_agrees(cluster3: LocalCluster) -> None:
     assert stages[0]["start"] == 0 and stages[-1]["end"] == 32
     for a, b in itertools.pairwise(stages):
         assert a["end"] == b["start"]
+
+
+def test_ready_means_one_plan_that_placed_every_node(cluster3: LocalCluster) -> None:
+    """``wait_ready`` returned on this cluster: its condition holds on the real statuses, and fails
+    for the shapes that fooled benchmarks (a node the plan has not seen yet, a plan not taken up)."""
+    statuses = [_status(cluster3, i) for i in range(3)]
+    assert _settled(statuses)
+    plan = statuses[0]["pipeline"]["plan"]["plan"]
+    placed = [st["device_id"] for st in plan["stages"]] + list(plan["left_out"])
+    assert sorted(placed) == sorted(s["id"] for s in statuses)
+    late = [dict(s) for s in statuses]
+    late[2] = {**late[2], "id": "a-node-whose-profile-came-late"}
+    assert not _settled(late)
+    behind = [dict(s) for s in statuses]
+    behind[1] = {**behind[1], "pipeline": {**behind[1]["pipeline"], "epoch": -1}}
+    assert not _settled(behind)
+    assert not _settled([*statuses[:2], None])
 
 
 def test_greedy_through_cluster_equals_single_process(

@@ -243,10 +243,12 @@ def test_module_profile_on_a_real_shard_set(tiny_llama_shards: Path, tmp_path: P
     assert not cached and c.num_modules == 4
     assert all(t > 0 for t in c.decode_s) and all(t > 0 for t in c.prefill_s)
     assert c.out_bytes_per_token[-1] == TOKEN_ID_BYTES and c.reference_flops_per_s > 0
-    # the daemon's fused blocks were timed too: each session a range does not run saves a positive cost
+    # the daemon's fused blocks were timed too: what a run it does not make saves, per batch size. It is a
+    # difference of two timings, so on a loaded machine it can come out <= 0: it is then taken as no
+    # saving, never as a negative one (whether it is positive is the benchmark's figure, not a test's)
     assert c.fuse_block == fuse_block() and len(c.call_s) == 1 + len(c.batch_sizes)
-    assert all(x > 0 for x in c.call_s)
-    assert c.decode_range_s(0, 4, c.reference_flops_per_s) < sum(c.decode_s)
+    assert all(x >= 0 for x in c.call_s)
+    assert c.decode_range_s(0, 4, c.reference_flops_per_s) <= sum(c.decode_s) + 1e-12
     again, cached = cached_costs(tiny_llama_shards, cache_dir=tmp_path)
     assert cached and again == c
     (next(tmp_path.iterdir())).write_text("{not json")

@@ -45,7 +45,8 @@ def test_q4_1_grid_is_reencoded_exactly(tmp_path: Path) -> None:
     quantize_matmuls(tmp_path / "fp32.onnx", tmp_path / "int4.onnx", "int4")
     nodes = onnx.load(str(tmp_path / "int4.onnx")).graph.node
     ops = [node.op_type for node in nodes]
-    assert "MatMulNBits" in ops and ops.count("MatMul") == 1  # the block-minimum term stays fp32
+    # The block-minimum term stays fp32: one pooling of the input's blocks, one small MatMul, one Add.
+    assert sorted(ops) == ["Add", "AveragePool", "MatMul", "MatMulNBits"]
     nbits = next(node for node in nodes if node.op_type == "MatMulNBits")
     assert len(nbits.input) == 3  # centred levels: the implicit zero point 8, no zero-point tensor
 
@@ -61,3 +62,28 @@ def test_q4_1_grid_is_reencoded_exactly(tmp_path: Path) -> None:
     # What remains is the int8 quantization of the activations (accuracy_level 4), not of the weights.
     assert exact_err < 0.02 * scale
     assert exact_err < sym_err / 3
+
+
+def test_block_minimum_term_is_the_block_sums_times_m_plus_8d(tmp_path: Path) -> None:
+    """The fp32 correction alone (no int8 activations in it): ``sum over each block of x`` times ``m + 8d``,
+    to float rounding, for a batch of several tokens (the pooling runs over K, not over tokens)."""
+    rng = np.random.default_rng(1)
+    k, n = 96, 40
+    q = rng.integers(0, 16, (n, k // 32, 32))
+    q[..., 0], q[..., 1] = 0, 15
+    d = rng.uniform(0.001, 0.02, (n, k // 32, 1))
+    m = rng.uniform(-0.15, -0.01, (n, k // 32, 1))
+    w = (q * d + m).reshape(n, k).T.astype(np.float32)
+    _matmul_model(tmp_path / "fp32.onnx", w)
+    quantize_matmuls(tmp_path / "fp32.onnx", tmp_path / "int4.onnx", "int4")
+    model = onnx.load(str(tmp_path / "int4.onnx"))
+    correction = next(node.output[0] for node in model.graph.node if node.op_type == "MatMul")
+    model.graph.output.append(helper.make_tensor_value_info(correction, TensorProto.FLOAT, None))
+    onnx.save(model, str(tmp_path / "probe.onnx"))
+    sess = ort.InferenceSession(
+        str(tmp_path / "probe.onnx"), _session_options(1), providers=["CPUExecutionProvider"]
+    )
+    x = rng.standard_normal((2, 5, k)).astype(np.float32)
+    got = sess.run([correction], {"x": x})[0]
+    want = x.reshape(2, 5, k // 32, 32).sum(-1) @ (m[..., 0] + 8 * d[..., 0]).T
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))

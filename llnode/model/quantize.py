@@ -25,7 +25,7 @@ from onnx import helper, numpy_helper
 PRECISIONS = ("fp32", "int8", "int4")
 BLOCK_SIZE = 32
 ACCURACY_LEVEL = 4  # int8 compute: the fastest on CPU (field facts)
-QUANT_VERSION = 4  # bump when the quantization recipe changes (part of the cache key)
+QUANT_VERSION = 5  # bump when the quantization recipe changes (part of the cache key)
 ZERO_POINT_4BIT = 8  # MatMulNBits' implicit zero point of 4-bit weights without a zero-point input
 
 
@@ -91,7 +91,14 @@ def _exact_4bit(model: onnx.ModelProto) -> list[str]:
     ``d*q`` with zero point 0 (version 3): onnxruntime quantizes the activations to int8 (accuracy level 4),
     and that error is multiplied by the levels, so centring halves it (64 tokens of SmolLM2: mean |logit -
     fp32| 0.21 vs 0.30, argmax equal to fp32 94 % vs 86 %) at the same decode time, without the zero-point
-    tensors. Returns the names of the added fp32 MatMuls (not to quantize).
+    tensors.
+
+    The per-block input sums are one ``AveragePool`` (kernel = stride = 32 along K of the ``[batch, tokens,
+    K]`` input: block means) times ``32 (m + 8d)``, not ``Reshape`` + ``ReduceSum`` (version 4): one
+    kernel fewer per weight MatMul, 4 per layer, 2-6 % less CPU per decoded token at 1 and 2 threads. The
+    same weights and formula, but the 32 inputs are added in another order: the logits move by the size of
+    the int8 activation rounding (a flipped rounding, mean 0.15), quality is unchanged (docs/model.md).
+    Returns the names of the added fp32 MatMuls (not to quantize).
     """
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
@@ -106,7 +113,7 @@ def _exact_4bit(model: onnx.ModelProto) -> list[str]:
             continue
         assert w is not None and init is not None
         q, d, lo = grid
-        (k, n), nb = w.shape, w.shape[0] // BLOCK_SIZE
+        k, n = w.shape
         packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)  # low nibble first
         base, out = node.name or node.output[0], node.output[0]
         graph.initializer.remove(init)
@@ -114,9 +121,11 @@ def _exact_4bit(model: onnx.ModelProto) -> list[str]:
             [
                 numpy_helper.from_array(packed, f"{base}.q4"),
                 numpy_helper.from_array(d.reshape(-1), f"{base}.scales"),
-                numpy_helper.from_array(np.ascontiguousarray((lo + ZERO_POINT_4BIT * d).T), f"{base}.mins"),
-                numpy_helper.from_array(np.asarray([0, 0, nb, BLOCK_SIZE], np.int64), f"{base}.blocks"),
-                numpy_helper.from_array(np.asarray([-1], np.int64), f"{base}.last"),
+                # x 32: the pooled input holds block means (32 is a power of two: exact).
+                numpy_helper.from_array(
+                    np.ascontiguousarray((lo + ZERO_POINT_4BIT * d).T) * np.float32(BLOCK_SIZE),
+                    f"{base}.mins",
+                ),
             ]
         )
         a = node.input[0]
@@ -133,8 +142,14 @@ def _exact_4bit(model: onnx.ModelProto) -> list[str]:
                 block_size=BLOCK_SIZE,
                 accuracy_level=ACCURACY_LEVEL,
             ),
-            helper.make_node("Reshape", [a, f"{base}.blocks"], [f"{out}.xb"]),
-            helper.make_node("ReduceSum", [f"{out}.xb", f"{base}.last"], [f"{out}.xs"], keepdims=0),
+            helper.make_node(
+                "AveragePool",
+                [a],
+                [f"{out}.xs"],
+                name=f"{base}.blocks",
+                kernel_shape=[BLOCK_SIZE],
+                strides=[BLOCK_SIZE],
+            ),
             helper.make_node("MatMul", [f"{out}.xs", f"{base}.mins"], [f"{out}.m"], name=f"{base}.mins"),
             helper.make_node("Add", [f"{out}.dq", f"{out}.m"], [out]),
         ]

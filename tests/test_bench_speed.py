@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llnode.bench.speed import choose_default, parse_variants
+from llnode.bench.speed import choose_default, parse_shard_sets, parse_variants
 from llnode.cli import main
 
 
@@ -40,11 +40,13 @@ def test_bench_speed_json(
     args = ["bench", "speed", "--model", str(tiny_model_dirs["llama"]), "--json"]
     args += ["--rounds", "1", "--steps", "2", "--threads", "1", "--contexts", "4,40"]
     args += ["--variant", "nomap:LLNODE_MAP_WEIGHTS=0", "--profile"]
+    # The int4 set measured a second time as another shard set (it exists once the precisions are prepared).
+    args += ["--shard-set", f"again={tmp_path / 'test-shards' / 'llama-int4'}"]
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(out["decode_ms"]) == {"fp32", "int8", "int4"}
     assert all(v > 0 for v in out["decode_ms_all"].values())
-    assert len(out["decode_ms_all"]) == 8  # 3 precisions and the variant, at 2 contexts
+    assert len(out["decode_ms_all"]) == 10  # 3 precisions, the variant and the shard set, at 2 contexts
     assert out["default_precision"] in out["decode_ms"]
     assert out["quality"]["fp32"]["ppl_ratio"] == 1.0 and out["quality"]["fp32"]["kl"] == 0.0
     assert 0.0 < out["quality"]["int8"]["top1_agreement"] <= 1.0
@@ -62,6 +64,14 @@ def test_bench_speed_json(
     variant = out["variants"]["int4+nomap"]
     assert variant["env"] == {"LLNODE_MAP_WEIGHTS": "0"} and variant["decode_ms"] > 0
     assert "int4+nomap" not in out["decode_ms"]  # variants never compete for the default
+    again = out["shard_sets"]["again"]
+    assert (
+        again["base"] == "int4"
+        and again["decode_ms"] > 0
+        and set(again["over_base"]) == {"1t/ctx4", "1t/ctx40"}
+    )
+    assert "again" not in out["decode_ms"]  # nor do other shard sets
+    assert out["quality"]["again"] == out["quality"]["int4"]  # the same graphs give the same numbers
     # the profile: shares of real operators that add up to the whole kernel time, inside the runs' time
     prof = out["op_profile"]["int4/1t"]
     assert "MatMulNBits" in prof["ops"] and abs(sum(prof["ops"].values()) - 1.0) < 0.01
@@ -76,3 +86,12 @@ def test_variants_parse_or_say_what_is_wrong() -> None:
     for bad in (["nomap"], [":A=1"], ["x:A"], ["x:A=1,B"], ["x:A=1", "x:B=2"]):
         with pytest.raises(ValueError, match="NAME:VAR=VALUE"):
             parse_variants(bad)
+
+
+def test_shard_sets_parse_or_say_what_is_wrong(tiny_llama_shards: Path, tmp_path: Path) -> None:
+    assert parse_shard_sets([f"old={tiny_llama_shards}"], reserved=["int4"]) == {"old": tiny_llama_shards}
+    for bad in ("old", f"={tiny_llama_shards}", f"int4={tiny_llama_shards}"):
+        with pytest.raises(ValueError, match="NAME=DIR"):
+            parse_shard_sets([bad], reserved=["int4"])
+    with pytest.raises(ValueError, match="--shard-set old"):
+        parse_shard_sets([f"old={tmp_path}"], reserved=[])  # no manifest there

@@ -22,7 +22,9 @@ building the sessions added as anonymous pages (onnxruntime's prepacked weights,
 
 ``--variant NAME:VAR=VALUE`` adds workers running the smallest shard set with those environment variables
 (e.g. ``LLNODE_MAP_WEIGHTS=0``, ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``), measured in the same rounds: an
-A/B of a runtime setting is only worth its ratio side by side on the same machine state.
+A/B of a runtime setting is only worth its ratio side by side on the same machine state. ``--shard-set
+NAME=DIR`` does the same for another shard set of the model (e.g. one an older quantization recipe made):
+an A/B of the module graphs, with its quality next to the others'.
 
 Quality, on a fixed English text (``PPL_TEXT`` x3, ~200 tokens): perplexity ratio to fp32, teacher-forced
 top-1 agreement (the share of positions where the argmax equals fp32's; free-running greedy agreement
@@ -70,6 +72,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME:VAR=VALUE[,VAR=VALUE]",
         help="also measure the default precision with these environment variables set, side by side "
         "(e.g. nomap:LLNODE_MAP_WEIGHTS=0); repeatable",
+    )
+    parser.add_argument(
+        "--shard-set",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="also measure this shard set of the model side by side (e.g. an older quantization recipe's); "
+        "repeatable",
     )
     parser.add_argument(
         "--profile",
@@ -331,6 +341,23 @@ def choose_default(
     return min(tied, key=lambda p: ((shard_bytes or {}).get(p, 0.0), decode_ms[p]))
 
 
+def parse_shard_sets(specs: list[str], reserved: list[str]) -> dict[str, Path]:
+    """``NAME=DIR`` -> {name: folder of a shard set}; a clear error for a bad spec or a missing set."""
+    from llnode.model.manifest import ManifestError, load_manifest
+
+    out: dict[str, Path] = {}
+    for spec in specs:
+        name, _, folder = spec.partition("=")
+        if not name or not folder or name in out or name in reserved or "/" in name:
+            raise ValueError(f"--shard-set wants NAME=DIR with a new name, got {spec!r}")
+        try:
+            load_manifest(Path(folder))
+        except ManifestError as exc:
+            raise ValueError(f"--shard-set {name}: {exc}") from exc
+        out[name] = Path(folder)
+    return out
+
+
 def parse_variants(specs: list[str]) -> dict[str, dict[str, str]]:
     """``NAME:VAR=VALUE[,VAR=VALUE]`` -> {name: environment}; a clear error for anything else."""
     out: dict[str, dict[str, str]] = {}
@@ -356,12 +383,16 @@ def run(args: argparse.Namespace) -> int:
     contexts = [int(c) for c in args.contexts.split(",")]
     variants = parse_variants(args.variant)
     shards = {p: _shards(args.model, p) for p in precisions}
+    extra = parse_shard_sets(args.shard_set, reserved=[*PRECISIONS, *variants])
+    shards |= extra
     shard_bytes = {p: sum(m.size_bytes for m in load_manifest(d).modules) for p, d in shards.items()}
     # Variants run the smallest set (the default when speeds tie) with extra environment variables.
     small = min(precisions, key=lambda p: shard_bytes[p])
-    rows: dict[str, tuple[str, dict[str, str]]] = {p: (p, {}) for p in precisions} | {
-        f"{small}+{n}": (small, e) for n, e in variants.items()
-    }
+    rows: dict[str, tuple[str, dict[str, str]]] = (
+        {p: (p, {}) for p in precisions}
+        | {f"{small}+{n}": (small, e) for n, e in variants.items()}
+        | {n: (n, {}) for n in extra}
+    )
     prec = {label: p for label, (p, _) in rows.items()}
     shard_bytes |= {label: shard_bytes[p] for label, p in prec.items()}
     workers = {(lb, t): Worker(shards[p], t, env) for lb, (p, env) in rows.items() for t in threads}
@@ -395,7 +426,7 @@ def run(args: argparse.Namespace) -> int:
             work_peak[(p, t)], steady[(p, t)] = r["peak_rss"], r["rss"]  # VmHWM was reset after loading
             peak[(p, t)] = max(load_peak[(p, t)], work_peak[(p, t)])
         qual_t = 2 if 2 in threads else threads[0]
-        quality = _quality({p: workers[(p, qual_t)].ask(op="quality") for p in precisions})
+        quality = _quality({p: workers[(p, qual_t)].ask(op="quality") for p in [*precisions, *extra]})
         if args.profile:  # the smallest set (the default when speeds tie), every thread count
             profiles = {t: workers[(small, t)].ask(op="profile", steps=args.steps) for t in threads}
     finally:
@@ -421,6 +452,9 @@ def run(args: argparse.Namespace) -> int:
             env_s = ",".join(f"{k}={v}" for k, v in env.items())
             ratio = " ".join(f"x{med[(label, t, c)] / med[(p, t, c)]:.3f}" for t in threads for c in contexts)
             print(f"{label}: {env_s}; decode over {p} side by side (threads x contexts): {ratio}")
+    for name, folder in extra.items():
+        ratio = " ".join(f"x{med[(name, t, c)] / med[(small, t, c)]:.3f}" for t in threads for c in contexts)
+        print(f"{name}: {folder}; decode over {small} side by side (threads x contexts): {ratio}")
     print(
         "memory, MiB of RSS of each worker process: 'base' after importing numpy, onnxruntime and llnode "
         "(nothing loaded); 'tok' what loading the tokenizer added (an entry node's); 'anon'/'file': "
@@ -526,6 +560,20 @@ def run(args: argparse.Namespace) -> int:
             }
             for label, (p, env) in rows.items()
             if label != p
+        }
+    if extra:
+        result["shard_sets"] = {
+            name: {
+                "dir": str(folder),
+                "decode_ms": round(med[(name, t2, c0)], 3),
+                "over_base": {
+                    f"{t}t/ctx{c}": round(med[(name, t, c)] / med[(small, t, c)], 3)
+                    for t in threads
+                    for c in contexts
+                },
+                "base": small,
+            }
+            for name, folder in extra.items()
         }
     if (t2, c0) in lmed:
         result["llamacpp_decode_ms"] = {f"{t}t/ctx{c}": round(v, 3) for (t, c), v in lmed.items()}

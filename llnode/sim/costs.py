@@ -34,7 +34,7 @@ from llnode.plan.costs import runs_per_step
 CACHE_DIR = Path(os.environ.get("LLNODE_SIM_CACHE", Path.home() / ".cache" / "llnode" / "sim"))
 TOKEN_ID_BYTES = 8  # a token id between the entry and the first/last stage (int64)
 BATCH_SIZES = (2, 4, 8)  # decode batch sizes measured besides single steps (the batching curve)
-FORMAT = 6  # bump when the measured fields change: older caches are re-measured
+FORMAT = 7  # bump when the measured fields change: older caches are re-measured
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class ModuleCosts:
     decode_batch_s: list[list[float]]  # [k][m]: a decode step of BATCH_SIZES[k] sessions (``model.batching``)
     prefill_s: list[float]  # one prefill of ``prompt_tokens`` tokens through module m
     out_bytes_per_token: list[int]  # hidden-state bytes per token after module m (the last: a token id)
-    reference_flops_per_s: float  # decode FLOPs of the decoder layers / their measured seconds
+    reference_flops_per_s: float  # decode FLOPs of the decoder layers / their seconds net of call_s[0]
     measured_at: float = 0.0
     profile_s: float = 0.0
     batch_sizes: tuple[int, ...] = BATCH_SIZES
@@ -256,7 +256,11 @@ def profile_modules(
         decode_batch_s=batched,
         prefill_s=prefill,
         out_bytes_per_token=out,
-        reference_flops_per_s=flops / sum(decode[m] for m in layers),
+        # net of a run's fixed cost, as ``profile_device`` measures a device's speed (cost(k) = a + b k):
+        # a profile, a device class and these costs then mean the same by a FLOP rate, and a planner
+        # pricing b = FLOPs / speed plus a per run agrees with ``decode_range_s`` (the single-module
+        # rate, run cost included, made a class ~20 % slower here than to the planner)
+        reference_flops_per_s=flops / sum(decode[m] - (call_s[0] if call_s else 0.0) for m in layers),
         measured_at=time.time(),
         profile_s=time.perf_counter() - t_start,
         load_slowdown=slowdown,

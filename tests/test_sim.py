@@ -11,7 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from llnode.emulate.profiles import LINKS, LinkClass, draw_fleet, pair_links
+from llnode.emulate.profiles import (
+    DEVICES,
+    LINKS,
+    LinkClass,
+    StepCosts,
+    device_profile,
+    draw_fleet,
+    own_cpu_scale,
+    pair_links,
+)
 from llnode.model.runner import fuse_block
 from llnode.plan import PlanOptions
 from llnode.plan.costs import runs_per_step
@@ -236,6 +245,46 @@ def test_profiles_and_fleets() -> None:
     assert pair_links(["x", "y"], {"x": None, "y": None})[("x", "y")].rtt_s == 0.0
     with pytest.raises(ValueError, match="unknown profile"):
         draw_fleet(3, random.Random(0), device_mix={"toaster": 1.0})
+
+
+def test_a_device_class_pays_the_fixed_costs_measured_here_at_its_core() -> None:
+    """The daemon's own CPU at the class's core (the laptop class is one core here, a flagship phone
+    0.52 of it), a run's fixed cost at its FLOP rate, as the simulator scales the costs that hold it."""
+    step = StepCosts(own_s=1.5e-3, call_s=0.4e-3, reference_flops_per_s=4e9, fuse_block=8)
+    laptop = device_profile(DEVICES["laptop"], "l", step=step)
+    phone = device_profile(DEVICES["flagship-phone"], "p", step=step)
+    old = device_profile(DEVICES["old-phone"], "o", step=step)
+    assert laptop.step_overhead_s == pytest.approx(1.5e-3)
+    assert phone.step_overhead_s == pytest.approx(1.5e-3 * 27 / 14)  # ~2.9 ms per step on a phone
+    assert old.step_overhead_s > phone.step_overhead_s > laptop.step_overhead_s
+    assert phone.call_overhead_s == pytest.approx(0.4e-3 * 4e9 / 14e9) and phone.fuse_block == 8
+    assert own_cpu_scale(phone, step) == pytest.approx(27 / 14)
+    # without measured fixed costs a class is priced by its modules alone (as before session 6)
+    bare = device_profile(DEVICES["flagship-phone"], "b")
+    assert (bare.step_overhead_s, bare.call_overhead_s, bare.fuse_block) == (0.0, 0.0, 1)
+    # the fixed costs do not change which devices a seed draws
+    ids = [d.device_id for d in draw_fleet(20, random.Random(3), step=step).devices]
+    assert ids == [d.device_id for d in draw_fleet(20, random.Random(3)).devices]
+
+
+def test_the_scale_study_simulates_the_price_the_planner_put_on_a_class_stage() -> None:
+    """One way to price: a device class's stage step costs the planner ``a + b·k`` (its profile's
+    fixed costs, FLOPs at its speed) and the simulator exactly that for one session on that device."""
+    from llnode.plan.costs import build_instance
+    from llnode.sim.scale import flops_costs, simulate, step_costs
+
+    man = synthetic_manifest(num_layers=7)  # 9 modules: [0, 9) makes 2 runs of 8, as the planner's 1 + 8/8
+    ref = replace(costs(9), call_s=[0.4e-3, 0.5e-3, 0.6e-3, 0.8e-3], fuse_block=8)
+    c = flops_costs(man, ref)
+    cpu = DaemonCpu(step_s=1.4e-3, row_s=0.1e-3)  # not the entry, no module factor: the planner's part
+    step = step_costs(c, cpu)
+    assert step.call_s == 0.4e-3 and step.own_s == pytest.approx(1.5e-3)
+    phone = device_profile(DEVICES["flagship-phone"], "p", step=step)
+    inst = build_instance(man, [phone], options=PlanOptions(cost_context=c.context))
+    plan = fixed_plan(("p", 0, 9))
+    _, latency = simulate(c, plan, [phone], {"p": None}, 2, tokens=8, duration_s=5.0, cpu=cpu)
+    assert latency == pytest.approx(inst.compute_s(0, 0, 9), rel=1e-9)
+    assert inst.compute_s(0, 0, 9) > c.decode_range_s(0, 9, phone.decode_flops_per_s) + 2e-3  # both charge it
 
 
 def test_module_profile_on_a_real_shard_set(tiny_llama_shards: Path, tmp_path: Path) -> None:

@@ -5,6 +5,11 @@ Devices are the planner's device classes (``llnode.plan.synthetic.DEVICE_CLASSES
 one core of *this* machine behave like it (the laptop class = one full core), so the harness can run
 "a flagship phone and an old one" for real and the simulator can draw the same devices by the
 thousand. Links are Wi-Fi classes by their usable throughput and round trip.
+
+A class also pays what every stage step costs beyond its modules (:class:`StepCosts`, measured on one
+core here): the daemon's own CPU per step, scaled by the class's *core* (its quota: the daemon is one
+interpreter thread, which a phone runs at its core's speed, not at the FLOP rate its onnxruntime
+threads reach together), and a fused run's fixed cost, scaled like the modules it is measured with.
 """
 
 from __future__ import annotations
@@ -27,9 +32,31 @@ class DeviceClass:
     battery: bool
 
     @property
+    def core(self) -> float:
+        """The class's speed as a share of one core of this machine (the laptop class is one core)."""
+        return self.gflops / _REFERENCE_GFLOPS
+
+    @property
     def quota(self) -> float:
         """Share of one core of this machine that emulates the class (cgroup CPU quota)."""
-        return round(min(1.0, self.gflops / _REFERENCE_GFLOPS), 2)
+        return round(min(1.0, self.core), 2)
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """What a stage step costs beyond its modules' bodies on one core of this machine (measured).
+
+    ``own_s``: the daemon's CPU per step outside the modules (``DaemonCpu.own_s()``, one session, not
+    the entry: what the planner charges). ``call_s``: the fixed CPU of one ``session.run``
+    (``ModuleCosts.call_s[0]``), measured at ``reference_flops_per_s`` with the module costs it belongs
+    to; ``fuse_block``: the modules one run holds. Why a device class needs them: with both at zero the
+    planner of the scale study priced a stage by its modules alone, so twelve one-module stages on
+    phones looked as good as four, while every step of a real daemon pays ~1.5 ms on a core here."""
+
+    own_s: float
+    call_s: float
+    reference_flops_per_s: float
+    fuse_block: int = 1
 
 
 @dataclass(frozen=True)
@@ -57,20 +84,49 @@ LINKS: dict[str, LinkClass] = {
 }
 
 
-def device_profile(cls: DeviceClass, device_id: str, rng: random.Random | None = None) -> DeviceProfile:
-    """A planner profile of one device of ``cls``, jittered by +-20 % when ``rng`` is given."""
+def device_profile(
+    cls: DeviceClass,
+    device_id: str,
+    rng: random.Random | None = None,
+    step: StepCosts | None = None,
+) -> DeviceProfile:
+    """A planner profile of one device of ``cls``, jittered by +-20 % when ``rng`` is given.
+
+    With ``step`` the profile carries the fixed costs the planner prices (``stage_fixed_s``) and the
+    simulator charges: the daemon's own CPU per step at the device's core (``own_s / (core x jitter)``:
+    a flagship phone 0.52 of a core here pays ~2.8 ms where a core here pays 1.45) and a run's fixed
+    cost at its FLOP rate (``call_s x reference / decode speed``, as the simulator scales the measured
+    module costs that hold it)."""
 
     def jit() -> float:
         return rng.uniform(0.8, 1.2) if rng is not None else 1.0
 
+    speed = jit()
+    decode = cls.gflops * 1e9 * speed
+    own = call = 0.0
+    block = 1
+    if step is not None:
+        own = step.own_s / (cls.core * speed)
+        call = step.call_s * step.reference_flops_per_s / decode
+        block = max(1, step.fuse_block)
     return DeviceProfile(
         device_id=device_id,
         name=device_id,
-        decode_flops_per_s=cls.gflops * 1e9 * jit(),
+        decode_flops_per_s=decode,
         prefill_flops_per_s=cls.gflops * 4e9 * jit(),
         memory_available_bytes=int(cls.memory_gib * GB * jit()),
         battery_pct=None,  # the simulator studies placement, not the battery rule
+        step_overhead_s=own,
+        call_overhead_s=call,
+        fuse_block=block,
     )
+
+
+def own_cpu_scale(profile: DeviceProfile, step: StepCosts) -> float:
+    """Seconds of the device per second of the daemon's own CPU on a core here: what the simulator
+    multiplies ``DaemonCpu`` by (``Simulator(own_scale=...)``), read back from the profile's
+    ``step_overhead_s`` so that planner and simulator charge the same."""
+    return profile.step_overhead_s / step.own_s if step.own_s > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -106,9 +162,10 @@ def draw_fleet(
     rng: random.Random,
     device_mix: dict[str, float] | None = None,
     link_mix: dict[str, float] | None = None,
+    step: StepCosts | None = None,
 ) -> Fleet:
     """``n`` devices drawn from the classes with the given weights (default: an office of laptops,
-    boxes and phones on mostly decent Wi-Fi)."""
+    boxes and phones on mostly decent Wi-Fi), with the fixed costs of ``step`` (:func:`device_profile`)."""
     device_mix = device_mix or {
         "laptop": 2,
         "linux-box": 1,
@@ -126,7 +183,7 @@ def draw_fleet(
     devices, links = [], {}
     for i in range(n):
         cls = DEVICES[rng.choices(dnames, dw)[0]]
-        dev = device_profile(cls, f"{cls.name}-{i}", rng)
+        dev = device_profile(cls, f"{cls.name}-{i}", rng, step)
         devices.append(dev)
         links[dev.device_id] = LINKS[rng.choices(lnames, lw)[0]]
     return Fleet(devices, links)

@@ -149,6 +149,7 @@ class Simulator:
         quotas: Mapping[str, float] | None = None,
         period_s: float = 0.1,
         cpu_share: float = 1.0,
+        own_scale: Mapping[str, float] | None = None,
     ) -> None:
         self.costs = costs
         self.profiles = {d.device_id: d for d in devices}
@@ -166,6 +167,11 @@ class Simulator:
         if not 0 < cpu_share <= 1:
             raise ValueError(f"cpu_share is the fraction of a core a busy process gets, got {cpu_share}")
         self.cpu_share = cpu_share
+        # device -> seconds there per second of the daemon's own CPU measured on the reference core.
+        # Default: the device's speed over the reference (a node of the validation is that core under
+        # a quota); a device class runs the daemon's one interpreter thread at its core's speed, not at
+        # the FLOP rate of its onnxruntime threads (``profiles.own_cpu_scale``)
+        self.own_scale = dict(own_scale or {})
         self.cfs: dict[str, tuple[int, float]] = {}  # device -> (CFS period index, CPU seconds used in it)
         self.queues: dict[str, deque[_Job]] = {}
         self.busy: set[str] = set()
@@ -336,7 +342,8 @@ class Simulator:
         cpu = self.over.cpu
         own = cpu.own_s(max(1, len(batch)), entry=dev in self.entries)
         factor = cpu.module_factor if decode else 1.0
-        step = work * factor + own * self.costs.reference_flops_per_s / speed
+        scale = self.own_scale.get(dev, self.costs.reference_flops_per_s / speed)
+        step = work * factor + own * scale
         began = self.now
         finish = self._cpu_done(dev, self.now, step * self.slow[dev]) + self.over.wait_s
 

@@ -23,38 +23,68 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from llnode.emulate.profiles import DEVICES, LINKS, LinkClass, device_profile, draw_fleet
+from llnode.emulate.profiles import (
+    DEVICES,
+    LINKS,
+    LinkClass,
+    StepCosts,
+    device_profile,
+    draw_fleet,
+    own_cpu_scale,
+)
 from llnode.model.manifest import Manifest, load_manifest
 from llnode.plan import PlanInfeasible, PlanOptions, solve
 from llnode.plan.baselines import even_split, memory_split
 from llnode.plan.costs import build_instance
+from llnode.plan.profile import DAEMON_CPU, DaemonCpu
 from llnode.plan.solve import make_plan
 from llnode.plan.synthetic import synthetic_manifest
 from llnode.plan.types import DeviceProfile, Plan
-from llnode.sim.costs import BATCH_SIZES, TOKEN_ID_BYTES, ModuleCosts, cached_costs
-from llnode.sim.engine import Simulator, Workload, planner
+from llnode.sim.costs import TOKEN_ID_BYTES, ModuleCosts, cached_costs
+from llnode.sim.engine import Overheads, Simulator, Workload, planner
 
 
 def flops_costs(manifest: Manifest, reference: ModuleCosts) -> ModuleCosts:
-    """Module costs of a model with no shard set here: FLOPs at the reference's measured layer rate."""
+    """Module costs of a model with no shard set here: FLOPs at the reference's measured layer rate,
+    plus the reference's fixed cost of a run (``call_s``) on every module, fused as the daemon fuses:
+    a range then costs its FLOPs at the body rate plus one fixed cost per run it makes, as the planner
+    prices it (``stage_fixed_s``)."""
     ctx, p = reference.context, reference.prompt_tokens
-    rate = reference.reference_flops_per_s
+    rate = reference.reference_flops_per_s  # net of a run's fixed cost (``sim.costs``)
+    calls = reference.call_s or [0.0] * (1 + len(reference.batch_sizes))
+    pcall = reference.prefill_call_s
     # a prefill runs at the rate the reference's layers showed for its prefill (batched matmuls)
     layers = [i for i, s in enumerate(reference.decode_s) if 0 < i < reference.num_modules - 1]
-    per_layer = reference.reference_flops_per_s * sum(reference.decode_s[i] for i in layers) / len(layers)
-    prefill_rate = p * per_layer / (sum(reference.prefill_s[i] for i in layers) / len(layers))
+    per_layer = rate * sum(reference.decode_s[i] - calls[0] for i in layers) / len(layers)
+    prefill_rate = p * per_layer / (sum(reference.prefill_s[i] - pcall for i in layers) / len(layers))
+    decode = [m.flops.at(ctx) / rate for m in manifest.modules]
     return ModuleCosts(
         model=manifest.name,
         manifest_sha="flops",
         threads=reference.threads,
         context=ctx,
         prompt_tokens=p,
-        decode_s=[m.flops.at(ctx) / rate for m in manifest.modules],
-        decode_batch_s=[[m.flops.at(ctx) / rate for m in manifest.modules]] * len(BATCH_SIZES),  # free
-        prefill_s=[p * m.flops.at(p // 2) / prefill_rate for m in manifest.modules],
+        decode_s=[t + calls[0] for t in decode],
+        decode_batch_s=[[t + c for t in decode] for c in calls[1:]],  # batching is free
+        prefill_s=[p * m.flops.at(p // 2) / prefill_rate + pcall for m in manifest.modules],
         out_bytes_per_token=[manifest.boundary_bytes(m) for m in range(manifest.num_modules - 1)]
         + [TOKEN_ID_BYTES],
         reference_flops_per_s=rate,
+        batch_sizes=reference.batch_sizes,
+        fuse_block=reference.fuse_block,
+        call_s=list(reference.call_s),
+        prefill_call_s=pcall,
+    )
+
+
+def step_costs(costs: ModuleCosts, cpu: DaemonCpu = DAEMON_CPU) -> StepCosts:
+    """The fixed costs of a stage step measured on a core here, for the device classes: the planner's
+    own ``DaemonCpu`` (one session, not the entry) and the fused run's fixed cost of ``costs``."""
+    return StepCosts(
+        own_s=cpu.own_s(),
+        call_s=costs.call_s[0] if costs.call_s else 0.0,
+        reference_flops_per_s=costs.reference_flops_per_s,
+        fuse_block=costs.fuse_block,
     )
 
 
@@ -96,15 +126,30 @@ def simulate(
     sessions: int,
     tokens: int = 64,
     duration_s: float = 120.0,
+    cpu: DaemonCpu = DAEMON_CPU,
 ) -> tuple[float, float]:
-    """(tokens/s with ``sessions`` clients, per-token latency with one) of ``plan``."""
+    """(tokens/s with ``sessions`` clients, per-token latency with one) of ``plan``, the daemon's CPU
+    charged as ``cpu`` (by role and rows, with its module factor, as the validation charges it) at each
+    device's core, read from the profiles' fixed costs (:func:`own_cpu_scale`): the same price the
+    planner put on the plan, where the scale study's simulations charged nothing until session 6."""
 
     def fixed(_: list[DeviceProfile]) -> Plan:
         return plan
 
+    step = StepCosts(cpu.own_s(), 0.0, costs.reference_flops_per_s)
+    scale = {d.device_id: own_cpu_scale(d, step) for d in devices if d.step_overhead_s > 0}
     out = []
     for s in (sessions, 1):
-        sim = Simulator(costs, devices, dict(links), fixed, plan=plan, entries=[plan.stages[0].device_id])
+        sim = Simulator(
+            costs,
+            devices,
+            dict(links),
+            fixed,
+            plan=plan,
+            entries=[plan.stages[0].device_id],
+            overheads=Overheads(cpu=cpu),
+            own_scale=scale,
+        )
         r = sim.run(Workload(sessions=s, max_tokens=tokens, duration_s=duration_s, warmup_s=duration_s / 4))
         out.append(r.tokens_per_s if s == sessions else r.token_latency_s)
     return out[0], out[1]
@@ -129,7 +174,7 @@ def fleet_table(shards: Path, sizes: list[int], rng: random.Random, time_limit_s
     plan_s: dict[str, float] = {}
     rows = []
     for n in sizes:
-        fleet = draw_fleet(n, rng)
+        fleet = draw_fleet(n, rng, step=step_costs(costs))
         links = fleet.link_profiles()
         t0 = time.perf_counter()
         plan = plan_fleet(manifest, fleet.devices, links, time_limit_s)
@@ -192,7 +237,7 @@ def spread_study(shards: Path, counts: list[int], time_limit_s: float) -> dict[s
             link = LINKS[link_name]
             series: list[tuple[int, float | None, int]] = []
             for n in counts:
-                devices = [device_profile(cls, f"phone-{i}") for i in range(n)]
+                devices = [device_profile(cls, f"phone-{i}", step=step_costs(costs)) for i in range(n)]
                 links = dict.fromkeys((d.device_id for d in devices), link)
                 try:
                     plan = planner(
@@ -227,7 +272,8 @@ def bandwidth_study(shards: Path, mbits: list[float], time_limit_s: float) -> li
     """SmolLM2 on 4 flagship phones: per-token latency and tokens/s as the Wi-Fi gets slower."""
     manifest = load_manifest(shards)
     costs, _ = cached_costs(shards)
-    devices = [device_profile(DEVICES["flagship-phone"], f"phone-{i}") for i in range(4)]
+    step = step_costs(costs)
+    devices = [device_profile(DEVICES["flagship-phone"], f"phone-{i}", step=step) for i in range(4)]
     rows = []
     print("== 4 flagship phones, SmolLM2: latency vs link bandwidth (the plan re-solved for each link)")
     print(f"{'Mbit/s':>7} {'stages':>6} {'ms/token':>9} {'tok/s@8':>8}")

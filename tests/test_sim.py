@@ -271,7 +271,7 @@ def test_the_scale_study_simulates_the_price_the_planner_put_on_a_class_stage() 
     """One way to price: a device class's stage step costs the planner ``a + b·k`` (its profile's
     fixed costs, FLOPs at its speed) and the simulator exactly that for one session on that device."""
     from llnode.plan.costs import build_instance
-    from llnode.sim.scale import flops_costs, simulate, step_costs
+    from llnode.sim.scale import flops_costs, planner_model, simulate, step_costs
 
     man = synthetic_manifest(num_layers=7)  # 9 modules: [0, 9) makes 2 runs of 8, as the planner's 1 + 8/8
     ref = replace(costs(9), call_s=[0.4e-3, 0.5e-3, 0.6e-3, 0.8e-3], fuse_block=8)
@@ -285,6 +285,14 @@ def test_the_scale_study_simulates_the_price_the_planner_put_on_a_class_stage() 
     _, latency = simulate(c, plan, [phone], {"p": None}, 2, tokens=8, duration_s=5.0, cpu=cpu)
     assert latency == pytest.approx(inst.compute_s(0, 0, 9), rel=1e-9)
     assert inst.compute_s(0, 0, 9) > c.decode_range_s(0, 9, phone.decode_flops_per_s) + 2e-3  # both charge it
+    # measured costs that FLOPs do not predict (a head 3x its share): the planner gets the measured bodies
+    head = [*ref.decode_s[:-1], 3 * ref.decode_s[-1]]
+    measured = replace(ref, decode_s=head, decode_batch_s=[head] * 3)
+    model = planner_model(man, measured)
+    inst = build_instance(model, [phone], options=PlanOptions(cost_context=c.context))
+    _, latency = simulate(measured, plan, [phone], {"p": None}, 2, tokens=8, duration_s=5.0, cpu=cpu)
+    assert latency == pytest.approx(inst.compute_s(0, 0, 9), rel=1e-9)
+    assert inst.t[0][8] == pytest.approx(3 * inst.t[0][7], rel=0.05)  # the head priced as measured
 
 
 def test_module_profile_on_a_real_shard_set(tiny_llama_shards: Path, tmp_path: Path) -> None:

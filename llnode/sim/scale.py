@@ -35,6 +35,7 @@ from llnode.emulate.profiles import (
 from llnode.model.manifest import Manifest, load_manifest
 from llnode.plan import PlanInfeasible, PlanOptions, solve
 from llnode.plan.baselines import even_split, memory_split
+from llnode.plan.costs import ModelCosts as PlanModel
 from llnode.plan.costs import build_instance
 from llnode.plan.profile import DAEMON_CPU, DaemonCpu
 from llnode.plan.solve import make_plan
@@ -127,11 +128,13 @@ def simulate(
     tokens: int = 64,
     duration_s: float = 120.0,
     cpu: DaemonCpu = DAEMON_CPU,
+    max_batch: int = 0,
 ) -> tuple[float, float]:
     """(tokens/s with ``sessions`` clients, per-token latency with one) of ``plan``, the daemon's CPU
     charged as ``cpu`` (by role and rows, with its module factor, as the validation charges it) at each
     device's core, read from the profiles' fixed costs (:func:`own_cpu_scale`): the same price the
-    planner put on the plan, where the scale study's simulations charged nothing until session 6."""
+    planner put on the plan, where the scale study's simulations charged nothing until session 6.
+    ``max_batch=1``: every stage runs one session's step at a time (what the planner's objective prices)."""
 
     def fixed(_: list[DeviceProfile]) -> Plan:
         return plan
@@ -149,27 +152,45 @@ def simulate(
             entries=[plan.stages[0].device_id],
             overheads=Overheads(cpu=cpu),
             own_scale=scale,
+            max_batch=max_batch,
         )
         r = sim.run(Workload(sessions=s, max_tokens=tokens, duration_s=duration_s, warmup_s=duration_s / 4))
         out.append(r.tokens_per_s if s == sessions else r.token_latency_s)
     return out[0], out[1]
 
 
-def plan_fleet(manifest: Manifest, devices: list[DeviceProfile], links: Any, time_limit_s: float) -> Plan:
+def planner_model(manifest: Manifest, costs: ModuleCosts, options: PlanOptions | None = None) -> PlanModel:
+    """The planner's model with each module's decode FLOPs replaced by its measured body (``costs``,
+    net of a run's fixed cost) at the reference rate: the planner then prices module m on a device of
+    speed v at ``body_m x reference / v`` plus its profile's fixed costs, which is what the simulator
+    charges one session (one way to price). Why: by FLOPs the head of SmolLM2 is priced at about half
+    of what it measures next to a layer, and plans the planner ranked first simulated 6-26 % below the
+    DP's (session 4)."""
+    base = PlanModel.from_manifest(manifest, options or PlanOptions())
+    call = costs.call_s[0] if costs.call_s else 0.0
+    return replace(base, decode_flops=[(t - call) * costs.reference_flops_per_s for t in costs.decode_s])
+
+
+def plan_fleet(model: PlanModel, devices: list[DeviceProfile], links: Any, options: PlanOptions) -> Plan:
     """The public planner as the daemon calls it (above ``milp_max_devices`` it solves over a pool)."""
-    return solve(manifest, devices, links, PlanOptions(time_limit_s=time_limit_s))
+    return solve(model, devices, links, options)
 
 
 def fleet_table(shards: Path, sizes: list[int], rng: random.Random, time_limit_s: float) -> dict[str, Any]:
     manifest = load_manifest(shards)
     costs, _ = cached_costs(shards)
+    options = PlanOptions(time_limit_s=time_limit_s)
+    model = planner_model(manifest, costs, options)
     print(
         f"== fleets drawn from the device and Wi-Fi profiles, {manifest.name}: planners vs even / memory "
-        "splits (tok/s simulated with 2 sessions per stage of the planner's plan)"
+        "splits (tok/s simulated with 2 sessions per stage of the planner's plan; 'obj ms': the "
+        "planner's own price of the plan's slowest stage)"
     )
     print(
-        f"{'devices':>7} {'plan s':>7} {'solver':>6} {'stages':>6} {'tok/s':>7} {'ms/tok':>7} | "
-        f"{'DP s':>6} {'DP tok/s':>8} | {'even':>6} {'memory':>6}"
+        f"{'devices':>7} {'plan s':>7} {'solver':>6} {'stages':>6} {'obj ms':>6} {'tok/s':>7} "
+        f"{'ms/tok':>7} | "
+        f"{'DP s':>6} {'stages':>6} {'obj ms':>6} {'DP tok/s':>8} | {'even':>6} {'memory':>6} | "
+        f"{'unbatched: plan':>15} {'DP':>7}"
     )
     plan_s: dict[str, float] = {}
     rows = []
@@ -177,7 +198,7 @@ def fleet_table(shards: Path, sizes: list[int], rng: random.Random, time_limit_s
         fleet = draw_fleet(n, rng, step=step_costs(costs))
         links = fleet.link_profiles()
         t0 = time.perf_counter()
-        plan = plan_fleet(manifest, fleet.devices, links, time_limit_s)
+        plan = plan_fleet(model, fleet.devices, links, options)
         dt = time.perf_counter() - t0
         plan_s[str(n)] = round(dt, 3)
         sessions = 2 * len(plan.stages)
@@ -185,12 +206,17 @@ def fleet_table(shards: Path, sizes: list[int], rng: random.Random, time_limit_s
         tps, lat = simulate(costs, plan, fleet.devices, link, sessions)
         alt: dict[str, tuple[float, float | None]] = {}
         t0 = time.perf_counter()
-        dp = plan if plan.solver == "dp" else solve(manifest, fleet.devices, links, PlanOptions(solver="dp"))
+        dp = (
+            plan if plan.solver == "dp" else solve(model, fleet.devices, links, replace(options, solver="dp"))
+        )
         alt["dp"] = (
             dt if dp is plan else time.perf_counter() - t0,
             simulate(costs, dp, fleet.devices, link, sessions)[0],
         )
-        inst = build_instance(manifest, fleet.devices, links, PlanOptions())
+        # the same plans unbatched: the planner's objective prices one session's step per stage, and
+        # the gap between the two plans closes here if batching (and the ring) is what separates them
+        unbatched = [simulate(costs, p, fleet.devices, link, sessions, max_batch=1)[0] for p in (plan, dp)]
+        inst = build_instance(model, fleet.devices, links, options)
         for name, ev in (("even", even_split(inst)), ("memory", memory_split(inst))):
             if not ev.feasible:
                 alt[name] = (0.0, None)  # a device is given more than it can hold
@@ -202,19 +228,25 @@ def fleet_table(shards: Path, sizes: list[int], rng: random.Random, time_limit_s
             "plan_s": dt,
             "solver": plan.solver,
             "stages": len(plan.stages),
+            "plan_bottleneck_s": plan.bottleneck_s,
             "plan_tps": tps,
             "latency_s": lat,
             "dp_s": alt["dp"][0],
+            "dp_stages": len(dp.stages),
+            "dp_bottleneck_s": dp.bottleneck_s,
             "dp_tps": alt["dp"][1],
+            "plan_tps_unbatched": unbatched[0],
+            "dp_tps_unbatched": unbatched[1],
             "even_tps": alt["even"][1],
             "memory_tps": alt["memory"][1],
             "notes": plan.notes,
         }
         rows.append(row)
         print(
-            f"{n:>7} {dt:>7.2f} {plan.solver:>6} {len(plan.stages):>6} {tps:>7.1f} {lat * 1e3:>7.1f} | "
-            f"{alt['dp'][0]:>6.2f} {_fmt(alt['dp'][1]):>8} | {_fmt(alt['even'][1]):>6} "
-            f"{_fmt(alt['memory'][1]):>6}",
+            f"{n:>7} {dt:>7.2f} {plan.solver:>6} {len(plan.stages):>6} {plan.bottleneck_s * 1e3:>6.2f} "
+            f"{tps:>7.1f} {lat * 1e3:>7.1f} | {alt['dp'][0]:>6.2f} {len(dp.stages):>6} "
+            f"{dp.bottleneck_s * 1e3:>6.2f} {_fmt(alt['dp'][1]):>8} | {_fmt(alt['even'][1]):>6} "
+            f"{_fmt(alt['memory'][1]):>6} | {unbatched[0]:>7.1f} {unbatched[1]:>7.1f}",
             flush=True,
         )
     return {"plan_s": plan_s, "fleet": rows}
@@ -240,11 +272,8 @@ def spread_study(shards: Path, counts: list[int], time_limit_s: float) -> dict[s
                 devices = [device_profile(cls, f"phone-{i}", step=step_costs(costs)) for i in range(n)]
                 links = dict.fromkeys((d.device_id for d in devices), link)
                 try:
-                    plan = planner(
-                        manifest,
-                        links,
-                        PlanOptions(time_limit_s=time_limit_s),
-                    )(devices)
+                    opts = PlanOptions(time_limit_s=time_limit_s)
+                    plan = planner(planner_model(manifest, costs, opts), links, opts)(devices)
                 except PlanInfeasible:
                     series.append((n, None, 0))
                     continue
@@ -280,7 +309,8 @@ def bandwidth_study(shards: Path, mbits: list[float], time_limit_s: float) -> li
     for mbit in mbits:
         link = replace(LINKS["wifi5"], mbit=mbit, name=f"{mbit:g}mbit")
         links = dict.fromkeys((d.device_id for d in devices), link)
-        plan = planner(manifest, links, PlanOptions(time_limit_s=time_limit_s))(devices)
+        opts = PlanOptions(time_limit_s=time_limit_s)
+        plan = planner(planner_model(manifest, costs, opts), links, opts)(devices)
         tps, lat = simulate(costs, plan, devices, links, 8)
         rows.append({"mbit": mbit, "stages": len(plan.stages), "latency_s": lat, "tokens_per_s": tps})
         print(f"{mbit:>7g} {len(plan.stages):>6} {lat * 1e3:>9.1f} {tps:>8.1f}", flush=True)

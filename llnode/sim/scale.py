@@ -10,6 +10,11 @@ Questions answered (printed by ``llnode bench sim``, plotted as PNG):
 SmolLM2-135M is priced with its per-module times measured here (:mod:`llnode.sim.costs`). The bigger
 models have no shard set on this machine: their modules are priced by FLOPs at the FLOP rate measured on
 SmolLM2's layers (the planner's own assumption), which the output says.
+
+One way to price (session 6): the device classes carry the fixed costs of a stage step measured here
+(:class:`llnode.emulate.profiles.StepCosts`), the planner gets the measured module bodies
+(:func:`planner_model`) and the simulator charges the daemon's CPU as the validation does, at each
+class's core (:func:`simulate`): a plan costs the planner what it costs the simulator for one session.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -78,13 +79,15 @@ class Wire:
         await gen.aclose()  # type: ignore[attr-defined]  # an async generator, as the API uses it
         return out
 
-    async def run(self, prompts: dict[str, list[int]], stop_after: int | None = None) -> dict[str, list[int]]:
+    async def run(
+        self, prompts: dict[str, list[int]], stop_after: int | None = None, tokens: int = TOKENS
+    ) -> dict[str, list[int]]:
         """Generate every prompt at once; ``stop_after``: the first prompt's client leaves that early."""
         self.start()
         try:
             stops = [stop_after] + [None] * (len(prompts) - 1)
             results = await asyncio.gather(
-                *(self.generate(p, stop_after=stop) for p, stop in zip(prompts.values(), stops, strict=True))
+                *(self.generate(p, tokens, stop) for p, stop in zip(prompts.values(), stops, strict=True))
             )
             for w in self.workers.values():  # let the frees queued behind the last steps run
                 await asyncio.get_running_loop().run_in_executor(w._executor, lambda: None)
@@ -100,9 +103,9 @@ def _prompts(vocab: int, lengths: list[int]) -> dict[str, list[int]]:
     return {f"s{i}": rng.integers(3, vocab, n).tolist() for i, n in enumerate(lengths)}
 
 
-def _reference(shards: Path, prompts: dict[str, list[int]]) -> dict[str, list[int]]:
+def _reference(shards: Path, prompts: dict[str, list[int]], tokens: int = TOKENS) -> dict[str, list[int]]:
     chain = ChainRunner(shards)
-    return {s: chain.generate(p, TOKENS, session_id=s) for s, p in prompts.items()}
+    return {s: chain.generate(p, tokens, session_id=s) for s, p in prompts.items()}
 
 
 def test_concurrent_sessions_batch_and_stay_greedy_exact(tiny_llama_shards: Path) -> None:
@@ -144,9 +147,9 @@ def test_long_prompt_is_prefilled_in_chunks_between_decodes(tiny_llama_shards: P
         assert w.prefill_chunks >= 41 // 4 + 3  # the long prompt alone took 11 chunks at each stage
 
 
-def _slowed(fn: Callable[[list[Step]], T]) -> Callable[[list[Step]], T]:
+def _slowed(fn: Callable[[list[Step]], T], seconds: float = 0.01) -> Callable[[list[Step]], T]:
     def slow(steps: list[Step]) -> T:
-        time.sleep(0.01)
+        time.sleep(seconds)
         return fn(steps)
 
     return slow
@@ -224,3 +227,106 @@ def test_a_step_lost_with_a_dropped_link_is_retried_at_once(tiny_llama_shards: P
     # reported too if its token had not come back yet (a harmless re-prefill): at most one per session.
     assert 1 <= wire.engine.recoveries <= len(prompts)
     assert wire.left == {"a": 0, "b": 0}
+
+
+class StragglingWire(Wire):
+    """Decode steps as slow as a real model's (``step_s`` per batch, on each stage's worker thread), and
+    every other session's token reaches the entry ``late_s`` later than the rest: as with the entry on
+    another node, one more link hop, so a group's steps come back to the first stage a few ms apart."""
+
+    def __init__(self, shards: Path, step_s: float, late_s: float) -> None:
+        super().__init__(shards)
+        self.late_s = late_s
+        self.late: dict[str, bool] = {}
+        # Per stage, the decode batches by size run while it held all 8 sessions (the steady state).
+        self.steady: dict[str, Counter[int]] = {name: Counter() for name in self.workers}
+        for name, w in self.workers.items():
+            w._compute_decodes = self._counted(name, _slowed(w._compute_decodes, step_s))  # type: ignore[method-assign]
+
+    def _counted(self, name: str, fn: Callable[[list[Step]], T]) -> Callable[[list[Step]], T]:
+        def counted(steps: list[Step]) -> T:
+            if self.workers[name].sessions == 8:
+                self.steady[name][len(steps)] += 1
+            return fn(steps)
+
+        return counted
+
+    async def send(self, peer: str, msg_type: str, payload: dict[str, Any]) -> None:
+        if msg_type == protocol.TOKEN:
+            late = self.late.setdefault(payload["session"], len(self.late) % 2 == 1)
+            if late:
+                asyncio.get_running_loop().call_later(self.late_s, self.engine.on_token, payload)
+                return
+        await super().send(peer, msg_type, payload)
+
+
+def test_groups_of_sessions_stay_whole_when_their_steps_straggle(tiny_llama_shards: Path) -> None:
+    """8 sessions on 2 stages run as two groups of 4 (the batch limit), one group at each stage at a
+    time. Half of each group's steps come back 8 ms after the rest (a batch takes ~40 ms). A stage that
+    starts the batch without them runs them later as a batch of their own, and the fragments kept
+    circulating: that was 8 sessions on 2 real nodes leaving ~40 % of both cores idle (a fixed wait of
+    at most 5 ms, 5 % of a batch, missed the stragglers: 55-59 % of the steady state's steps ran in
+    batches of 4 here). Now the stragglers, due by their round trips, are waited for (86-93 %)."""
+    prompts = _prompts(load_manifest(tiny_llama_shards).vocab_size, [3, 9, 17, 5, 30, 2, 11, 7])
+    wire = StragglingWire(tiny_llama_shards, step_s=0.04, late_s=0.008)
+    got = asyncio.run(wire.run(prompts, tokens=32))
+    assert got == _reference(tiny_llama_shards, prompts, tokens=32)
+    for name, sizes in wire.steady.items():
+        tokens = sum(n * count for n, count in sizes.items())
+        assert sizes[4] * 4 >= 0.75 * tokens, (name, sizes)
+
+
+def _expect(worker: StageWorker, session: str, in_s: float) -> None:
+    """Make ``session``'s next step due ``in_s`` seconds from now (negative: late), by a history of one
+    50 ms round trip and a step that left this stage 50 ms before the due time."""
+    due = time.monotonic() + in_s
+    worker._arrivals.left(session, due - 1.0)
+    worker._arrivals.arrived(session, due - 0.95)
+    worker._arrivals.left(session, due - 0.05)
+
+
+def _decode(session: str) -> dict[str, Any]:
+    return Step(session=session, epoch=1, seq=2, entry="e", pos0=1, ids=[7]).to_wire(None)
+
+
+def test_a_batch_waits_for_a_straggler_of_its_group_not_for_the_other_group(tiny_llama_shards: Path) -> None:
+    """6 sessions on 2 stages: groups of 3. Two steps of a group are here, the third is due in 20 ms, the
+    other group's three a batch (100 ms) later: the batch waits for the third, not for the others. A
+    third that is already late by half a batch is not waited for (its client or entry slowed down). With
+    5 sessions (groups of 3 and 2) the group of 2 has nobody of its own to wait for and does not wait for
+    the group of 3: that would idle this stage for a batch's time."""
+    manifest = load_manifest(tiny_llama_shards)
+
+    async def gather(sessions: int, straggler_in_s: float | None, arrives_in_s: float = 0.02) -> set[str]:
+        async def send(peer: str, msg_type: str, payload: dict[str, Any]) -> None:
+            pass
+
+        runner = ModuleRunner(tiny_llama_shards, manifest, 0, manifest.num_modules // 2)
+        worker = StageWorker(node_id="a", epoch=1, manifest=manifest, runner=runner, next_node="b",
+                             send=send, stages=2)  # fmt: skip
+        names = [f"s{i}" for i in range(sessions)]
+        for name in names:  # held here, at position 1
+            runner.step(name, np.asarray([[5]]), np.asarray([[0]]))
+        worker._last_batch_s = 0.1
+        late = names[2:3] if straggler_in_s is not None else []
+        others = names[2 + len(late) :]
+        for name in late:
+            _expect(worker, name, straggler_in_s or 0.0)
+        for name in others:
+            _expect(worker, name, 0.1)
+        for name in names[:2]:
+            await worker.submit(_decode(name))
+        loop = asyncio.get_running_loop()
+        for name in late:
+            loop.call_later(arrives_in_s, lambda n=name: asyncio.ensure_future(worker.submit(_decode(n))))
+        for name in others:
+            loop.call_later(0.1, lambda n=name: asyncio.ensure_future(worker.submit(_decode(n))))
+        pending: deque[Any] = deque()
+        worker._pull(pending)
+        await worker._gather(pending)
+        await asyncio.sleep(0.15)  # the rest arrive, into the queue: the batch was formed without them
+        return {p.step.session for p in pending}
+
+    assert asyncio.run(gather(6, 0.02)) == {"s0", "s1", "s2"}
+    assert asyncio.run(gather(6, -0.05)) == {"s0", "s1"}
+    assert asyncio.run(gather(5, None)) == {"s0", "s1"}

@@ -280,11 +280,13 @@ async def _cluster_run(
         "cpu_bound": {},
         "busy": {},
         "cpu_ms": {},
+        "batches": {},
     }
     async with aiohttp.ClientSession() as s:  # the latency rounds' per-hop profile (every step traced)
         entry: dict[str, Any] = await cluster.status(0, s) or {}
     out["hops"] = entry.get("pipeline", {}).get("hops") or {}
     for n in sessions:
+        batches0 = await _decode_batches(cluster)
         cpu0 = [_cpu_s(p.pid) for p in cluster.procs]
         t0 = time.perf_counter()
         results = await asyncio.gather(
@@ -302,6 +304,14 @@ async def _cluster_run(
         # Each node's CPU ms per token served: how evenly the plan split the work (the pinned cores are
         # alike, so an uneven split is the planner's start-up profiles, measured under whatever load).
         out["cpu_ms"][n] = [1000 * u / done for u in used]
+        # Each stage's decode batches by size in this run: groups that stay whole show as batches of
+        # ceil(n / stages); fragments (smaller batches, each nearly a whole batch's cost) show the
+        # scheduling stall of issue #5.
+        out["batches"][n] = [
+            {k: v - before.get(k, 0) for k, v in sorted(after.items(), key=lambda kv: int(kv[0]))
+             if v > before.get(k, 0)}
+            for before, after in zip(batches0, await _decode_batches(cluster), strict=True)
+        ]  # fmt: skip
     async with aiohttp.ClientSession() as s:
         status: dict[str, Any] = await cluster.status(0, s) or {}
     stages = status.get("pipeline", {}).get("plan", {}).get("plan", {}).get("stages", [])
@@ -312,6 +322,13 @@ async def _cluster_run(
         await prefill_interference(url, model, long_prompt)  # warm-up: the long shapes' first run
         out["interference"] = await prefill_interference(url, model, long_prompt)
     return out
+
+
+async def _decode_batches(cluster: LocalCluster) -> list[dict[str, int]]:
+    """Each node's decode batches so far by size (its stage's counter; empty for a node with no stage)."""
+    async with aiohttp.ClientSession() as s:
+        docs: list[dict[str, Any]] = [await cluster.status(i, s) or {} for i in range(cluster.nodes)]
+    return [dict((doc.get("pipeline", {}).get("stage") or {}).get("batches") or {}) for doc in docs]
 
 
 def _run_cluster(
@@ -474,12 +491,14 @@ def run(args: argparse.Namespace) -> int:
     bound: dict[str, dict[int, dict[int, float]]] = {}
     busy: dict[str, dict[int, list[float]]] = {}
     cpu_ms: dict[str, dict[int, list[float]]] = {}
+    batches: dict[str, dict[int, list[dict[str, int]]]] = {}
     for mode, env in modes:
         by_nodes = {n: _run_cluster(shards, n, args.tokens, 1, sessions, pin=True, env=env) for n in (1, 2)}
         tput[mode] = {n: r["throughput"] for n, r in by_nodes.items()}
         bound[mode] = {n: r["cpu_bound"] for n, r in by_nodes.items()}
         busy[mode] = by_nodes[2]["busy"]
         cpu_ms[mode] = by_nodes[2]["cpu_ms"]
+        batches[mode] = by_nodes[2]["batches"]
         print(
             f"{mode}, 2 nodes {by_nodes[2]['stages']}, each node's busy share of its core / CPU ms per "
             "token: "
@@ -488,6 +507,11 @@ def run(args: argparse.Namespace) -> int:
                 f"{[round(c, 1) for c in cpu_ms[mode][n]]}"
                 for n in sessions
             ),
+            flush=True,
+        )
+        print(
+            f"{mode}, 2 nodes, each stage's decode batches by size: "
+            + ", ".join(f"{n} sessions {batches[mode][n]}" for n in sessions),
             flush=True,
         )
     # With batching, two stages each batch half the sessions (two groups keep both busy), so two
@@ -562,6 +586,7 @@ def run(args: argparse.Namespace) -> int:
         "cpu_bound_2": bound["batched"][2],
         "busy_2": busy,  # mode -> sessions -> each node's CPU seconds per wall second
         "cpu_ms_per_token_2": cpu_ms,  # mode -> sessions -> each node's CPU ms per token served
+        "batches_2": batches,  # mode -> sessions -> each node's decode batches by size in that run
         "prefill_gap_ms": {"chunked": chunked["max_gap_ms"], "whole": unchunked["max_gap_ms"]},
         "prefill_long_s": {"chunked": chunked["long_ttft_s"], "whole": unchunked["long_ttft_s"]},
         "hops_2": hop_summary(two["hops"]),

@@ -31,6 +31,7 @@ from llnode.model.manifest import Manifest
 from llnode.model.runner import ModuleRunner
 from llnode.net.codec import FrameError, decode_tensor, encode_tensor
 from llnode.pipeline import protocol
+from llnode.pipeline.arrivals import Arrivals
 from llnode.pipeline.local import prefill_chunk
 from llnode.pipeline.metrics import StageMetrics
 from llnode.pipeline.protocol import ProtocolError, Step
@@ -41,7 +42,9 @@ log = logging.getLogger(__name__)
 
 SendFn = Callable[[str, str, dict[str, Any]], Awaitable[None]]
 
-GATHER_MAX_S = 0.005  # longest wait for more decode steps to batch (see StageWorker._gather)
+GATHER_MAX_S = 0.005  # longest wait for decode steps with no expected arrival (see StageWorker._gather)
+EXPECT_BATCHES = 2.0  # longest wait for expected steps, in last batches' times (see _gather)
+EXPECT_SLACK = 0.25  # how late an expected step may be, in last batches' times (see _gather)
 
 
 @dataclass
@@ -105,6 +108,7 @@ class StageWorker:
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
         self._samplers: dict[str, Sampler] = {}
         self._last_used: dict[str, float] = {}
+        self._arrivals = Arrivals()  # when each session's next step should be here (see _gather)
         # session -> (entry, seq) of its newest step handed to the next stage's link: what to report lost
         # when that link goes down (link_down), instead of leaving the entry to its step timeout.
         self._forwarded: dict[str, tuple[str, int]] = {}
@@ -166,7 +170,12 @@ class StageWorker:
             await self._fail(step.entry, step.session, step.seq, str(exc))
             return
         mark(step.trace, self._mark + "queued")
-        self._queue.put_nowait(_Pending(step))
+        item = _Pending(step)
+        if _is_decode(step):
+            self._arrivals.arrived(step.session, item.received)
+        else:
+            self._arrivals.forget(step.session)
+        self._queue.put_nowait(item)
         self.metrics.queue_length = self._queue.qsize()
 
     def _check(self, step: Step, payload: dict[str, Any]) -> None:
@@ -191,6 +200,7 @@ class StageWorker:
         self._samplers.pop(session, None)
         self._last_used.pop(session, None)
         self._forwarded.pop(session, None)
+        self._arrivals.forget(session)
         self._executor.submit(self.runner.free, session)
 
     async def link_down(self, peer: str) -> None:
@@ -265,14 +275,36 @@ class StageWorker:
     async def _gather(self, pending: deque[_Pending]) -> None:
         """Give decode steps that are on their way a moment to join the batch.
 
-        Without it two sessions fall into lockstep: each one's step arrives while the other's computes,
-        and every batch holds one. The wait is short next to a step (5 % of the last batch, at most
-        ``GATHER_MAX_S``) and only happens when this stage holds more sessions than are waiting."""
-        limit = min(self.batch_limit(), len(self.runner.sessions()))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + min(GATHER_MAX_S, 0.05 * self._last_batch_s)
-        while not self._stopping and sum(_is_decode(p.step) for p in pending) < limit:
-            left = deadline - loop.time()
+        With S stages the sessions should travel as S groups of :meth:`batch_limit` (one group at each
+        stage): a batch short of the limit while more sessions are coming than the other S - 1 groups
+        can hold leaves a fragment, which later runs as a batch of its own for nearly a whole batch's
+        cost (reading the weights is most of a decode step), and fragments keep circulating. Measured:
+        8 sessions on 2 nodes ran as groups of 4 + 3 + 1 (a group's steps come back over different
+        entries and links a few ms apart, a fixed wait of at most 5 ms missed them), and the two cores
+        were ~40 % idle; 4 sessions settled into 2 + 1 + 1. So the batch waits for as many of the
+        sessions expected here (by their own round trips, :class:`~llnode.pipeline.arrivals.Arrivals`)
+        as the other groups cannot take, soonest first, for at most ``EXPECT_BATCHES`` of its last
+        batch's time. A session of another group, due a batch later, is not waited for: that would
+        leave this stage idle. Steps of sessions with no round trip yet wait a short moment (5 % of the
+        last batch, at most ``GATHER_MAX_S``): without it two sessions fall into lockstep."""
+        held = self.runner.sessions()
+        limit = min(self.batch_limit(), len(held))
+        began = time.monotonic()
+        short = began + min(GATHER_MAX_S, 0.05 * self._last_batch_s)
+        slack = EXPECT_SLACK * self._last_batch_s  # how late an expected step may be
+        horizon = began + EXPECT_BATCHES * self._last_batch_s
+        while not self._stopping:
+            decodes = sum(_is_decode(p.step) for p in pending)
+            if decodes >= limit:
+                return
+            now = time.monotonic()
+            here = {p.step.session for p in pending}
+            due = self._arrivals.due((s for s in held if s not in here), now, slack)
+            need = min(limit - decodes, len(due) - (self.stages - 1) * limit)
+            until = short
+            if need > 0 and due[need - 1] <= horizon:
+                until = max(short, min(horizon, due[need - 1] + slack))
+            left = until - now
             if left <= 0:
                 return
             try:
@@ -316,9 +348,11 @@ class StageWorker:
         except Exception as exc:  # one batch's failure must not stop the stage
             log.warning("stage %d-%d failed a batch of %d: %s", self.start, self.end, len(steps), exc)
             outs = [exc] * len(steps)
+        ended = time.monotonic()
         for step in steps:
             mark(step.trace, self._mark + "back")
-        self._last_batch_s = time.monotonic() - began
+            self._arrivals.left(step.session, ended)
+        self._last_batch_s = ended - began
         self.metrics.record(len(steps), self._last_batch_s, prefill=False)
         self.batch_sizes[len(steps)] += 1
         for step, out in zip(steps, outs, strict=True):
@@ -351,6 +385,7 @@ class StageWorker:
         self.prefill_chunks += 1
         if out is None:
             return False
+        self._arrivals.left(job.step.session, time.monotonic())
         await self._finish(job.step, out)
         return True
 

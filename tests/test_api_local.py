@@ -286,8 +286,19 @@ async def test_smollm2_answers_sensibly(smollm2_shards: Path) -> None:
             "temperature": 0,
         }
         resp = await client.post("/v1/chat/completions", json=body)
-        answer = (await resp.json())["choices"][0]["message"]["content"]
+        done = await resp.json()
+        answer = done["choices"][0]["message"]["content"]
         assert "Paris" in answer
+        # the answer ends at end-of-text well before the limit; ignore_eos (vLLM's benchmark switch) runs
+        # the same greedy stream on to max_tokens, the end-of-text token not shown as text
+        assert done["choices"][0]["finish_reason"] == "stop" and done["usage"]["completion_tokens"] < 16
+        resp = await client.post("/v1/chat/completions", json={**body, "ignore_eos": True})
+        long = await resp.json()
+        assert long["usage"]["completion_tokens"] == 16 and long["choices"][0]["finish_reason"] == "length"
+        assert long["choices"][0]["message"]["content"].startswith(answer)
+        assert "<|im_end|>" not in long["choices"][0]["message"]["content"]
+        resp = await client.post("/v1/chat/completions", json={**body, "ignore_eos": "yes"})
+        assert resp.status == 400 and "'ignore_eos' must be a boolean" in await resp.text()
     finally:
         await client.close()
         eng.close()

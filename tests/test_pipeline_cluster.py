@@ -111,6 +111,25 @@ def test_ready_means_one_plan_that_placed_every_node(cluster3: LocalCluster) -> 
     assert not _settled([*statuses[:2], None])
 
 
+def test_ignore_eos_runs_past_end_of_text_through_the_pipeline(cluster3: LocalCluster) -> None:
+    """The distributed engine's stop rule: end-of-text ends an answer unless ``ignore_eos`` asks for
+    max_tokens (what a benchmark's interference stream needs: a stream of known length)."""
+    body = {"model": "smollm2-135m", "max_tokens": 16, "temperature": 0,
+            "messages": [{"role": "user", "content": "What is the capital of France? Answer in one word."}]}
+
+    async def ask(extra: dict[str, Any]) -> dict[str, Any]:
+        url = f"{cluster3.url(1)}/v1/chat/completions"
+        async with aiohttp.ClientSession() as s, s.post(url, json={**body, **extra}) as r:
+            assert r.status == 200, await r.text()
+            data: dict[str, Any] = await r.json()
+            return data
+
+    short, long = asyncio.run(ask({})), asyncio.run(ask({"ignore_eos": True}))
+    assert short["choices"][0]["finish_reason"] == "stop" and short["usage"]["completion_tokens"] < 16
+    assert long["choices"][0]["finish_reason"] == "length" and long["usage"]["completion_tokens"] == 16
+    assert long["choices"][0]["message"]["content"].startswith(short["choices"][0]["message"]["content"])
+
+
 def test_greedy_through_cluster_equals_single_process(
     cluster3: LocalCluster, reference: dict[str, str]
 ) -> None:

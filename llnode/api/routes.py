@@ -235,6 +235,7 @@ class OpenAIRoutes:
             presence_penalty=fields.presence_penalty,
             frequency_penalty=fields.frequency_penalty,
             stop=fields.stop,
+            ignore_eos=fields.ignore_eos,
         )
         return _Job(kind, engine, fields.model, fields, GenerationRequest(tuple(prompt), params), echo)
 

@@ -43,6 +43,7 @@ class SamplingFields:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    ignore_eos: bool = False  # vLLM's extension: run to max_tokens past end-of-text (benchmarks)
 
 
 @dataclass
@@ -176,6 +177,7 @@ def _common(body: Mapping[str, Any]) -> SamplingFields:
         stop=_stop(body),
         stream=stream,
         include_usage=include_usage,
+        ignore_eos=_boolean(body, "ignore_eos"),
     )
 
 
@@ -191,6 +193,7 @@ COMMON_FIELDS = {
     "presence_penalty",
     "frequency_penalty",
     "stop",
+    "ignore_eos",
     "stream",
     "stream_options",
     "logit_bias",

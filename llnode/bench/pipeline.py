@@ -98,10 +98,12 @@ def chain_decode_ms(shard_dir: Path, prompt_ids: list[int], tokens: int, rounds:
 
 
 async def timed_request(
-    url: str, model: str, prompt: str, tokens: int, arrivals: list[float] | None = None
+    url: str, model: str, prompt: str, tokens: int, arrivals: list[float] | None = None,
+    *, ignore_eos: bool = False,
 ) -> dict[str, Any]:
     """Stream one greedy completion; returns ttft_s, decode ms/token, the token count, the gaps.
-    ``arrivals`` collects each token's arrival time as it comes (for a caller watching a live stream)."""
+    ``arrivals`` collects each token's arrival time as it comes (for a caller watching a live stream);
+    ``ignore_eos`` keeps it going past end-of-text to ``tokens``."""
     body = {
         "model": model,
         "prompt": prompt,
@@ -109,6 +111,7 @@ async def timed_request(
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
+        "ignore_eos": ignore_eos,
     }
     t0 = time.perf_counter()
     first = last = None
@@ -179,7 +182,9 @@ async def prefill_interference(url: str, model: str, long_prompt: str) -> dict[s
     (An earlier version streamed a fixed number of tokens, which ran out before a slow prefill started
     and reported a 53 ms "longest gap" for whole prefills.)"""
     arrivals: list[float] = []
-    stream = asyncio.create_task(timed_request(url, model, PROMPT, 4096, arrivals))
+    # ignore_eos: under load a whole 1500-token prefill outlasted the greedy answer, which ended at
+    # end-of-text, and the run failed with "the stream did not outlast the long prompt's prefill"
+    stream = asyncio.create_task(timed_request(url, model, PROMPT, 4096, arrivals, ignore_eos=True))
     try:
         while len(arrivals) < 5:
             if stream.done():

@@ -167,7 +167,7 @@ class DistributedEngine:
                     self.longest_pause_s = max(self.longest_pause_s, time.monotonic() - failing_since)
                     failing_since = None
                 reset = False
-                if token in self.eos_ids:
+                if token in self.eos_ids and not request.params.ignore_eos:
                     break
                 history.append(token)
                 generated += 1

@@ -48,6 +48,9 @@ class GenerationParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     stop: tuple[str, ...] = ()
+    # Keep generating past end-of-text up to max_tokens (vLLM's ``ignore_eos``): what a benchmark needs
+    # for a stream of known length; a chat client never wants it.
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

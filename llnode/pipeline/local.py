@@ -164,7 +164,7 @@ class LocalEngine:
                 chunk = prompt[start : start + step]
                 token = await self._submit(self._prefill, session, chunk, start, sampler if last else None)
             for produced in range(1, limit + 1):
-                if token in self._eos:
+                if token in self._eos and not request.params.ignore_eos:
                     return
                 yield token
                 if produced == limit:

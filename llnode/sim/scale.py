@@ -176,16 +176,12 @@ def planner_model(manifest: Manifest, costs: ModuleCosts, options: PlanOptions |
     return replace(base, decode_flops=[(t - call) * costs.reference_flops_per_s for t in costs.decode_s])
 
 
-def plan_fleet(model: PlanModel, devices: list[DeviceProfile], links: Any, options: PlanOptions) -> Plan:
-    """The public planner as the daemon calls it (above ``milp_max_devices`` it solves over a pool)."""
-    return solve(model, devices, links, options)
-
-
 def fleet_table(shards: Path, sizes: list[int], rng: random.Random, time_limit_s: float) -> dict[str, Any]:
     manifest = load_manifest(shards)
     costs, _ = cached_costs(shards)
     options = PlanOptions(time_limit_s=time_limit_s)
     model = planner_model(manifest, costs, options)
+    step = step_costs(costs)
     print(
         f"== fleets drawn from the device and Wi-Fi profiles, {manifest.name}: planners vs even / memory "
         "splits (tok/s simulated with 2 sessions per stage of the planner's plan; 'obj ms': the "
@@ -200,10 +196,11 @@ def fleet_table(shards: Path, sizes: list[int], rng: random.Random, time_limit_s
     plan_s: dict[str, float] = {}
     rows = []
     for n in sizes:
-        fleet = draw_fleet(n, rng, step=step_costs(costs))
+        fleet = draw_fleet(n, rng, step=step)
         links = fleet.link_profiles()
         t0 = time.perf_counter()
-        plan = plan_fleet(model, fleet.devices, links, options)
+        # the public planner as the daemon calls it (above ``milp_max_devices`` it solves over a pool)
+        plan = solve(model, fleet.devices, links, options)
         dt = time.perf_counter() - t0
         plan_s[str(n)] = round(dt, 3)
         sessions = 2 * len(plan.stages)
@@ -269,16 +266,17 @@ def spread_study(shards: Path, counts: list[int], time_limit_s: float) -> dict[s
     print(
         f"{'model':<26} {'link':<16} " + " ".join(f"{n:>9}" for n in counts) + "   (simulated tok/s | stages)"
     )
+    opts = PlanOptions(time_limit_s=time_limit_s)
     for label, manifest, costs in models(shards):
+        step, model = step_costs(costs), planner_model(manifest, costs, opts)
         for link_name in ("wifi5", "wifi4-congested"):
             link = LINKS[link_name]
             series: list[tuple[int, float | None, int]] = []
             for n in counts:
-                devices = [device_profile(cls, f"phone-{i}", step=step_costs(costs)) for i in range(n)]
+                devices = [device_profile(cls, f"phone-{i}", step=step) for i in range(n)]
                 links = dict.fromkeys((d.device_id for d in devices), link)
                 try:
-                    opts = PlanOptions(time_limit_s=time_limit_s)
-                    plan = planner(planner_model(manifest, costs, opts), links, opts)(devices)
+                    plan = planner(model, links, opts)(devices)
                 except PlanInfeasible:
                     series.append((n, None, 0))
                     continue
@@ -308,14 +306,15 @@ def bandwidth_study(shards: Path, mbits: list[float], time_limit_s: float) -> li
     costs, _ = cached_costs(shards)
     step = step_costs(costs)
     devices = [device_profile(DEVICES["flagship-phone"], f"phone-{i}", step=step) for i in range(4)]
+    opts = PlanOptions(time_limit_s=time_limit_s)
+    model = planner_model(manifest, costs, opts)
     rows = []
     print("== 4 flagship phones, SmolLM2: latency vs link bandwidth (the plan re-solved for each link)")
     print(f"{'Mbit/s':>7} {'stages':>6} {'ms/token':>9} {'tok/s@8':>8}")
     for mbit in mbits:
         link = replace(LINKS["wifi5"], mbit=mbit, name=f"{mbit:g}mbit")
         links = dict.fromkeys((d.device_id for d in devices), link)
-        opts = PlanOptions(time_limit_s=time_limit_s)
-        plan = planner(planner_model(manifest, costs, opts), links, opts)(devices)
+        plan = planner(model, links, opts)(devices)
         tps, lat = simulate(costs, plan, devices, links, 8)
         rows.append({"mbit": mbit, "stages": len(plan.stages), "latency_s": lat, "tokens_per_s": tps})
         print(f"{mbit:>7g} {len(plan.stages):>6} {lat * 1e3:>9.1f} {tps:>8.1f}", flush=True)

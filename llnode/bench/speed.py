@@ -447,13 +447,18 @@ def run(args: argparse.Namespace) -> int:
     for p, t in workers:
         cells = " ".join(f"{med[(p, t, c)]:9.2f} ms/tok {pmed[(p, t, c)]:7.0f} ms" for c in contexts)
         print(f"{p:14s} {t:3d} {cells}")
+
+    def over(label: str, base: str) -> dict[tuple[int, int], float]:
+        """``label``'s decode ms over ``base``'s, measured in the same rounds, per (threads, context)."""
+        return {(t, c): med[(label, t, c)] / med[(base, t, c)] for t in threads for c in contexts}
+
     for label, (p, env) in rows.items():
         if label != p:
             env_s = ",".join(f"{k}={v}" for k, v in env.items())
-            ratio = " ".join(f"x{med[(label, t, c)] / med[(p, t, c)]:.3f}" for t in threads for c in contexts)
+            ratio = " ".join(f"x{r:.3f}" for r in over(label, p).values())
             print(f"{label}: {env_s}; decode over {p} side by side (threads x contexts): {ratio}")
     for name, folder in extra.items():
-        ratio = " ".join(f"x{med[(name, t, c)] / med[(small, t, c)]:.3f}" for t in threads for c in contexts)
+        ratio = " ".join(f"x{r:.3f}" for r in over(name, small).values())
         print(f"{name}: {folder}; decode over {small} side by side (threads x contexts): {ratio}")
     print(
         "memory, MiB of RSS of each worker process: 'base' after importing numpy, onnxruntime and llnode "
@@ -566,11 +571,7 @@ def run(args: argparse.Namespace) -> int:
             name: {
                 "dir": str(folder),
                 "decode_ms": round(med[(name, t2, c0)], 3),
-                "over_base": {
-                    f"{t}t/ctx{c}": round(med[(name, t, c)] / med[(small, t, c)], 3)
-                    for t in threads
-                    for c in contexts
-                },
+                "over_base": {f"{t}t/ctx{c}": round(r, 3) for (t, c), r in over(name, small).items()},
                 "base": small,
             }
             for name, folder in extra.items()
